@@ -1,0 +1,187 @@
+"""manifest.json: the contract between the export stage, the engines and the runtime.
+
+The manifest is versioned and validated on load; a mismatch is a clear error, never a guess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdtrt.engine.errors import ManifestError
+from sdtrt.engine.fsutil import write_json_atomic
+from sdtrt.engine.session import TensorSpec
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+FAMILIES = ("sd1",)
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+PRECISIONS = ("fp32", "fp16")
+
+
+@dataclass(frozen=True)
+class ComponentFile:
+    """One ONNX file of a component at one precision."""
+
+    path: str  # relative to the artifact folder
+    sha256: str  # of the .onnx file and its external data, in that order
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "sha256": self.sha256,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ComponentFile:
+        return cls(
+            path=str(d["path"]),
+            sha256=str(d["sha256"]),
+            inputs=tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
+            outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
+        )
+
+
+@dataclass(frozen=True)
+class Component:
+    """A network of the pipeline: its files per precision and its default profile.
+
+    ``profile`` maps each dynamic dimension name to (min, opt, max), e.g. "batch": (1, 2, 8); the
+    min/opt/max shape of any input follows by binding these values (TensorSpec.bind).
+    """
+
+    files: dict[str, ComponentFile]
+    profile: dict[str, tuple[int, int, int]]
+
+    def to_dict(self) -> dict:
+        return {
+            "files": {p: f.to_dict() for p, f in self.files.items()},
+            "profile": {k: list(v) for k, v in self.profile.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Component:
+        files = {str(p): ComponentFile.from_dict(f) for p, f in d["files"].items()}
+        for precision in files:
+            if precision not in PRECISIONS:
+                raise ValueError(f"unknown precision {precision!r}")
+        profile = {str(k): (int(v[0]), int(v[1]), int(v[2])) for k, v in d["profile"].items()}
+        return cls(files=files, profile=profile)
+
+    def profile_shapes(self, precision: str) -> dict[str, tuple[tuple[int, ...], ...]]:
+        """Per input name: its (min, opt, max) shapes under the default profile."""
+        return {
+            spec.name: tuple(spec.bind({k: v[i] for k, v in self.profile.items()}) for i in range(3))
+            for spec in self.files[precision].inputs
+        }
+
+
+@dataclass(frozen=True)
+class Manifest:
+    family: str
+    prediction_type: str  # "epsilon" | "v_prediction"
+    vae_scaling_factor: float
+    vae_scale_factor: int  # image pixels per latent pixel, per side (8 for Stable Diffusion)
+    size_multiple: int  # height and width must be multiples of this (VAE and UNet down-sampling)
+    latent_channels: int
+    default_height: int
+    default_width: int
+    text_max_length: int
+    scheduler: dict[str, Any]  # the model's scheduler config, "_class_name" included
+    components: dict[str, Component]
+    source: dict[str, str] = field(default_factory=dict)  # {"path": ..., "sha256": ...}
+    tokenizer: str = "tokenizer"  # folder of vocab.json + merges.txt, relative to the artifact folder
+    sdtrt_version: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict:
+        return {
+            "format_version": self.format_version,
+            "sdtrt_version": self.sdtrt_version,
+            "source": dict(self.source),
+            "family": self.family,
+            "prediction_type": self.prediction_type,
+            "vae_scaling_factor": self.vae_scaling_factor,
+            "vae_scale_factor": self.vae_scale_factor,
+            "size_multiple": self.size_multiple,
+            "latent_channels": self.latent_channels,
+            "default_height": self.default_height,
+            "default_width": self.default_width,
+            "text_max_length": self.text_max_length,
+            "scheduler": dict(self.scheduler),
+            "tokenizer": self.tokenizer,
+            "components": {name: c.to_dict() for name, c in self.components.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Manifest:
+        return cls(
+            format_version=int(d["format_version"]),
+            sdtrt_version=str(d.get("sdtrt_version", "")),
+            source={str(k): str(v) for k, v in d["source"].items()},
+            family=str(d["family"]),
+            prediction_type=str(d["prediction_type"]),
+            vae_scaling_factor=float(d["vae_scaling_factor"]),
+            vae_scale_factor=int(d["vae_scale_factor"]),
+            size_multiple=int(d["size_multiple"]),
+            latent_channels=int(d["latent_channels"]),
+            default_height=int(d["default_height"]),
+            default_width=int(d["default_width"]),
+            text_max_length=int(d["text_max_length"]),
+            scheduler=dict(d["scheduler"]),
+            tokenizer=str(d["tokenizer"]),
+            components={str(k): Component.from_dict(v) for k, v in d["components"].items()},
+        )
+
+    def component_file(self, component: str, precision: str) -> ComponentFile:
+        if component not in self.components:
+            raise ManifestError(f"this artifact folder has no {component} (it has {sorted(self.components)})")
+        files = self.components[component].files
+        if precision not in files:
+            raise ManifestError(f"{component} was not exported at {precision} (it has {sorted(files)})")
+        return files[precision]
+
+    def save(self, folder: str | os.PathLike[str]) -> None:
+        write_json_atomic(Path(folder) / MANIFEST_NAME, self.to_dict())
+
+
+def load_manifest(folder: str | os.PathLike[str]) -> Manifest:
+    """Read and validate ``folder/manifest.json``; any problem is one ManifestError line."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ManifestError(f"no artifact folder at {folder} (create one with: sdtrt export MODEL --out {folder})")
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"{folder} has no {MANIFEST_NAME}: it is not an sdtrt export (run: sdtrt export)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"corrupt manifest {path}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ManifestError(f"corrupt manifest {path}: expected a JSON object")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ManifestError(
+            f"{path} has format_version {version!r}; this sdtrt reads version {FORMAT_VERSION}: "
+            "re-export the model with this version"
+        )
+    try:
+        manifest = Manifest.from_dict(raw)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        detail = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise ManifestError(f"corrupt manifest {path}: {detail}") from None
+    if manifest.family not in FAMILIES:
+        raise ManifestError(f"{path}: model family {manifest.family!r} is not supported (known: {FAMILIES})")
+    for component in manifest.components.values():
+        for file in component.files.values():
+            if not (folder / file.path).is_file():
+                raise ManifestError(f"{folder}: {file.path} named in the manifest is missing")
+    return manifest
