@@ -57,6 +57,7 @@ def atomic_dir(final: str | os.PathLike[str], overwrite: bool = False) -> Iterat
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     try:
         yield staging
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp creates 0700
         if final.exists():
             retired = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, retired)

@@ -8,7 +8,6 @@ end-of-word mark "</w>", one token per merge, then <|startoftext|> and <|endofte
 from __future__ import annotations
 
 import gzip
-import json
 from pathlib import Path
 
 from sdtrt.engine.fsutil import write_bytes_atomic, write_json_atomic

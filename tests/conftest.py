@@ -15,3 +15,21 @@ def clip_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("clip_tokenizer")
     write_clip_tokenizer(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SD 1.x diffusers folder (random weights, seed 0)."""
+    from sdtrt.export.tiny import build_tiny_sd1
+
+    return build_tiny_sd1(tmp_path_factory.mktemp("models") / "tiny-sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model exported once per test session, fp32 and fp16."""
+    from sdtrt.export.exporter import export_model
+
+    out = tmp_path_factory.mktemp("exports") / "tiny-sd1"
+    export_model(tiny_model_dir, out, precisions=("fp32", "fp16"), progress=False)
+    return out

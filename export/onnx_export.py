@@ -1,0 +1,98 @@
+"""torch module -> optimized ONNX file (fp32), and fp32 ONNX -> fp16 ONNX."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from sdtrt.engine.fsutil import sha256_file
+from sdtrt.export.networks import NetworkSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+PROTOBUF_LIMIT = 2**31 - 1  # a ModelProto above 2 GiB must keep its weights in external data
+
+
+def save_onnx(model: onnx.ModelProto, path: Path) -> None:
+    """Save ``model`` to ``path``; weights go to one ``path.data`` file when the model passes 2 GiB."""
+    weights = sum(init.ByteSize() for init in model.graph.initializer)
+    if weights + (64 << 20) < PROTOBUF_LIMIT:
+        onnx.save_model(model, str(path))
+        return
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data",
+        size_threshold=1024,
+    )
+
+
+def onnx_files(path: Path) -> list[Path]:
+    """The .onnx file and its external data file, if any."""
+    data = path.with_name(path.name + ".data")
+    return [path, data] if data.exists() else [path]
+
+
+def onnx_digest(path: Path) -> str:
+    """sha256 over the model file and its external data (the key of everything built from it)."""
+    digest = hashlib.sha256()
+    for file in onnx_files(path):
+        digest.update(sha256_file(file).encode())
+    return digest.hexdigest()
+
+
+def _optimize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold constants, drop dead nodes and sort: the graph TensorRT and ONNX Runtime parse fastest."""
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(model)
+    graph.fold_constants(error_ok=True).cleanup().toposort()
+    return gs.export_onnx(graph, do_type_check=False)
+
+
+def export_fp32(module: torch.nn.Module, spec: NetworkSpec, out_path: Path, opset: int = DEFAULT_OPSET) -> None:
+    """Trace ``module`` at the spec's opt shapes and write the optimized fp32 ONNX to ``out_path``."""
+    inputs = spec.example_inputs(torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory(prefix="sdtrt-export-") as work:
+        raw = Path(work) / f"{spec.name}.onnx"
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings on shape arithmetic in diffusers' code
+            torch.onnx.export(
+                module.eval(),
+                inputs,
+                str(raw),
+                dynamo=False,
+                input_names=[s.name for s in spec.inputs],
+                output_names=[s.name for s in spec.outputs],
+                dynamic_axes=spec.dynamic_axes(),
+                opset_version=opset,
+                do_constant_folding=True,
+            )
+        model = onnx.load(str(raw), load_external_data=True)
+    model = _optimize(model)
+    save_onnx(model, out_path)
+
+
+def convert_fp16(fp32_path: Path, spec: NetworkSpec, out_path: Path) -> None:
+    """Write the fp16 variant of an fp32 ONNX model (inputs in ``spec.keep_fp32`` stay fp32)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    # Path-based shape inference works past 2 GiB, where the in-memory one cannot. Its output sits
+    # beside the input so that the relative external-data location still resolves.
+    inferred = fp32_path.with_name(f".{fp32_path.stem}.inferred.onnx")
+    try:
+        onnx.shape_inference.infer_shapes_path(str(fp32_path), str(inferred))
+        model = onnx.load(str(inferred), load_external_data=True)
+    finally:
+        inferred.unlink(missing_ok=True)
+    model = convert_float_to_float16(model, keep_io_types=list(spec.keep_fp32), disable_shape_infer=True)
+    save_onnx(model, out_path)

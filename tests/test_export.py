@@ -1,0 +1,153 @@
+"""Export: each ONNX network against its torch module, the manifest, and failure without leftovers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from sdtrt.engine.errors import ExportError
+from sdtrt.engine.manifest import COMPONENTS, load_manifest
+from sdtrt.export import exporter, networks
+from sdtrt.export.onnx_export import onnx_digest
+
+# Tolerances, as max |onnx - torch| / max |torch|: fp32 is the same math in another order; fp16
+# carries ~3 decimal digits through a few dozen layers.
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+
+
+@pytest.fixture(scope="module")
+def torch_nets(tiny_model_dir: Path) -> dict[str, torch.nn.Module]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    vae = AutoencoderKL.from_pretrained(tiny_model_dir / "vae").eval()
+    return {
+        "text_encoder": networks.TextEncoderNet(CLIPTextModel.from_pretrained(tiny_model_dir / "text_encoder")),
+        "unet": networks.UNetNet(UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")),
+        "vae_decoder": networks.VaeDecoderNet(vae),
+        "vae_encoder": networks.VaeEncoderNet(vae),
+    }
+
+
+def _inputs(component: str, dims: dict[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    b, h, w = dims["batch"], dims["h"], dims["w"]
+    if component == "text_encoder":
+        ids = rng.integers(0, 49406, size=(b, 77)).astype(np.int32)
+        ids[:, 0], ids[:, 20:] = 49406, 49407  # bos, a few words, then eos padding
+        return {"input_ids": ids}
+    if component == "unet":
+        return {
+            "sample": rng.standard_normal((b, 4, h, w), dtype=np.float32),
+            "timestep": np.full(b, 437.5, dtype=np.float32),
+            "encoder_hidden_states": rng.standard_normal((b, 77, 32), dtype=np.float32),
+        }
+    if component == "vae_decoder":
+        return {"latent": rng.standard_normal((b, 4, h, w), dtype=np.float32)}
+    return {"image": rng.uniform(-1, 1, (b, 3, 8 * h, 8 * w)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_onnx_matches_torch(tiny_export: Path, torch_nets: dict, component: str, precision: str) -> None:
+    manifest = load_manifest(tiny_export)
+    file = manifest.component_file(component, precision)
+    session = ort.InferenceSession(str(tiny_export / file.path), providers=["CPUExecutionProvider"])
+    dtypes = {spec.name: spec.dtype for spec in file.inputs}
+    rng = np.random.default_rng(1)
+    for dims in ({"batch": 2, "h": 32, "w": 32}, {"batch": 3, "h": 16, "w": 48}):  # opt shape, and another
+        feeds = _inputs(component, dims, rng)
+        with torch.no_grad():
+            expected = torch_nets[component](*(torch.from_numpy(a) for a in feeds.values())).numpy()
+        (got,) = session.run(None, {k: a.astype(dtypes[k]) for k, a in feeds.items()})
+        assert got.dtype == np.dtype(file.outputs[0].dtype)
+        assert got.shape == expected.shape
+        error = np.abs(got.astype(np.float32) - expected).max() / np.abs(expected).max()
+        assert error < TOLERANCE[precision], f"{component} {precision} {dims}: relative error {error:.2e}"
+
+
+def test_manifest_describes_the_export(tiny_export: Path, tiny_model_dir: Path) -> None:
+    manifest = load_manifest(tiny_export)
+    assert manifest.family == "sd1"
+    assert manifest.prediction_type == "epsilon"
+    assert manifest.vae_scaling_factor == pytest.approx(0.18215)
+    assert (manifest.vae_scale_factor, manifest.size_multiple) == (8, 16)
+    assert (manifest.default_height, manifest.default_width) == (256, 256)
+    assert manifest.scheduler["_class_name"] == "PNDMScheduler"
+    assert manifest.source["sha256"] == exporter.source_hash(tiny_model_dir)
+    assert sorted(manifest.components) == sorted(COMPONENTS)
+    for name, component in manifest.components.items():
+        for precision, file in component.files.items():
+            path = tiny_export / file.path
+            assert file.sha256 == onnx_digest(path)
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            ours = [(s.name, s.dtype, list(s.shape)) for s in file.inputs]
+            theirs = [(i.name, i.type, i.shape) for i in session.get_inputs()]
+            assert [n for n, *_ in ours] == [n for n, *_ in theirs], name
+            assert [s for *_, s in ours] == [s for *_, s in theirs], name
+            assert [o.name for o in file.outputs] == [o.name for o in session.get_outputs()]
+            assert precision in ("fp32", "fp16")
+        lo, opt, hi = component.profile["batch"]
+        assert 1 == lo <= opt <= hi
+    unet = manifest.components["unet"]
+    assert unet.profile["latent_height"] == (16, 32, 64)
+    assert unet.profile_shapes("fp32")["sample"] == ((1, 4, 16, 16), (2, 4, 32, 32), (8, 4, 64, 64))
+    assert {"vocab.json", "merges.txt"} <= {p.name for p in (tiny_export / "tokenizer").iterdir()}
+    fp16_unet = {s.name: s.dtype for s in manifest.component_file("unet", "fp16").inputs}
+    assert fp16_unet == {"sample": "float16", "timestep": "float32", "encoder_hidden_states": "float16"}
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def test_failed_export_leaves_nothing(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def fail_on_second(module, spec, out_path, opset):
+        calls.append(spec.name)
+        if len(calls) == 2:
+            raise RuntimeError("simulated failure in the middle of an export")
+        out_path.write_bytes(b"partial")
+
+    monkeypatch.setattr(exporter, "export_fp32", fail_on_second)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="simulated"):
+        exporter.export_model(tiny_model_dir, out, progress=False)
+    assert not out.exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_export_refuses_existing_folder(tiny_model_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ExportError, match="already exists"):
+        exporter.export_model(tiny_model_dir, tmp_path / "out", progress=False)
+
+
+def test_export_refuses_what_it_cannot_read(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="no model folder"):
+        exporter.export_model(tmp_path / "nothing-here", tmp_path / "out", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExportError, match="not a diffusers model folder"):
+        exporter.export_model(tmp_path / "empty", tmp_path / "out", progress=False)
+    with pytest.raises(ExportError, match="unknown precision"):
+        exporter.export_model(tiny_model_dir, tmp_path / "out", precisions=("int4",), progress=False)
+
+    sd2 = tmp_path / "sd2"
+    shutil.copytree(tiny_model_dir, sd2)
+    config = json.loads((sd2 / "text_encoder" / "config.json").read_text())
+    (sd2 / "text_encoder" / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
+    with pytest.raises(ExportError, match=r"2\.x"):
+        exporter.export_model(sd2, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_hub_id_without_network_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ExportError, match="could not fetch 'no-such-org/no-such-model'"):
+        exporter.export_model("no-such-org/no-such-model", tmp_path / "out", progress=False)
