@@ -1,0 +1,355 @@
+"""What the NumPy schedulers share: config resolution, noise schedules, timestep spacing, sigma helpers.
+
+Each scheduler mirrors one diffusers class step for step. The tables that diffusers keeps as float32 torch
+tensors (betas, alphas_cumprod, sigmas) are float32 here too and built the same way, so timesteps and
+sigmas come out the same; the per-step arithmetic runs in float64 and its results are returned as float32.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+import numpy as np
+
+from sdtrt.engine.errors import InvalidInputError
+
+# The keys every mirrored diffusers class takes, with diffusers' defaults.
+COMMON_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.0001,
+        "beta_end": 0.02,
+        "beta_schedule": "linear",
+        "trained_betas": None,
+        "prediction_type": "epsilon",
+        "steps_offset": 0,
+    }
+)
+
+# Allowed values of the string-valued keys, checked for whichever of them a scheduler knows.
+_CHOICES: Mapping[str, tuple[str, ...]] = {
+    "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
+    "timestep_spacing": ("leading", "trailing", "linspace"),
+    "final_sigmas_type": ("zero", "sigma_min"),
+    "interpolation_type": ("linear", "log_linear"),
+    "timestep_type": ("discrete", "continuous"),
+    "solver_type": ("midpoint", "heun", "logrho", "bh1", "bh2"),
+}
+
+
+def _join(values: Any) -> str:
+    return ", ".join(map(str, values))
+
+
+def make_betas(config: Mapping[str, Any]) -> np.ndarray:
+    """The float32 betas diffusers builds from beta_schedule / trained_betas (and rescale_betas_zero_snr)."""
+    n = int(config["num_train_timesteps"])
+    schedule = config["beta_schedule"]
+    if config["trained_betas"] is not None:
+        betas = np.asarray(config["trained_betas"], dtype=np.float32)
+        if betas.shape != (n,):
+            raise InvalidInputError(
+                f"trained_betas has shape {betas.shape}, expected ({n},) for num_train_timesteps={n}"
+            )
+    elif schedule == "linear":
+        betas = np.linspace(config["beta_start"], config["beta_end"], n).astype(np.float32)
+    elif schedule == "scaled_linear":
+        # Linear in sqrt(beta), squared in float32 as diffusers does.
+        betas = np.linspace(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5, n).astype(np.float32) ** 2
+    else:  # squaredcos_cap_v2: Nichol & Dhariwal's cosine alpha_bar, discretised, betas capped at 0.999.
+        t = np.arange(n + 1) / n
+        alpha_bar = np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2
+        betas = np.minimum(1 - alpha_bar[1:] / alpha_bar[:-1], 0.999).astype(np.float32)
+    if config.get("rescale_betas_zero_snr"):
+        betas = rescale_zero_terminal_snr(betas)
+    return betas
+
+
+def cumprod_alphas(betas: np.ndarray) -> np.ndarray:
+    """alphas_cumprod as torch.cumprod computes it on CPU: float32 alphas, float64 running product."""
+    return np.cumprod((np.float32(1) - betas).astype(np.float64)).astype(np.float32)
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. 2023, Algorithm 1: shift and scale sqrt(alphas_cumprod) so the last step has zero SNR."""
+    root = np.sqrt(cumprod_alphas(betas))
+    first, last = root[0], root[-1]
+    root = (root - last) * (first / (first - last))
+    alphas_cumprod = root**2
+    alphas = np.concatenate([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+    return np.float32(1) - alphas
+
+
+def train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) per training timestep (float32, ascending in t)."""
+    return np.sqrt((np.float32(1) - alphas_cumprod) / alphas_cumprod)
+
+
+def final_sigma(config: Mapping[str, Any], alphas_cumprod: np.ndarray) -> float:
+    """The sigma the last step lands on: 0, or the smallest training sigma for final_sigmas_type=sigma_min."""
+    if config.get("final_sigmas_type", "zero") == "sigma_min":
+        return float(train_sigmas(alphas_cumprod[:1])[0])
+    return 0.0
+
+
+def spaced_timesteps(
+    spacing: str, num_steps: int, num_train_timesteps: int, steps_offset: int, last_timestep: int | None = None
+) -> np.ndarray:
+    """Descending float64 timesteps for diffusers' timestep_spacing (table 2 of arXiv:2305.08891).
+
+    ``linspace`` is left unrounded (the sigma schedulers keep fractional timesteps); ``last_timestep`` (default
+    num_train_timesteps) is where DPM-Solver's lambda_min_clipped cuts the schedule.
+    """
+    last = num_train_timesteps if last_timestep is None else last_timestep
+    if spacing == "linspace":
+        return np.linspace(0, last - 1, num_steps)[::-1].copy()
+    if spacing == "leading":
+        return (np.arange(num_steps) * (last // num_steps))[::-1].astype(np.float64) + steps_offset
+    return np.round(np.arange(last, 0, -num_train_timesteps / num_steps)) - 1  # trailing
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022, eq. 5: sigmas evenly spaced in sigma**(1/rho), from sigma_max down to sigma_min."""
+    ramp = np.linspace(0, 1, num_steps)
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional training timesteps of ``sigmas``: linear interpolation of t over the log-sigma table."""
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    # The last table entry at or below each sigma, kept one short of the end so high = low + 1 exists.
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def predict_x0(
+    prediction_type: str, model_output: np.ndarray, sample: np.ndarray, alpha: float, sigma: float
+) -> np.ndarray:
+    """The denoised sample x0 for x_t = alpha * x0 + sigma * eps (the variance-preserving form).
+
+    The sigma schedulers (x = x0 + sigma_ve * eps) call this with sample * alpha, alpha = 1 / sqrt(sigma_ve**2 + 1)
+    and sigma = sigma_ve * alpha.
+    """
+    if prediction_type == "epsilon":
+        return (sample - sigma * model_output) / alpha
+    if prediction_type == "v_prediction":
+        return alpha * sample - sigma * model_output
+    return model_output  # "sample"
+
+
+def predict_eps(
+    prediction_type: str, model_output: np.ndarray, sample: np.ndarray, alpha: float, sigma: float
+) -> np.ndarray:
+    """The noise eps for x_t = alpha * x0 + sigma * eps, from the model output."""
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "v_prediction":
+        return alpha * model_output + sigma * sample
+    return (sample - alpha * model_output) / sigma  # "sample"
+
+
+def vp_coefficients(sigma: float) -> tuple[float, float]:
+    """(alpha_t, sigma_t) of the variance-preserving form for a sigma-space sigma."""
+    alpha = 1.0 / np.sqrt(sigma**2 + 1.0)
+    return alpha, sigma * alpha
+
+
+class Scheduler(ABC):
+    """A diffusers scheduler in NumPy: set_timesteps, then per step i scale_model_input and step.
+
+    Configured like ``DiffusersClass.from_config(config, **overrides)``: keys the diffusers class does not take
+    are ignored, missing ones take that class's defaults. ``step`` must be called with consecutive indices
+    after set_timesteps (starting at any index, as img2img does); multistep history lives in the instance.
+    """
+
+    name: ClassVar[str]
+    diffusers_class: ClassVar[str]
+    stochastic: bool = False  # step() needs `noise`
+    order: int = 1
+    init_noise_sigma: float = 1.0
+
+    _defaults: ClassVar[Mapping[str, Any]]  # the diffusers class's __init__ keys and defaults
+    _options: ClassVar[Mapping[str, Any]] = MappingProxyType({})  # sdtrt-only settings, overrides only
+    _fixed: ClassVar[Mapping[str, Any]] = MappingProxyType({})  # keys the scheduler's name pins
+    _unsupported: ClassVar[tuple[str, ...]] = ()  # keys that must stay false / None
+    _prediction_types: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction", "sample")
+    _timestep_dtype: ClassVar[type[np.generic]] = np.int64
+    _zero_snr_floor: ClassVar[bool] = True  # rescaled betas: keep alphas_cumprod[-1] at 2**-24, not 0
+
+    def __init__(self, config: Mapping[str, Any], **overrides: Any) -> None:
+        known = {**self._defaults, **self._options}
+        for key, value in overrides.items():
+            if key not in known:
+                raise InvalidInputError(
+                    f"scheduler {self.name!r} has no option {key!r} (options: {_join(sorted(known))})"
+                )
+            if key in self._fixed and value != self._fixed[key]:
+                raise InvalidInputError(
+                    f"scheduler {self.name!r} always uses {key}={self._fixed[key]!r}; pick another scheduler"
+                )
+        defaulted = set(config.get("_use_default_values") or ())
+        cfg = {**known, **{k: v for k, v in config.items() if k in self._defaults and k not in defaulted}}
+        self.config: Mapping[str, Any] = MappingProxyType({**cfg, **overrides, **self._fixed})
+        self._validate()
+
+        self.num_train_timesteps = int(self.config["num_train_timesteps"])
+        self.prediction_type: str = self.config["prediction_type"]
+        self.alphas_cumprod = cumprod_alphas(make_betas(self.config))
+        if self.config.get("rescale_betas_zero_snr") and self._zero_snr_floor:
+            self.alphas_cumprod[-1] = 2.0**-24
+        self.timesteps = np.zeros(0, dtype=self._timestep_dtype)
+        self.num_inference_steps = 0
+        self._next_index: int | None = None
+
+    def _validate(self) -> None:
+        for key in self._unsupported:
+            if self.config[key]:
+                raise InvalidInputError(
+                    f"scheduler {self.name!r}: {key}={self.config[key]!r} is not supported by sdtrt"
+                )
+        choices = {**_CHOICES, "prediction_type": self._prediction_types}
+        for key, allowed in choices.items():
+            if key in self.config and self.config[key] not in allowed:
+                raise InvalidInputError(
+                    f"scheduler {self.name!r}: {key}={self.config[key]!r} is not supported "
+                    f"(supported: {_join(allowed)})"
+                )
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        """Compute the schedule for ``num_inference_steps`` denoising steps and clear all multistep history."""
+        n = num_inference_steps
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= self.num_train_timesteps:
+            raise InvalidInputError(
+                f"num_inference_steps must be an integer from 1 to {self.num_train_timesteps}, got {n!r}"
+            )
+        self.num_inference_steps = int(n)
+        self._next_index = None
+        self._set_timesteps(int(n))
+
+    @abstractmethod
+    def _set_timesteps(self, num_inference_steps: int) -> None:
+        """Fill ``timesteps`` (and the scheduler's own tables) and reset its multistep history."""
+
+    def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
+        """The UNet input at step ``step_index``: the sample itself unless the scheduler works in sigma space."""
+        self._check_index(step_index)
+        return np.asarray(sample, dtype=np.float32)
+
+    def step(
+        self, model_output: np.ndarray, step_index: int, sample: np.ndarray, noise: np.ndarray | None = None
+    ) -> np.ndarray:
+        """One denoising step: the float32 sample at the next timestep. ``noise`` is used only if stochastic."""
+        self._check_index(step_index)
+        if self._next_index is not None and step_index != self._next_index:
+            raise InvalidInputError(
+                f"step_index {step_index} is out of order: expected {self._next_index} "
+                "(call set_timesteps to start over)"
+            )
+        self._check_shape("model_output", model_output, sample)
+        if self.stochastic:
+            if noise is None:
+                raise InvalidInputError(f"scheduler {self.name!r} is stochastic: step() needs `noise`")
+            self._check_shape("noise", noise, sample)
+            noise = np.array(noise, dtype=np.float64)
+        # Copies: multistep history may keep them.
+        prev = self._step(
+            np.array(model_output, dtype=np.float64), step_index, np.array(sample, dtype=np.float64), noise
+        )
+        self._next_index = step_index + 1
+        return prev.astype(np.float32)
+
+    @abstractmethod
+    def _step(
+        self, model_output: np.ndarray, step_index: int, sample: np.ndarray, noise: np.ndarray | None
+    ) -> np.ndarray:
+        """The float64 step on validated float64 inputs (noise is None unless the scheduler is stochastic)."""
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, step_index: int) -> np.ndarray:
+        """``original`` noised to the level of timesteps[step_index] (the start of an img2img loop)."""
+        self._check_index(step_index)
+        self._check_shape("noise", noise, original)
+        alpha, sigma = self._noise_level(step_index)
+        noisy = alpha * np.asarray(original, dtype=np.float64) + sigma * np.asarray(noise, dtype=np.float64)
+        return noisy.astype(np.float32)
+
+    def _noise_level(self, step_index: int) -> tuple[float, float]:
+        """(alpha, sigma) with x_t = alpha * x0 + sigma * eps at timesteps[step_index]."""
+        alpha_cumprod = float(self.alphas_cumprod[int(self.timesteps[step_index])])
+        return alpha_cumprod**0.5, (1.0 - alpha_cumprod) ** 0.5
+
+    def _alpha_cumprod_at(self, timestep: int) -> float:
+        """alphas_cumprod[timestep]; before t=0 it is 1 (set_alpha_to_one) or alphas_cumprod[0]."""
+        if timestep >= 0:
+            return float(self.alphas_cumprod[timestep])
+        return 1.0 if self.config["set_alpha_to_one"] else float(self.alphas_cumprod[0])
+
+    def _check_index(self, step_index: int) -> None:
+        if not 0 <= step_index < len(self.timesteps):
+            raise InvalidInputError(
+                f"step_index {step_index} is out of range for {len(self.timesteps)} timesteps"
+                + ("" if len(self.timesteps) else " (call set_timesteps first)")
+            )
+
+    @staticmethod
+    def _check_shape(what: str, array: np.ndarray, sample: np.ndarray) -> None:
+        if np.shape(array) != np.shape(sample):
+            raise InvalidInputError(f"{what} has shape {np.shape(array)}, the sample {np.shape(sample)}")
+
+
+class SigmaScheduler(Scheduler):
+    """Schedulers in k-diffusion's sigma space, x = x0 + sigma * eps: euler, euler_a and lms.
+
+    ``sigmas`` holds one float32 sigma per timestep plus the final one the last step lands on.
+    """
+
+    _timestep_dtype = np.float32
+
+    def __init__(self, config: Mapping[str, Any], **overrides: Any) -> None:
+        super().__init__(config, **overrides)
+        self.sigmas = np.append(train_sigmas(self.alphas_cumprod)[::-1], np.float32(0))
+
+    @property  # type: ignore[override]
+    def init_noise_sigma(self) -> float:
+        sigma_max = self.sigmas.max()
+        if self.config["timestep_spacing"] in ("linspace", "trailing"):
+            return float(sigma_max)
+        return float(np.sqrt(sigma_max * sigma_max + np.float32(1)))
+
+    def _set_timesteps(self, num_inference_steps: int) -> None:
+        cfg = self.config
+        n = num_inference_steps
+        spacing, offset = cfg["timestep_spacing"], cfg["steps_offset"]
+        timesteps = spaced_timesteps(spacing, n, self.num_train_timesteps, offset).astype(np.float32)
+        table = train_sigmas(self.alphas_cumprod)
+        log_table = np.log(table)
+        if cfg.get("interpolation_type") == "log_linear":
+            # As diffusers: n + 1 sigmas log-spaced over the whole training range, plus the final sigma.
+            sigmas = np.exp(np.linspace(np.log(table[-1]), np.log(table[0]), n + 1))
+        else:
+            sigmas = np.interp(timesteps, np.arange(len(table)), table)
+        if cfg.get("use_karras_sigmas"):
+            lo, hi = cfg.get("sigma_min"), cfg.get("sigma_max")
+            sigmas = karras_sigmas(float(sigmas[-1]) if lo is None else lo, float(sigmas[0]) if hi is None else hi, n)
+            timesteps = sigma_to_t(sigmas, log_table).astype(np.float32)
+        self.sigmas = np.append(sigmas, final_sigma(cfg, self.alphas_cumprod)).astype(np.float32)
+        self.timesteps = timesteps
+
+    def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
+        """sample / sqrt(sigma**2 + 1): the UNet sees unit-variance input."""
+        self._check_index(step_index)
+        sigma = float(self.sigmas[step_index])
+        return (np.asarray(sample, dtype=np.float64) / np.sqrt(sigma**2 + 1.0)).astype(np.float32)
+
+    def _noise_level(self, step_index: int) -> tuple[float, float]:
+        return 1.0, float(self.sigmas[step_index])
+
+    def _predict_x0(self, model_output: np.ndarray, step_index: int, sample: np.ndarray) -> np.ndarray:
+        sigma = float(self.sigmas[step_index])
+        alpha, sigma_vp = vp_coefficients(sigma)
+        return predict_x0(self.prediction_type, model_output, sample * alpha, alpha, sigma_vp)
