@@ -1,0 +1,163 @@
+"""The command line: export, info, generate, demo and their errors, run as a user runs them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdtrt.cli import main
+
+
+def _sdtrt(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sdtrt", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_help_names_every_command() -> None:
+    result = _sdtrt("--help")
+    assert result.returncode == 0
+    for command in ("export", "generate", "info", "demo"):
+        assert command in result.stdout
+    generate_help = _sdtrt("generate", "--help").stdout
+    for option in ("--steps", "--seed", "--scheduler", "--guidance", "--negative", "--height", "--num-images"):
+        assert option in generate_help
+
+
+def test_generate_writes_pngs(tiny_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "pics" / "cat.png"
+    code = main(
+        [
+            "-q",
+            "generate",
+            str(tiny_export),
+            "a cat",
+            "-o",
+            str(out),
+            "--steps",
+            "3",
+            "--seed",
+            "9",
+            "--num-images",
+            "2",
+            "--height",
+            "128",
+            "--width",
+            "64",
+            "--scheduler",
+            "euler",
+        ]
+    )
+    assert code == 0
+    paths = [tmp_path / "pics" / "cat-0.png", tmp_path / "pics" / "cat-1.png"]
+    assert sorted(p for p in (tmp_path / "pics").iterdir()) == paths
+    assert Image.open(paths[0]).size == (64, 128)
+    printed = capsys.readouterr().out
+    assert "seed 9" in printed and "unet" in printed and "vae_decode" in printed
+
+    single = tmp_path / "one.png"
+    assert (
+        main(
+            [
+                "-q",
+                "generate",
+                str(tiny_export),
+                "a cat",
+                "-o",
+                str(single),
+                "--steps",
+                "3",
+                "--seed",
+                "9",
+                "--num-images",
+                "2",
+                "--height",
+                "128",
+                "--width",
+                "64",
+                "--scheduler",
+                "euler",
+            ]
+        )
+        == 0
+    )
+    assert not single.exists()  # two images are numbered
+    assert (
+        main(
+            [
+                "-q",
+                "generate",
+                str(tiny_export),
+                "a cat",
+                "-o",
+                str(single),
+                "--steps",
+                "3",
+                "--seed",
+                "9",
+                "--height",
+                "128",
+                "--width",
+                "64",
+                "--scheduler",
+                "euler",
+            ]
+        )
+        == 0
+    )
+    assert np.array_equal(np.asarray(Image.open(single)), np.asarray(Image.open(paths[0])))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--height", "100"], "height 100 is not divisible by 8"),
+        (["--steps", "0"], "num_inference_steps must be an integer >= 1"),
+        (["--guidance", "-2"], "guidance_scale must be a finite number >= 0"),
+    ],
+)
+def test_generate_bad_input_is_one_line(tiny_export: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    out = tmp_path / "x.png"
+    result = _sdtrt("-q", "generate", str(tiny_export), "a cat", "-o", str(out), *args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"sdtrt: error: {message}")
+    assert not out.exists()
+
+
+def test_unknown_scheduler_and_missing_folder(tmp_path: Path) -> None:
+    result = _sdtrt("generate", str(tmp_path / "nothing"), "a cat", "--scheduler", "heun++")
+    assert result.returncode == 2 and "invalid choice: 'heun++'" in result.stderr
+    result = _sdtrt("generate", str(tmp_path / "nothing"), "a cat")
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip() == f"sdtrt: error: no artifact folder at {tmp_path / 'nothing'} "
+        f"(create one with: sdtrt export MODEL --out {tmp_path / 'nothing'})"
+    )
+
+
+def test_info(tiny_export: Path) -> None:
+    result = _sdtrt("info", str(tiny_export))
+    assert result.returncode == 0, result.stderr
+    assert "sd1" in result.stdout and "multiples of 16" in result.stdout
+    assert "unet: fp16: unet.fp16.onnx" in result.stdout and "batch 1/2/8" in result.stdout
+
+
+def test_export_command(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "export"
+    result = _sdtrt("-q", "export", str(tiny_model_dir), "--out", str(out), "--components", "vae_decoder")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "tokenizer", "vae_decoder.onnx"]
+    again = _sdtrt("-q", "export", str(tiny_model_dir), "--out", str(out))
+    assert again.returncode == 2 and "already exists (use --overwrite" in again.stderr
+
+
+def test_demo(tmp_path: Path) -> None:
+    result = _sdtrt("demo", "--root", str(tmp_path / "demo"), "--steps", "2")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "demo" / "demo.png").is_file()
+    assert f"wrote {tmp_path / 'demo' / 'demo.png'}" in result.stdout
+    assert "text_encoder" in result.stdout and "total" in result.stdout
