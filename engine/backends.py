@@ -35,7 +35,7 @@ def choose_backend(requested: str = "auto") -> BackendChoice:
     return choice
 
 
-def open_session(choice: BackendChoice, folder: str | os.PathLike[str], manifest: Manifest, component: str) -> Session:
+def load_session(choice: BackendChoice, folder: str | os.PathLike[str], manifest: Manifest, component: str) -> Session:
     """Load ``component`` of the artifact folder on the chosen backend."""
     file = manifest.component_file(component, choice.precision)
     return OrtCpuSession(Path(folder) / file.path)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sdtrt.engine.backends import BackendChoice, choose_backend, open_session
+from sdtrt.engine.backends import BackendChoice, choose_backend, load_session
 from sdtrt.engine.errors import InvalidInputError
 from sdtrt.engine.manifest import Manifest, load_manifest
 from sdtrt.engine.session import Session
@@ -64,7 +64,7 @@ class Pipeline:
     def session(self, component: str) -> Session:
         """The session of ``component``, opened on first use."""
         if component not in self._sessions:
-            self._sessions[component] = open_session(self.backend, self.folder, self.manifest, component)
+            self._sessions[component] = load_session(self.backend, self.folder, self.manifest, component)
         return self._sessions[component]
 
     def close(self) -> None:
