@@ -18,7 +18,7 @@ from sdtrt.engine.session import TensorSpec
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-FAMILIES = ("sd1",)
+FAMILIES = ("sd1", "upscaler")
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 PRECISIONS = ("fp32", "fp16")
 
@@ -98,6 +98,9 @@ class Manifest:
     scheduler: dict[str, Any]  # the model's scheduler config, "_class_name" included
     components: dict[str, Component]
     source: dict[str, str] = field(default_factory=dict)  # {"path": ..., "sha256": ...}
+    unet_in_channels: int = 4  # 9: an inpainting UNet (latents + mask + masked image); 7: the x4 upscaler
+    max_noise_level: int | None = None  # x4 upscaler: the largest noise_level its UNet was trained with
+    low_res_scheduler: dict[str, Any] | None = None  # x4 upscaler: the config that noises the low-res image
     tokenizer: str = "tokenizer"  # folder of vocab.json + merges.txt, relative to the artifact folder
     sdtrt_version: str = ""
     format_version: int = FORMAT_VERSION
@@ -116,7 +119,10 @@ class Manifest:
             "default_height": self.default_height,
             "default_width": self.default_width,
             "text_max_length": self.text_max_length,
+            "unet_in_channels": self.unet_in_channels,
+            "max_noise_level": self.max_noise_level,
             "scheduler": dict(self.scheduler),
+            "low_res_scheduler": self.low_res_scheduler,
             "tokenizer": self.tokenizer,
             "components": {name: c.to_dict() for name, c in self.components.items()},
         }
@@ -136,7 +142,10 @@ class Manifest:
             default_height=int(d["default_height"]),
             default_width=int(d["default_width"]),
             text_max_length=int(d["text_max_length"]),
+            unet_in_channels=int(d["unet_in_channels"]),
+            max_noise_level=None if d["max_noise_level"] is None else int(d["max_noise_level"]),
             scheduler=dict(d["scheduler"]),
+            low_res_scheduler=None if d["low_res_scheduler"] is None else dict(d["low_res_scheduler"]),
             tokenizer=str(d["tokenizer"]),
             components={str(k): Component.from_dict(v) for k, v in d["components"].items()},
         )

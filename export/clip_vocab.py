@@ -36,8 +36,11 @@ def clip_merges() -> list[str]:
     return lines[1 : NUM_MERGES + 1]  # the first line is a version header
 
 
-def write_clip_tokenizer(out_dir: str | Path, model_max_length: int = 77) -> None:
-    """Write vocab.json, merges.txt and the configs that transformers' CLIPTokenizer loads."""
+def write_clip_tokenizer(out_dir: str | Path, model_max_length: int = 77, pad_token: str = EOS) -> None:
+    """Write vocab.json, merges.txt and the configs that transformers' CLIPTokenizer loads.
+
+    ``pad_token`` is EOS for OpenAI CLIP (SD 1.x) and "!" for OpenCLIP tokenizers (SD 2.x, x4 upscaler).
+    """
     out_dir = Path(out_dir)
     merges = clip_merges()
     symbols = list(bytes_to_unicode().values())
@@ -46,7 +49,7 @@ def write_clip_tokenizer(out_dir: str | Path, model_max_length: int = 77) -> Non
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "vocab.json", vocab)
     write_bytes_atomic(out_dir / "merges.txt", ("#version: 0.2\n" + "\n".join(merges) + "\n").encode())
-    specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
+    specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}
     write_json_atomic(out_dir / "special_tokens_map.json", specials)
     write_json_atomic(
         out_dir / "tokenizer_config.json",

@@ -23,6 +23,9 @@ from sdtrt.export.onnx_export import DEFAULT_OPSET, convert_fp16, export_fp32, o
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
+UPSCALER_PIPELINE = "StableDiffusionUpscalePipeline"
+# networks exported when the caller names none: the x4 upscaler never encodes images
+DEFAULT_COMPONENTS = {"sd1": COMPONENTS, "upscaler": ("text_encoder", "unet", "vae_decoder")}
 SD1_PIPELINES = {
     "StableDiffusionPipeline",
     "StableDiffusionImg2ImgPipeline",
@@ -30,7 +33,7 @@ SD1_PIPELINES = {
 }
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # the model folders an export reads (their contents make up the source hash)
-SOURCE_PARTS = ("model_index.json", "scheduler", "tokenizer", "text_encoder", "unet", "vae")
+SOURCE_PARTS = ("model_index.json", "scheduler", "low_res_scheduler", "tokenizer", "text_encoder", "unet", "vae")
 
 
 def resolve_model_folder(model: str | os.PathLike[str]) -> Path:
@@ -63,12 +66,17 @@ def _read_json(path: Path) -> dict:
 def detect_family(model_index: dict, text_encoder_config: dict, unet_config: dict) -> str:
     """The model family this export supports, from the pipeline class and the networks' configs."""
     pipeline = model_index.get("_class_name", "?")
+    in_channels = unet_config.get("in_channels", 4)
+    if pipeline == UPSCALER_PIPELINE:
+        if in_channels != 7 or unet_config.get("num_class_embeds") is None:
+            raise ExportError("an x4 upscaler needs a UNet of 7 input channels with noise-level class embeddings")
+        return "upscaler"
     if pipeline not in SD1_PIPELINES:
-        raise ExportError(f"{pipeline} models are not supported yet (supported: Stable Diffusion 1.x)")
+        raise ExportError(f"{pipeline} models are not supported yet (supported: Stable Diffusion 1.x, x4 upscaler)")
     if text_encoder_config.get("hidden_act") != "quick_gelu":  # SD 2.x uses OpenCLIP (gelu)
         raise ExportError("Stable Diffusion 2.x models (OpenCLIP text encoder) are not supported yet")
-    if unet_config.get("in_channels", 4) != 4:
-        raise ExportError(f"UNets with {unet_config['in_channels']} input channels are not supported yet")
+    if in_channels not in (4, 9):
+        raise ExportError(f"a Stable Diffusion UNet has 4 (or, inpainting, 9) input channels, not {in_channels}")
     return "sd1"
 
 
@@ -77,18 +85,21 @@ def export_model(
     out_dir: str | os.PathLike[str],
     *,
     precisions: Sequence[str] = ("fp32",),
-    components: Sequence[str] = COMPONENTS,
+    components: Sequence[str] | None = None,
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Manifest:
-    """Export ``model`` to ``out_dir``; the folder appears only once complete."""
+    """Export ``model`` to ``out_dir``; the folder appears only once complete.
+
+    ``components`` defaults to every network the model's family uses.
+    """
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    bad = [p for p in precisions if p not in PRECISIONS] + [c for c in components if c not in COMPONENTS]
-    if bad or not precisions or not components:
+    bad = [p for p in precisions if p not in PRECISIONS] + [c for c in components or () if c not in COMPONENTS]
+    if bad or not precisions or (components is not None and not components):
         raise ExportError(f"unknown precision or component {bad} (precisions {PRECISIONS}, components {COMPONENTS})")
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -100,6 +111,10 @@ def export_model(
     unet_config = _read_json(source / "unet" / "config.json")
     vae_config = _read_json(source / "vae" / "config.json")
     family = detect_family(model_index, text_config, unet_config)
+    components = DEFAULT_COMPONENTS[family] if components is None else tuple(components)
+    low_res_scheduler = None
+    if family == "upscaler":
+        low_res_scheduler = _read_json(source / "low_res_scheduler" / "scheduler_config.json")
 
     vae_scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
     geometry = networks.Geometry(
@@ -109,10 +124,13 @@ def export_model(
         vae_scale_factor=vae_scale,
         size_multiple=vae_scale * 2 ** (len(unet_config["block_out_channels"]) - 1),
         default_size=int(unet_config["sample_size"]) * vae_scale,
+        unet_in_channels=int(unet_config.get("in_channels", 4)),
+        unet_class_labels=family == "upscaler",
     )
+    unet_net = networks.ClassLabelUNetNet if geometry.unet_class_labels else networks.UNetNet
     loaders = {
         "text_encoder": lambda: networks.TextEncoderNet(CLIPTextModel.from_pretrained(source / "text_encoder")),
-        "unet": lambda: networks.UNetNet(UNet2DConditionModel.from_pretrained(source / "unet")),
+        "unet": lambda: unet_net(UNet2DConditionModel.from_pretrained(source / "unet")),
         "vae_decoder": lambda: networks.VaeDecoderNet(AutoencoderKL.from_pretrained(source / "vae")),
         "vae_encoder": lambda: networks.VaeEncoderNet(AutoencoderKL.from_pretrained(source / "vae")),
     }
@@ -161,7 +179,10 @@ def export_model(
             default_height=geometry.default_size,
             default_width=geometry.default_size,
             text_max_length=geometry.text_max_length,
+            unet_in_channels=geometry.unet_in_channels,
+            max_noise_level=model_index.get("max_noise_level") if family == "upscaler" else None,
             scheduler=scheduler_config,
+            low_res_scheduler=low_res_scheduler,
             components=exported,
         )
         manifest.save(staging)

@@ -28,8 +28,8 @@ class NetworkSpec:
         tensors = []
         for spec in self.inputs:
             shape = spec.bind(opt)
-            if spec.dtype == "int32":
-                tensors.append(torch.randint(0, 1000, shape, dtype=torch.int32, generator=generator))
+            if spec.dtype == "int32":  # token ids, noise levels
+                tensors.append(torch.randint(0, 100, shape, dtype=torch.int32, generator=generator))
             elif spec.name == "timestep":
                 tensors.append(torch.full(shape, 981.0))
             else:
@@ -63,6 +63,8 @@ class Geometry:
     vae_scale_factor: int  # pixels per latent pixel, per side
     size_multiple: int  # image height/width must be multiples of this
     default_size: int  # pixels, per side
+    unet_in_channels: int = 4  # 4; 9 for inpainting models (+ mask + masked image); 7 for the x4 upscaler
+    unet_class_labels: bool = False  # the x4 upscaler's UNet takes the noise level as a class label
 
     def latent_range(self) -> tuple[int, int, int]:
         """Latent side (min, opt, max) of the default profile: half to twice the native size."""
@@ -83,13 +85,17 @@ def text_encoder_spec(g: Geometry) -> NetworkSpec:
 def unet_spec(g: Geometry) -> NetworkSpec:
     latent = ("batch", g.latent_channels, "latent_height", "latent_width")
     side = g.latent_range()
+    inputs = [
+        # latents, then any conditioning channels (mask + masked-image latents, or the low-res image)
+        TensorSpec("sample", "float32", ("batch", g.unet_in_channels, "latent_height", "latent_width")),
+        TensorSpec("timestep", "float32", ("batch",)),
+        TensorSpec("encoder_hidden_states", "float32", ("batch", g.text_max_length, g.text_hidden_size)),
+    ]
+    if g.unet_class_labels:
+        inputs.append(TensorSpec("noise_level", "int32", ("batch",)))
     return NetworkSpec(
         name="unet",
-        inputs=(
-            TensorSpec("sample", "float32", latent),
-            TensorSpec("timestep", "float32", ("batch",)),
-            TensorSpec("encoder_hidden_states", "float32", ("batch", g.text_max_length, g.text_hidden_size)),
-        ),
+        inputs=tuple(inputs),
         outputs=(TensorSpec("noise_pred", "float32", latent),),
         profile={"batch": (1, 2, 8), "latent_height": side, "latent_width": side},  # batch 2 = one CFG pair
         keep_fp32=("timestep",),  # fractional timesteps (Euler, LMS) need more than fp16's 0.5 spacing at 999
@@ -137,6 +143,19 @@ class UNetNet(torch.nn.Module):
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
     ) -> torch.Tensor:
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class ClassLabelUNetNet(UNetNet):
+    """The x4 upscaler's UNet: the low-res image's noise level enters as a class label."""
+
+    def forward(  # type: ignore[override]
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        noise_level: torch.Tensor,
+    ) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states, class_labels=noise_level.long(), return_dict=False)[0]
 
 
 class VaeDecoderNet(torch.nn.Module):

@@ -1,7 +1,7 @@
-"""The embedded default model: a tiny Stable Diffusion 1.x-architecture pipeline with random weights.
+"""Tiny models of each supported architecture, with random weights, for the tests and the benchmarks.
 
-It is built from configs with a fixed seed and saved as an ordinary diffusers folder, so the very
-same export path serves it and real models. It proves the machinery, not the art: it draws noise.
+They are built from configs with a fixed seed and saved as ordinary diffusers folders, so the very
+same export path serves them and real models. They prove the machinery, not the art: they draw noise.
 """
 
 from __future__ import annotations
@@ -28,17 +28,31 @@ SD1_SCHEDULER = {
     "clip_sample": False,
     "trained_betas": None,
 }
+# stabilityai/stable-diffusion-x4-upscaler: scheduler (DDIM, v-prediction) and low_res_scheduler (DDPM)
+UPSCALER_SCHEDULER = {
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "clip_sample": False,
+}
+UPSCALER_LOW_RES_SCHEDULER = {
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "clip_sample": False,
+    "variance_type": "fixed_small",
+}
 
 
-def build_tiny_sd1(out_dir: str | os.PathLike[str], seed: int = 0, overwrite: bool = False) -> Path:
-    """Save a tiny SD 1.x pipeline (CLIP text encoder, UNet, 8x VAE, PNDM, CLIP BPE tokenizer)."""
-    import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def _text_encoder(hidden_act: str):
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    out_dir = Path(out_dir)
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
+    return CLIPTextModel(
         CLIPTextConfig(
             vocab_size=CLIP_VOCAB_SIZE,
             hidden_size=32,
@@ -46,16 +60,38 @@ def build_tiny_sd1(out_dir: str | os.PathLike[str], seed: int = 0, overwrite: bo
             num_hidden_layers=2,
             num_attention_heads=4,
             max_position_embeddings=TEXT_MAX_LENGTH,
-            hidden_act="quick_gelu",
+            hidden_act=hidden_act,  # quick_gelu: OpenAI CLIP (SD 1.x); gelu: OpenCLIP (SD 2.x, upscaler)
             projection_dim=32,
             bos_token_id=49406,
             eos_token_id=49407,
             pad_token_id=49407,
         )
     )
-    unet = UNet2DConditionModel(
-        sample_size=32,  # latent pixels: 256x256 images
-        in_channels=4,
+
+
+def _vae(levels: int, scaling_factor: float, sample_size: int):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        sample_size=sample_size,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(32,) * levels,  # 2 ** (levels - 1) down-sampling
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        layers_per_block=1,
+        norm_num_groups=32,
+        scaling_factor=scaling_factor,
+    )
+
+
+def _unet(in_channels: int, **extra):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=32,
+        in_channels=in_channels,
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,
@@ -64,32 +100,65 @@ def build_tiny_sd1(out_dir: str | os.PathLike[str], seed: int = 0, overwrite: bo
         cross_attention_dim=32,
         attention_head_dim=8,
         norm_num_groups=32,
+        **extra,
     )
-    vae = AutoencoderKL(
-        sample_size=256,
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(32, 32, 32, 32),  # four levels: 8x down-sampling, as in SD
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=32,
-        scaling_factor=0.18215,
-    )
-    scheduler = PNDMScheduler.from_config(SD1_SCHEDULER)
+
+
+def build_tiny_sd1(
+    out_dir: str | os.PathLike[str], seed: int = 0, overwrite: bool = False, inpainting: bool = False
+) -> Path:
+    """A tiny SD 1.x pipeline: CLIP text encoder, UNet, 8x VAE, PNDM, CLIP BPE tokenizer; 256x256 native.
+
+    ``inpainting`` gives the UNet 9 input channels (latents + mask + masked-image latents).
+    """
+    import torch
+    from diffusers import PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    torch.manual_seed(seed)
+    text_encoder = _text_encoder("quick_gelu")
+    unet = _unet(9 if inpainting else 4)
+    vae = _vae(levels=4, scaling_factor=0.18215, sample_size=256)
+    pipeline_class = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
     with atomic_dir(out_dir, overwrite=overwrite) as staging:
         write_clip_tokenizer(staging / "tokenizer", TEXT_MAX_LENGTH)
-        tokenizer = CLIPTokenizer.from_pretrained(staging / "tokenizer")
-        pipe = StableDiffusionPipeline(
+        pipe = pipeline_class(
             vae=vae,
             text_encoder=text_encoder,
-            tokenizer=tokenizer,
+            tokenizer=CLIPTokenizer.from_pretrained(staging / "tokenizer"),
             unet=unet,
-            scheduler=scheduler,
+            scheduler=PNDMScheduler.from_config(SD1_SCHEDULER),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
         )
         pipe.save_pretrained(staging, safe_serialization=True)
-    return out_dir
+    return Path(out_dir)
+
+
+def build_tiny_upscaler(out_dir: str | os.PathLike[str], seed: int = 0, overwrite: bool = False) -> Path:
+    """A tiny stable-diffusion-x4-upscaler: 7-channel UNet with noise-level class labels, 4x VAE, v-prediction."""
+    import torch
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline
+    from transformers import CLIPTokenizer
+
+    torch.manual_seed(seed)
+    text_encoder = _text_encoder("gelu")
+    unet = _unet(7, num_class_embeds=1000)
+    vae = _vae(levels=3, scaling_factor=0.08333, sample_size=128)
+    with atomic_dir(out_dir, overwrite=overwrite) as staging:
+        write_clip_tokenizer(staging / "tokenizer", TEXT_MAX_LENGTH, pad_token="!")
+        pipe = StableDiffusionUpscalePipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=CLIPTokenizer.from_pretrained(staging / "tokenizer"),
+            unet=unet,
+            low_res_scheduler=DDPMScheduler.from_config(UPSCALER_LOW_RES_SCHEDULER),
+            scheduler=DDIMScheduler.from_config(UPSCALER_SCHEDULER),
+            safety_checker=None,
+            feature_extractor=None,
+            watermarker=None,
+            max_noise_level=350,
+        )
+        pipe.save_pretrained(staging, safe_serialization=True)
+    return Path(out_dir)

@@ -1,8 +1,13 @@
-"""Text-to-image over an sdtrt artifact folder: tokenizer -> text encoder -> denoising loop -> VAE decoder.
+"""Stable Diffusion pipelines over an sdtrt artifact folder: txt2img, img2img, inpaint, outpaint, upscale.
 
-The denoising loop runs in NumPy; the networks run in sessions of whichever backend was chosen
-(sdtrt.engine). Seeds draw the initial latents from NumPy's RNG, so a seed means the same image on
-every backend.
+Each is thin orchestration of tokenizer -> text encoder -> denoising loop (NumPy scheduler, UNet
+session) -> VAE decoder. The networks run in sessions of whichever backend was chosen
+(sdtrt.engine); the runtime never asks which.
+
+Randomness comes from one NumPy Generator per call (``seed``, or pass ``rng``: any object with
+NumPy's ``standard_normal(size, dtype)``). Draws follow diffusers' order — VAE latent samples,
+initial noise, then each stochastic step — so a seed means the same image on every backend, and a
+generator that replays torch's draws reproduces diffusers exactly (the parity tests do this).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
@@ -22,8 +28,9 @@ from sdtrt.engine.backends import BackendChoice, choose_backend, load_session
 from sdtrt.engine.errors import InvalidInputError
 from sdtrt.engine.manifest import Manifest, load_manifest
 from sdtrt.engine.session import Session
-from sdtrt.runtime.image import to_pil
-from sdtrt.runtime.schedulers import make_scheduler
+from sdtrt.runtime import canvas
+from sdtrt.runtime import image as imageio
+from sdtrt.runtime.schedulers import Scheduler, make_scheduler
 from sdtrt.runtime.tokenizer import CLIPTokenizer
 
 log = logging.getLogger(__name__)
@@ -31,18 +38,53 @@ log = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int], None]  # (steps done, steps in all)
 
 
+class NormalSource(Protocol):
+    """Where Gaussian noise comes from: numpy.random.Generator, or anything with its standard_normal."""
+
+    def standard_normal(self, size: Any, dtype: Any) -> np.ndarray: ...
+
+
 @dataclass
 class GenerationResult:
     images: list[Image.Image]
-    latents: np.ndarray  # (B, C, H/8, W/8) float32: the denoised latents, before the VAE
-    seed: int
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage; see Pipeline.txt2img
+    latents: np.ndarray  # (B, C, h, w) float32: the denoised latents, before the VAE
+    seed: int | None  # None when the caller passed its own rng
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     backend: str = ""
     scheduler: str = ""
 
 
+@dataclass
+class _Run:
+    """The per-call state shared by every pipeline: validated options, noise source, timings, progress."""
+
+    prompts: list[str]
+    negatives: list[str]
+    num_images: int
+    guidance_scale: float
+    rng: NormalSource
+    seed: int | None
+    progress: ProgressCallback | None
+    start: float = field(default_factory=time.perf_counter)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def cfg(self) -> bool:
+        return self.guidance_scale > 1.0  # diffusers' rule: guidance 1 (or less) is the plain conditional model
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts) * self.num_images
+
+    def normal(self, shape: tuple[int, ...]) -> np.ndarray:
+        return np.asarray(self.rng.standard_normal(shape, dtype=np.float32), dtype=np.float32)
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        self.timings[stage] = self.timings.get(stage, 0.0) + seconds
+
+
 class Pipeline:
-    """A loaded artifact folder. ``Pipeline.load(dir)`` then ``pipe.txt2img("a prompt")``."""
+    """A loaded artifact folder. ``Pipeline.load(dir)`` then ``pipe.txt2img("a prompt")`` and friends."""
 
     def __init__(self, folder: Path, manifest: Manifest, backend: BackendChoice) -> None:
         self.folder = folder
@@ -78,16 +120,8 @@ class Pipeline:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _run(self, component: str, **feeds: np.ndarray) -> np.ndarray:
-        """Run a one-output network, casting float inputs to its dtype and the output to float32."""
-        session = self.session(component)
-        cast = {name: array.astype(session.inputs[name].dtype, copy=False) for name, array in feeds.items()}
-        (output,) = session.run(cast).values()
-        return output.astype(np.float32, copy=False)
-
-    def encode_prompts(self, prompts: Sequence[str]) -> np.ndarray:
-        """(len(prompts), 77, D) float32 text embeddings."""
-        return self._run("text_encoder", input_ids=self.tokenizer(list(prompts)))
+    # ----------------------------------------------------------------------------------------------
+    # The five pipelines
 
     def txt2img(
         self,
@@ -102,8 +136,9 @@ class Pipeline:
         scheduler: str | None = None,
         latents: np.ndarray | None = None,
         progress: ProgressCallback | None = None,
+        rng: NormalSource | None = None,
     ) -> GenerationResult:
-        """Generate ``num_images`` images per prompt.
+        """Generate ``num_images`` images per prompt from noise.
 
         ``scheduler`` is a name from sdtrt.runtime.schedulers.SCHEDULERS (default: the model's own);
         ``guidance_scale`` > 1 turns on classifier-free guidance with ``negative_prompt`` (default "");
@@ -111,62 +146,437 @@ class Pipeline:
         seconds: text_encoder, unet (all steps), scheduler (the NumPy loop outside the UNet),
         vae_decode and total.
         """
-        start = time.perf_counter()
+        self._require("txt2img", family="sd1", unet_in_channels=4)
         m = self.manifest
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = _negative_prompts(negative_prompt, len(prompts))
         height = m.default_height if height is None else height
         width = m.default_width if width is None else width
-        _check_request(m, prompts, num_inference_steps, guidance_scale, height, width, num_images, seed)
-        sched = make_scheduler(scheduler, m.scheduler)
-        sched.set_timesteps(num_inference_steps)
-        cfg = guidance_scale > 1.0  # diffusers' rule: guidance 1 (or less) is the plain conditional model
+        self._check_size(height, width)
+        run = self._start(prompt, negative_prompt, num_inference_steps, guidance_scale, num_images, seed, rng, progress)
+        sched = self._scheduler(scheduler, num_inference_steps)
+        embeddings = self._encode_prompts(run)
 
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        # (B, 77, D): each prompt repeated num_images times, as diffusers' num_images_per_prompt
-        embeddings = np.repeat(self.encode_prompts(prompts), num_images, axis=0)
-        if cfg:
-            uncond = np.repeat(self.encode_prompts(negatives), num_images, axis=0)
-            embeddings = np.concatenate([uncond, embeddings])  # (2B, 77, D): unconditional half first
-        timings["text_encoder"] = time.perf_counter() - t0
-
-        batch = len(prompts) * num_images
-        shape = (batch, m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor)
-        if seed is None:
-            seed = int(np.random.SeedSequence().generate_state(1)[0])
-        rng = np.random.default_rng(seed)
+        shape = (run.batch, m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor)
         if latents is None:
-            latents = rng.standard_normal(shape, dtype=np.float32)
+            latents = run.normal(shape)
         elif latents.shape != shape:
             raise InvalidInputError(f"latents have shape {latents.shape}, expected {shape}")
         latents = latents.astype(np.float32) * np.float32(sched.init_noise_sigma)  # (B, C, H/8, W/8) float32
+        latents = self._denoise(run, sched, 0, latents, embeddings)
+        return self._finish(run, sched, latents)
 
+    def img2img(
+        self,
+        prompt: str | Sequence[str],
+        image: imageio.ImageInput,
+        strength: float = 0.8,
+        negative_prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | None = None,
+        num_images: int = 1,
+        scheduler: str | None = None,
+        progress: ProgressCallback | None = None,
+        rng: NormalSource | None = None,
+    ) -> GenerationResult:
+        """Transform ``image`` by ``prompt``: the image is noised to ``strength`` of the schedule and denoised.
+
+        The image is resized (Lanczos) to ``height`` x ``width``, by default to its own size rounded
+        down to the model's size multiple. As in diffusers, only the last ``int(steps * strength)``
+        steps run; strength 1 starts from pure noise, and a strength too small for one step returns
+        the image's VAE round trip.
+        """
+        self._require("img2img", family="sd1", unet_in_channels=4, needs=("vae_encoder",))
+        _check_strength(strength)
+        source = imageio.load_rgb(image)
+        height, width = imageio.fit_size(source, height, width, self.manifest.size_multiple)
+        self._check_size(height, width)
+        run = self._start(prompt, negative_prompt, num_inference_steps, guidance_scale, num_images, seed, rng, progress)
+        sched = self._scheduler(scheduler, num_inference_steps)
+        start = _start_index(sched, num_inference_steps, strength)
+        embeddings = self._encode_prompts(run)
+
+        image_latents = self._encode_image(run, imageio.image_to_array(source, height, width))  # (1, C, h, w)
+        image_latents = np.repeat(image_latents, run.batch, axis=0)
+        noise = run.normal(image_latents.shape)
+        if start < len(sched.timesteps):
+            latents = sched.add_noise(image_latents, noise, start)
+            latents = self._denoise(run, sched, start, latents, embeddings)
+        else:
+            latents = image_latents
+        return self._finish(run, sched, latents)
+
+    def inpaint(
+        self,
+        prompt: str | Sequence[str],
+        image: imageio.ImageInput,
+        mask: imageio.ImageInput,
+        strength: float = 1.0,
+        mask_blur: float = 0.0,
+        negative_prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | None = None,
+        num_images: int = 1,
+        scheduler: str | None = None,
+        progress: ProgressCallback | None = None,
+        rng: NormalSource | None = None,
+    ) -> GenerationResult:
+        """Repaint the white part of ``mask`` (same size as ``image``) by ``prompt``.
+
+        Inpainting models (a 9-channel UNet) see the mask and the masked image at every step; any
+        ordinary model inpaints by latent blending: after each step the known region is replaced
+        by the original latents re-noised to the next timestep, as diffusers does. ``mask_blur`` > 0
+        pastes the original pixels back over the result through a mask feathered by a Gaussian of
+        that radius (in pixels), hiding seams; 0 returns the model's output as diffusers does.
+        """
+        self._require("inpaint", family="sd1", needs=("vae_encoder",))
+        _check_strength(strength)
+        if not (math.isfinite(mask_blur) and mask_blur >= 0):
+            raise InvalidInputError(f"mask_blur must be a number >= 0, got {mask_blur!r}")
+        source, mask_image = imageio.load_rgb(image), imageio.load_mask(mask)
+        if mask_image.size != source.size:
+            raise InvalidInputError(
+                f"mask is {mask_image.width}x{mask_image.height} but the image is {source.width}x{source.height}: "
+                "they must be the same size"
+            )
+        height, width = imageio.fit_size(source, height, width, self.manifest.size_multiple)
+        self._check_size(height, width)
+        run = self._start(prompt, negative_prompt, num_inference_steps, guidance_scale, num_images, seed, rng, progress)
+        sched = self._scheduler(scheduler, num_inference_steps)
+        start = _start_index(sched, num_inference_steps, strength)
+        embeddings = self._encode_prompts(run)
+
+        pixels = imageio.image_to_array(source, height, width)  # (1, 3, H, W) in [-1, 1]
+        mask_pixels = imageio.mask_to_array(mask_image, height, width)  # (1, 1, H, W): 1 = repaint
+        blending = self.manifest.unet_in_channels == 4
+        m = self.manifest
+        shape = (run.batch, m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor)
+        image_latents = None
+        if blending or strength < 1.0:
+            image_latents = np.repeat(self._encode_image(run, pixels), run.batch, axis=0)
+        noise = run.normal(shape)
+        if strength == 1.0 or start >= len(sched.timesteps):
+            latents = noise * np.float32(sched.init_noise_sigma)
+        else:
+            latents = sched.add_noise(image_latents, noise, start)
+        masked = pixels * (mask_pixels < 0.5)  # the known part; the part to repaint set to grey (0)
+        if blending:
+            run.normal(shape[1:])  # diffusers encodes the masked image here even when it is unused: keep its draws
+            condition = None
+        else:
+            masked_latents = self._encode_image(run, masked)
+            # (B, 1 + C, h, w): the mask at latent size (nearest: every 8th pixel, as torch's interpolate)
+            latent_mask = mask_pixels[:, :, :: m.vae_scale_factor, :: m.vae_scale_factor]
+            condition = np.repeat(np.concatenate([latent_mask, masked_latents], axis=1), run.batch, axis=0)
+
+        def blend(step_index: int, latents: np.ndarray) -> np.ndarray:
+            """Latent blending for 4-channel models: keep the known region on the original's noise path."""
+            known = image_latents
+            if step_index + 1 < len(sched.timesteps):
+                known = sched.add_noise(image_latents, noise, step_index + 1)
+            repaint = mask_pixels[:, :, :: m.vae_scale_factor, :: m.vae_scale_factor]
+            return (1 - repaint) * known + repaint * latents
+
+        if start < len(sched.timesteps):
+            latents = self._denoise(
+                run, sched, start, latents, embeddings, condition=condition, after_step=blend if blending else None
+            )
+        result = self._finish(run, sched, latents)
+        if mask_blur > 0:
+            result.images = _paste_back(result.images, pixels, imageio.soft_mask(mask_pixels, mask_blur))
+        return result
+
+    def outpaint(
+        self,
+        prompt: str | Sequence[str],
+        image: imageio.ImageInput,
+        left: int = 0,
+        right: int = 0,
+        top: int = 0,
+        bottom: int = 0,
+        overlap: int = 16,
+        mask_blur: float = 8.0,
+        **options: Any,
+    ) -> GenerationResult:
+        """Extend ``image`` by the given pixels on each side and paint the new area by ``prompt``.
+
+        The canvas is the image with its border pixels stretched outwards, grown on the right and
+        bottom to the model's size multiple; the mask covers the new area plus ``overlap`` pixels of
+        the old one, and the result is blended back over the original through a mask feathered by
+        ``mask_blur``. One pass extends each side by at most half the model's native size; call
+        again on the result for more. Other options are inpaint's.
+        """
+        source = imageio.load_rgb(image)
+        limit = min(self.manifest.default_height, self.manifest.default_width) // 2
+        sides = {"left": left, "right": right, "top": top, "bottom": bottom}
+        for side, pixels in sides.items():
+            if not isinstance(pixels, int) or pixels < 0:
+                raise InvalidInputError(f"{side} must be an integer >= 0, got {pixels!r}")
+            if pixels > limit:
+                raise InvalidInputError(
+                    f"{side}={pixels}: one outpaint pass extends a side by at most {limit} pixels "
+                    "(half the model's native size); outpaint the result again to go further"
+                )
+        if not any(sides.values()):
+            raise InvalidInputError("outpaint needs an extension > 0 on at least one side (left/right/top/bottom)")
+        if not isinstance(overlap, int) or overlap < 0:
+            raise InvalidInputError(f"overlap must be an integer >= 0, got {overlap!r}")
+        painted, mask = canvas.outpaint_canvas(
+            np.asarray(source), left, right, top, bottom, overlap, self.manifest.size_multiple
+        )
+        return self.inpaint(prompt, Image.fromarray(painted), Image.fromarray(mask), mask_blur=mask_blur, **options)
+
+    def upscale(
+        self,
+        prompt: str | Sequence[str],
+        image: imageio.ImageInput,
+        noise_level: int = 20,
+        negative_prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int = 75,
+        guidance_scale: float = 9.0,
+        seed: int | None = None,
+        num_images: int = 1,
+        scheduler: str | None = None,
+        tile_size: int | None = None,
+        tile_overlap: int | None = None,
+        tiling: bool = True,
+        progress: ProgressCallback | None = None,
+        rng: NormalSource | None = None,
+    ) -> GenerationResult:
+        """Upscale ``image`` 4x with an x4-upscaler export, guided by ``prompt``.
+
+        The low-resolution image is rounded down to the UNet's size step, noised to ``noise_level``
+        and fed to the UNet beside the latents. Inputs larger than ``tile_size`` (default: the
+        model's native input size) are cut into tiles overlapping by ``tile_overlap`` low-res pixels
+        (default: 16, at most a quarter tile), each denoised on its own and feathered together, so
+        memory stays bounded; ``tiling=False`` refuses such inputs instead.
+        """
+        self._require("upscale", family="upscaler")
+        m = self.manifest
+        step = m.size_multiple // m.vae_scale_factor  # the low-res image is the latent: it needs the UNet's step
+        tile_size = m.default_height // m.vae_scale_factor if tile_size is None else tile_size
+        tile_overlap = min(16, tile_size // 4) if tile_overlap is None else tile_overlap
+        max_level = m.max_noise_level or 0
+        if not isinstance(noise_level, int) or not 0 <= noise_level <= max_level:
+            raise InvalidInputError(f"noise_level must be an integer from 0 to {max_level}, got {noise_level!r}")
+        if not isinstance(tile_size, int) or tile_size < step or tile_size % step:
+            raise InvalidInputError(f"tile_size must be a positive multiple of {step}, got {tile_size!r}")
+        if not isinstance(tile_overlap, int) or not 0 <= tile_overlap < tile_size // 2:
+            raise InvalidInputError(
+                f"tile_overlap must be an integer from 0 to {tile_size // 2 - 1}, got {tile_overlap!r}"
+            )
+        source = imageio.load_rgb(image)
+        height, width = imageio.fit_size(source, None, None, step)
+        if not tiling and max(height, width) > tile_size:
+            raise InvalidInputError(
+                f"input {width}x{height} is larger than the tile budget {tile_size}x{tile_size}: "
+                "allow tiling, or pass a larger tile_size if memory allows"
+            )
+        run = self._start(prompt, negative_prompt, num_inference_steps, guidance_scale, num_images, seed, rng, progress)
+        sched = self._scheduler(scheduler, num_inference_steps)
+        embeddings = self._encode_prompts(run)
+
+        low_res = imageio.image_to_array(source, height, width, resample="bicubic")  # (1, 3, h, w) in [-1, 1]
+        alpha_cumprod = float(make_scheduler("ddim", m.low_res_scheduler or {}).alphas_cumprod[noise_level])
+        noisy = np.float32(alpha_cumprod**0.5) * low_res + np.float32((1 - alpha_cumprod) ** 0.5) * run.normal(
+            low_res.shape
+        )
+        latents = run.normal((run.batch, m.latent_channels, height, width)) * np.float32(sched.init_noise_sigma)
+        condition = np.repeat(noisy, run.batch, axis=0)  # (B, 3, h, w)
+        levels = np.full(run.batch * (2 if run.cfg else 1), noise_level, dtype=np.int32)
+
+        scale = m.vae_scale_factor
+        out = np.zeros((run.batch, 3, height * scale, width * scale), dtype=np.float32)  # weighted sum of tiles
+        weight = np.zeros((1, 1, height * scale, width * scale), dtype=np.float32)
+        final_latents = np.zeros_like(latents)
+        for index, (y, x, h, w) in enumerate(canvas.tile_grid(height, width, tile_size, tile_overlap)):
+            if index:
+                sched.set_timesteps(num_inference_steps)  # each tile runs the whole schedule afresh
+            low = np.s_[:, :, y : y + h, x : x + w]
+            high = np.s_[:, :, y * scale : (y + h) * scale, x * scale : (x + w) * scale]
+            final_latents[low] = self._denoise(
+                run, sched, 0, latents[low], embeddings, condition=condition[low], noise_level=levels
+            )
+            edges = (y > 0, x > 0, y + h < height, x + w < width)  # sides that another tile overlaps
+            ramp = canvas.feather(h * scale, w * scale, tile_overlap * scale, *edges)
+            out[high] += self._decode(run, final_latents[low]) * ramp
+            weight[high] += ramp
+        run.timings["total"] = time.perf_counter() - run.start
+        images = imageio.to_pil(out / weight)
+        return GenerationResult(images, final_latents, run.seed, run.timings, self.backend.kind, sched.name)
+
+    # ----------------------------------------------------------------------------------------------
+    # Shared pieces
+
+    def _require(
+        self, task: str, family: str, unet_in_channels: int | None = None, needs: tuple[str, ...] = ()
+    ) -> None:
+        """One clear error when this export cannot serve ``task``."""
+        m = self.manifest
+        if m.family != family:
+            use = "upscale" if m.family == "upscaler" else "txt2img, img2img, inpaint or outpaint"
+            raise InvalidInputError(f"{task} needs a {family} model; {self.folder} holds a {m.family} model: use {use}")
+        if unet_in_channels is not None and m.unet_in_channels != unet_in_channels:
+            raise InvalidInputError(
+                f"{task} needs a {unet_in_channels}-channel UNet; {self.folder} holds an inpainting model "
+                f"({m.unet_in_channels} channels): use inpaint or outpaint"
+            )
+        for component in needs:
+            if component not in m.components:
+                source = m.source.get("path", "MODEL")
+                raise InvalidInputError(
+                    f"{task} needs the {component} network, which {self.folder} lacks: re-export with "
+                    f"`sdtrt export {source} --out {self.folder} --overwrite` (all networks by default)"
+                )
+
+    def _check_size(self, height: int, width: int) -> None:
+        m = self.manifest
+        for name, size in (("height", height), ("width", width)):
+            if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+                raise InvalidInputError(f"{name} must be a positive integer, got {size!r}")
+            if size % m.vae_scale_factor:
+                raise InvalidInputError(f"{name} {size} is not divisible by {m.vae_scale_factor}")
+            if size % m.size_multiple:
+                raise InvalidInputError(
+                    f"{name} {size} must be a multiple of {m.size_multiple} for this model "
+                    f"(its UNet down-samples the {m.vae_scale_factor}x latents further); "
+                    f"try {size // m.size_multiple * m.size_multiple or m.size_multiple}"
+                )
+
+    def _start(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None,
+        steps: int,
+        guidance_scale: float,
+        num_images: int,
+        seed: int | None,
+        rng: NormalSource | None,
+        progress: ProgressCallback | None,
+    ) -> _Run:
+        """Validate the options every pipeline shares and set up the noise source."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise InvalidInputError("prompt must be a string or a non-empty list of strings")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise InvalidInputError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
+        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise InvalidInputError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+            raise InvalidInputError(f"num_images must be an integer >= 1, got {num_images!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+            raise InvalidInputError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+        if rng is None:
+            if seed is None:
+                seed = int(np.random.SeedSequence().generate_state(1, dtype=np.uint64)[0])
+            rng = np.random.default_rng(seed)
+        elif seed is not None:
+            raise InvalidInputError("pass a seed or an rng, not both")
+        negatives = _negative_prompts(negative_prompt, len(prompts))
+        return _Run(prompts, negatives, num_images, float(guidance_scale), rng, seed, progress)
+
+    def _scheduler(self, name: str | None, steps: int) -> Scheduler:
+        """The scheduler ``name`` (default: the model's own), configured from the model and set to ``steps``."""
+        sched = make_scheduler(name, self.manifest.scheduler)
+        sched.set_timesteps(steps)
+        return sched
+
+    def _run(self, component: str, **feeds: np.ndarray) -> np.ndarray:
+        """Run a one-output network, casting inputs to its dtypes and the output to float32."""
+        session = self.session(component)
+        cast = {name: array.astype(session.inputs[name].dtype, copy=False) for name, array in feeds.items()}
+        (output,) = session.run(cast).values()
+        return output.astype(np.float32, copy=False)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> np.ndarray:
+        """(len(prompts), 77, D) float32 text embeddings."""
+        return self._run("text_encoder", input_ids=self.tokenizer(list(prompts)))
+
+    def _encode_prompts(self, run: _Run) -> np.ndarray:
+        """(B, 77, D), or (2B, 77, D) with the unconditional half first under CFG; each prompt num_images times."""
+        t0 = time.perf_counter()
+        embeddings = np.repeat(self.encode_prompts(run.prompts), run.num_images, axis=0)
+        if run.cfg:
+            uncond = np.repeat(self.encode_prompts(run.negatives), run.num_images, axis=0)
+            embeddings = np.concatenate([uncond, embeddings])
+        run.add_time("text_encoder", time.perf_counter() - t0)
+        return embeddings
+
+    def _encode_image(self, run: _Run, pixels: np.ndarray) -> np.ndarray:
+        """(N, 3, H, W) in [-1, 1] -> scaled latents (N, C, H/8, W/8), sampled from the VAE's posterior."""
+        t0 = time.perf_counter()
+        moments = self._run("vae_encoder", image=pixels)  # (N, 2C, h, w): mean and log-variance
+        mean, logvar = np.split(moments, 2, axis=1)
+        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
+        latents = (mean + std * run.normal(mean.shape)) * np.float32(self.manifest.vae_scaling_factor)
+        run.add_time("vae_encode", time.perf_counter() - t0)
+        return latents.astype(np.float32)
+
+    def _denoise(
+        self,
+        run: _Run,
+        sched: Scheduler,
+        start: int,
+        latents: np.ndarray,
+        embeddings: np.ndarray,
+        condition: np.ndarray | None = None,
+        noise_level: np.ndarray | None = None,
+        after_step: Callable[[int, np.ndarray], np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """The loop from timestep index ``start``: UNet (+ CFG), scheduler step, optional per-step blend.
+
+        ``condition`` (B, c, h, w) is concatenated to the scaled latents on channels (inpainting mask
+        and masked latents, or the upscaler's low-res image); ``noise_level`` (2B or B,) int32 is the
+        upscaler's class label.
+        """
         unet_seconds = 0.0
         t0 = time.perf_counter()
-        for i, t in enumerate(sched.timesteps):
-            model_input = np.concatenate([latents, latents]) if cfg else latents
-            model_input = sched.scale_model_input(model_input, i)
-            timestep = np.full(model_input.shape[0], t, dtype=np.float32)
+        total = len(sched.timesteps) - start
+        if condition is not None and run.cfg:
+            condition = np.concatenate([condition, condition])
+        for i in range(start, len(sched.timesteps)):
+            model_input = np.concatenate([latents, latents]) if run.cfg else latents
+            model_input = sched.scale_model_input(model_input, i)  # (2B or B, C, h, w) float32
+            if condition is not None:
+                model_input = np.concatenate([model_input, condition], axis=1)
+            feeds = {
+                "sample": model_input,
+                "timestep": np.full(model_input.shape[0], sched.timesteps[i], dtype=np.float32),
+                "encoder_hidden_states": embeddings,
+            }
+            if noise_level is not None:
+                feeds["noise_level"] = noise_level
             u0 = time.perf_counter()
-            noise_pred = self._run("unet", sample=model_input, timestep=timestep, encoder_hidden_states=embeddings)
+            noise_pred = self._run("unet", **feeds)
             unet_seconds += time.perf_counter() - u0
-            if cfg:
+            if run.cfg:
                 uncond_pred, text_pred = np.split(noise_pred, 2)
-                noise_pred = uncond_pred + np.float32(guidance_scale) * (text_pred - uncond_pred)
-            noise = rng.standard_normal(latents.shape, dtype=np.float32) if sched.stochastic else None
+                noise_pred = uncond_pred + np.float32(run.guidance_scale) * (text_pred - uncond_pred)
+            noise = run.normal(latents.shape) if sched.stochastic else None
             latents = sched.step(noise_pred, i, latents, noise=noise)
-            if progress is not None:
-                progress(i + 1, len(sched.timesteps))
-        timings["unet"] = unet_seconds
-        timings["scheduler"] = time.perf_counter() - t0 - unet_seconds
+            if after_step is not None:
+                latents = after_step(i, latents)
+            if run.progress is not None:
+                run.progress(i - start + 1, total)
+        run.add_time("unet", unet_seconds)
+        run.add_time("scheduler", time.perf_counter() - t0 - unet_seconds)
+        return latents
 
+    def _decode(self, run: _Run, latents: np.ndarray) -> np.ndarray:
+        """(B, C, h, w) latents -> (B, 3, H, W) float32 image in [-1, 1]."""
         t0 = time.perf_counter()
-        image = self._run("vae_decoder", latent=latents / np.float32(m.vae_scaling_factor))
-        images = to_pil(image)
-        timings["vae_decode"] = time.perf_counter() - t0
-        timings["total"] = time.perf_counter() - start
-        return GenerationResult(images, latents, seed, timings, self.backend.kind, sched.name)
+        image = self._run("vae_decoder", latent=latents / np.float32(self.manifest.vae_scaling_factor))
+        run.add_time("vae_decode", time.perf_counter() - t0)
+        return image
+
+    def _finish(self, run: _Run, sched: Scheduler, latents: np.ndarray) -> GenerationResult:
+        images = imageio.to_pil(self._decode(run, latents))
+        run.timings["total"] = time.perf_counter() - run.start
+        return GenerationResult(images, latents, run.seed, run.timings, self.backend.kind, sched.name)
 
 
 def _negative_prompts(negative_prompt: str | Sequence[str] | None, count: int) -> list[str]:
@@ -180,35 +590,24 @@ def _negative_prompts(negative_prompt: str | Sequence[str] | None, count: int) -
     return negatives
 
 
-def _check_request(
-    m: Manifest,
-    prompts: list[str],
-    steps: int,
-    guidance_scale: float,
-    height: int,
-    width: int,
-    num_images: int,
-    seed: int | None,
-) -> None:
-    """One clear error for a request the model cannot serve."""
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise InvalidInputError("prompt must be a string or a non-empty list of strings")
-    if not isinstance(steps, int) or steps < 1:
-        raise InvalidInputError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
-    if not math.isfinite(guidance_scale) or guidance_scale < 0:
-        raise InvalidInputError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
-    if not isinstance(num_images, int) or num_images < 1:
-        raise InvalidInputError(f"num_images must be an integer >= 1, got {num_images!r}")
-    if seed is not None and (not isinstance(seed, int) or not 0 <= seed < 2**64):
-        raise InvalidInputError(f"seed must be an integer in [0, 2**64), got {seed!r}")
-    for name, size in (("height", height), ("width", width)):
-        if not isinstance(size, int) or size <= 0:
-            raise InvalidInputError(f"{name} must be a positive integer, got {size!r}")
-        if size % m.vae_scale_factor:
-            raise InvalidInputError(f"{name} {size} is not divisible by {m.vae_scale_factor}")
-        if size % m.size_multiple:
-            raise InvalidInputError(
-                f"{name} {size} must be a multiple of {m.size_multiple} for this model "
-                f"(its UNet down-samples the {m.vae_scale_factor}x latents further); "
-                f"try {size // m.size_multiple * m.size_multiple or m.size_multiple}"
-            )
+def _check_strength(strength: float) -> None:
+    if not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+        raise InvalidInputError(f"strength must be a number from 0 to 1, got {strength!r}")
+
+
+def _start_index(sched: Scheduler, steps: int, strength: float) -> int:
+    """The timestep index img2img/inpaint start at: diffusers' get_timesteps (only int(steps * strength) run).
+
+    len(sched.timesteps) means no step runs.
+    """
+    init_steps = min(int(steps * strength), steps)
+    if init_steps == 0:
+        return len(sched.timesteps)  # no step at all (PNDM's extra first timestep must not sneak one in)
+    return (steps - init_steps) * sched.order
+
+
+def _paste_back(images: list[Image.Image], original: np.ndarray, soft: np.ndarray) -> list[Image.Image]:
+    """Blend each generated image over the original pixels: soft = 1 keeps the generated pixel."""
+    keep = imageio.to_pil(original)[0]
+    alpha = Image.fromarray((soft[0, 0] * 255).round().astype(np.uint8))
+    return [Image.composite(image, keep, alpha) for image in images]

@@ -33,3 +33,37 @@ def tiny_export(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     out = tmp_path_factory.mktemp("exports") / "tiny-sd1"
     export_model(tiny_model_dir, out, precisions=("fp32", "fp16"), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD 1.x inpainting model: its UNet takes 9 channels (latents, mask, masked-image latents)."""
+    from sdtrt.export.tiny import build_tiny_sd1
+
+    return build_tiny_sd1(tmp_path_factory.mktemp("models") / "tiny-sd1-inpaint", inpainting=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_export(tiny_inpaint_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sdtrt.export.exporter import export_model
+
+    out = tmp_path_factory.mktemp("exports") / "tiny-sd1-inpaint"
+    export_model(tiny_inpaint_model_dir, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_upscaler_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny x4 upscaler: 7-channel UNet with noise-level class labels, 4x VAE, v-prediction DDIM."""
+    from sdtrt.export.tiny import build_tiny_upscaler
+
+    return build_tiny_upscaler(tmp_path_factory.mktemp("models") / "tiny-upscaler")
+
+
+@pytest.fixture(scope="session")
+def tiny_upscaler_export(tiny_upscaler_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sdtrt.export.exporter import export_model
+
+    out = tmp_path_factory.mktemp("exports") / "tiny-upscaler"
+    export_model(tiny_upscaler_dir, out, progress=False)
+    return out
