@@ -18,8 +18,8 @@ from sdtrt.engine.session import TensorSpec
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-FAMILIES = ("sd1", "upscaler")
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+FAMILIES = ("sd1", "sd2", "sdxl", "upscaler")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 PRECISIONS = ("fp32", "fp16")
 
 
@@ -101,7 +101,10 @@ class Manifest:
     unet_in_channels: int = 4  # 9: an inpainting UNet (latents + mask + masked image); 7: the x4 upscaler
     max_noise_level: int | None = None  # x4 upscaler: the largest noise_level its UNet was trained with
     low_res_scheduler: dict[str, Any] | None = None  # x4 upscaler: the config that noises the low-res image
-    tokenizer: str = "tokenizer"  # folder of vocab.json + merges.txt, relative to the artifact folder
+    # text encoder -> its tokenizer folder (vocab.json + merges.txt), in the order their hidden states are
+    # concatenated: {"text_encoder": "tokenizer"}, SDXL adds "text_encoder_2": "tokenizer_2"
+    tokenizers: dict[str, str] = field(default_factory=lambda: {"text_encoder": "tokenizer"})
+    force_zeros_for_empty_prompt: bool = False  # SDXL: no negative prompt means zero embeddings, not ""
     sdtrt_version: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -123,7 +126,8 @@ class Manifest:
             "max_noise_level": self.max_noise_level,
             "scheduler": dict(self.scheduler),
             "low_res_scheduler": self.low_res_scheduler,
-            "tokenizer": self.tokenizer,
+            "tokenizers": dict(self.tokenizers),
+            "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt,
             "components": {name: c.to_dict() for name, c in self.components.items()},
         }
 
@@ -146,7 +150,8 @@ class Manifest:
             max_noise_level=None if d["max_noise_level"] is None else int(d["max_noise_level"]),
             scheduler=dict(d["scheduler"]),
             low_res_scheduler=None if d["low_res_scheduler"] is None else dict(d["low_res_scheduler"]),
-            tokenizer=str(d["tokenizer"]),
+            tokenizers={str(k): str(v) for k, v in d["tokenizers"].items()},
+            force_zeros_for_empty_prompt=bool(d["force_zeros_for_empty_prompt"]),
             components={str(k): Component.from_dict(v) for k, v in d["components"].items()},
         )
 

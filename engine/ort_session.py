@@ -46,7 +46,8 @@ def import_onnxruntime():
     return onnxruntime
 
 
-def _specs(args: Sequence) -> dict[str, TensorSpec]:
+def ort_tensor_specs(args: Sequence) -> dict[str, TensorSpec]:
+    """TensorSpecs of an ONNX Runtime session's inputs or outputs (dynamic dims by name)."""
     return {
         a.name: TensorSpec(a.name, _ORT_TYPES[a.type], tuple(d if isinstance(d, int) else str(d) for d in a.shape))
         for a in args
@@ -66,8 +67,8 @@ class OrtCpuSession:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only
         self._session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-        self.inputs = _specs(self._session.get_inputs())
-        self.outputs = _specs(self._session.get_outputs())
+        self.inputs = ort_tensor_specs(self._session.get_inputs())
+        self.outputs = ort_tensor_specs(self._session.get_outputs())
         log.debug("loaded %s on ORT CPU with %d threads", self.name, options.intra_op_num_threads)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
