@@ -23,17 +23,26 @@ from sdtrt.export.onnx_export import DEFAULT_OPSET, convert_fp16, export_fp32, o
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
-UPSCALER_PIPELINE = "StableDiffusionUpscalePipeline"
-# networks exported when the caller names none: the x4 upscaler never encodes images
-DEFAULT_COMPONENTS = {"sd1": COMPONENTS, "upscaler": ("text_encoder", "unet", "vae_decoder")}
-SD1_PIPELINES = {
+TEXT_ENCODERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}  # network -> its tokenizer folder
+SD_PIPELINES = {
     "StableDiffusionPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
+    "LatentConsistencyModelPipeline",
 }
+SDXL_PIPELINES = {"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"}
+UPSCALER_PIPELINE = "StableDiffusionUpscalePipeline"
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # the model folders an export reads (their contents make up the source hash)
-SOURCE_PARTS = ("model_index.json", "scheduler", "low_res_scheduler", "tokenizer", "text_encoder", "unet", "vae")
+SOURCE_PARTS = (
+    "model_index.json",
+    "scheduler",
+    "low_res_scheduler",
+    *TEXT_ENCODERS.values(),
+    *TEXT_ENCODERS,
+    "unet",
+    "vae",
+)
 
 
 def resolve_model_folder(model: str | os.PathLike[str]) -> Path:
@@ -64,20 +73,32 @@ def _read_json(path: Path) -> dict:
 
 
 def detect_family(model_index: dict, text_encoder_config: dict, unet_config: dict) -> str:
-    """The model family this export supports, from the pipeline class and the networks' configs."""
+    """The model family, from the pipeline class and the networks' configs; unsupported ones are an error.
+
+    ``text_encoder_config`` is the first text encoder's (SDXL refiners have only text_encoder_2).
+    """
     pipeline = model_index.get("_class_name", "?")
     in_channels = unet_config.get("in_channels", 4)
     if pipeline == UPSCALER_PIPELINE:
         if in_channels != 7 or unet_config.get("num_class_embeds") is None:
             raise ExportError("an x4 upscaler needs a UNet of 7 input channels with noise-level class embeddings")
         return "upscaler"
-    if pipeline not in SD1_PIPELINES:
-        raise ExportError(f"{pipeline} models are not supported yet (supported: Stable Diffusion 1.x, x4 upscaler)")
-    if text_encoder_config.get("hidden_act") != "quick_gelu":  # SD 2.x uses OpenCLIP (gelu)
-        raise ExportError("Stable Diffusion 2.x models (OpenCLIP text encoder) are not supported yet")
     if in_channels not in (4, 9):
         raise ExportError(f"a Stable Diffusion UNet has 4 (or, inpainting, 9) input channels, not {in_channels}")
-    return "sd1"
+    if pipeline in SDXL_PIPELINES:
+        return "sdxl"
+    if pipeline in SD_PIPELINES:
+        # SD 1.x uses OpenAI's CLIP ViT-L (quick_gelu), SD 2.x OpenCLIP ViT-H (gelu)
+        return "sd1" if text_encoder_config.get("hidden_act") == "quick_gelu" else "sd2"
+    raise ExportError(
+        f"{pipeline} models are not supported (supported: Stable Diffusion 1.x, 2.x, XL, LCM and the x4 upscaler)"
+    )
+
+
+def _present(model_index: dict, source: Path, part: str) -> bool:
+    """Whether the pipeline has ``part`` (SDXL refiners list text_encoder as null)."""
+    entry = model_index.get(part)
+    return bool(entry) and entry[0] is not None and (source / part).is_dir()
 
 
 def export_model(
@@ -94,9 +115,9 @@ def export_model(
 
     ``components`` defaults to every network the model's family uses.
     """
+    import diffusers
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    import transformers
 
     bad = [p for p in precisions if p not in PRECISIONS] + [c for c in components or () if c not in COMPONENTS]
     if bad or not precisions or (components is not None and not components):
@@ -107,48 +128,73 @@ def export_model(
     source = resolve_model_folder(model)
     model_index = _read_json(source / "model_index.json")
     scheduler_config = _read_json(source / "scheduler" / "scheduler_config.json")
-    text_config = _read_json(source / "text_encoder" / "config.json")
+    encoder_names = [name for name in TEXT_ENCODERS if _present(model_index, source, name)]
+    if not encoder_names:
+        raise ExportError(f"{source} has no text encoder")
+    text_configs = {name: _read_json(source / name / "config.json") for name in encoder_names}
     unet_config = _read_json(source / "unet" / "config.json")
     vae_config = _read_json(source / "vae" / "config.json")
-    family = detect_family(model_index, text_config, unet_config)
-    components = DEFAULT_COMPONENTS[family] if components is None else tuple(components)
+    family = detect_family(model_index, text_configs[encoder_names[0]], unet_config)
     low_res_scheduler = None
     if family == "upscaler":
         low_res_scheduler = _read_json(source / "low_res_scheduler" / "scheduler_config.json")
 
     vae_scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    text_encoders = tuple(
+        networks.TextEncoderGeometry(
+            name=name,
+            hidden_size=int(config["hidden_size"]),
+            # SDXL reads the penultimate layer of both encoders, and the second one's pooled projection
+            hidden_layer="penultimate" if family == "sdxl" else "last",
+            pooled_size=int(config["projection_dim"]) if family == "sdxl" and name == "text_encoder_2" else None,
+        )
+        for name, config in text_configs.items()
+    )
     geometry = networks.Geometry(
-        text_max_length=int(text_config["max_position_embeddings"]),
-        text_hidden_size=int(text_config["hidden_size"]),
+        text_max_length=int(text_configs[encoder_names[0]]["max_position_embeddings"]),
+        text_encoders=text_encoders,
         latent_channels=int(vae_config.get("latent_channels", 4)),
         vae_scale_factor=vae_scale,
         size_multiple=vae_scale * 2 ** (len(unet_config["block_out_channels"]) - 1),
         default_size=int(unet_config["sample_size"]) * vae_scale,
         unet_in_channels=int(unet_config.get("in_channels", 4)),
         unet_class_labels=family == "upscaler",
+        time_ids=(5 if model_index.get("requires_aesthetics_score") else 6) if family == "sdxl" else 0,
+        time_cond_size=unet_config.get("time_cond_proj_dim"),
     )
-    unet_net = networks.ClassLabelUNetNet if geometry.unet_class_labels else networks.UNetNet
-    loaders = {
-        "text_encoder": lambda: networks.TextEncoderNet(CLIPTextModel.from_pretrained(source / "text_encoder")),
-        "unet": lambda: unet_net(UNet2DConditionModel.from_pretrained(source / "unet")),
-        "vae_decoder": lambda: networks.VaeDecoderNet(AutoencoderKL.from_pretrained(source / "vae")),
-        "vae_encoder": lambda: networks.VaeEncoderNet(AutoencoderKL.from_pretrained(source / "vae")),
+    unet_spec = networks.unet_spec(geometry)
+    encoders = {t.name: t for t in text_encoders}
+    specs = {t.name: networks.text_encoder_spec(geometry, t) for t in text_encoders}
+    specs |= {
+        "unet": unet_spec,
+        "vae_decoder": networks.vae_decoder_spec(geometry),
+        "vae_encoder": networks.vae_encoder_spec(geometry),
     }
-    specs = {
-        "text_encoder": networks.text_encoder_spec,
-        "unet": networks.unet_spec,
-        "vae_decoder": networks.vae_decoder_spec,
-        "vae_encoder": networks.vae_encoder_spec,
-    }
+
+    def load(name: str) -> torch.nn.Module:
+        if name in text_configs:
+            encoder_class = getattr(transformers, model_index[name][1])  # CLIPTextModel(WithProjection)
+            return networks.TextEncoderNet(encoder_class.from_pretrained(source / name), encoders[name])
+        if name == "unet":
+            extra = tuple(s.name for s in unet_spec.inputs[3:])
+            return networks.UNetNet(diffusers.UNet2DConditionModel.from_pretrained(source / "unet"), extra)
+        vae = diffusers.AutoencoderKL.from_pretrained(source / "vae")
+        return networks.VaeDecoderNet(vae) if name == "vae_decoder" else networks.VaeEncoderNet(vae)
+
+    if components is None:
+        components = [*encoder_names, "unet", "vae_decoder"] + ([] if family == "upscaler" else ["vae_encoder"])
+    missing = [name for name in components if name not in specs]
+    if missing:
+        raise ExportError(f"{source} has no {', '.join(missing)} to export")
     digest = source_hash(source)
     exported: dict[str, Component] = {}
     steps = tqdm(components, desc="export", unit="network", disable=not progress)
     with atomic_dir(out_dir, overwrite=overwrite) as staging, torch.no_grad():
         for name in steps:
             steps.set_postfix_str(name)
-            spec = specs[name](geometry)
+            spec = specs[name]
             fp32_path = staging / f"{name}.onnx"
-            export_fp32(loaders[name]().float(), spec, fp32_path, opset=opset)
+            export_fp32(load(name).float(), spec, fp32_path, opset=opset)
             files: dict[str, ComponentFile] = {}
             if "fp16" in precisions:
                 fp16_path = staging / f"{name}.fp16.onnx"
@@ -161,11 +207,12 @@ def export_model(
                     file.unlink()
             exported[name] = Component(files=files, profile=dict(spec.profile))
             log.info("exported %s (%s)", name, ", ".join(files))
-        tokenizer_dir = staging / "tokenizer"
-        tokenizer_dir.mkdir()
-        for file in TOKENIZER_FILES:
-            if (source / "tokenizer" / file).is_file():
-                shutil.copy2(source / "tokenizer" / file, tokenizer_dir / file)
+        for name in encoder_names:
+            tokenizer_dir = staging / TEXT_ENCODERS[name]
+            tokenizer_dir.mkdir()
+            for file in TOKENIZER_FILES:
+                if (source / TEXT_ENCODERS[name] / file).is_file():
+                    shutil.copy2(source / TEXT_ENCODERS[name] / file, tokenizer_dir / file)
         manifest = Manifest(
             format_version=1,
             sdtrt_version=sdtrt.__version__,
@@ -181,8 +228,10 @@ def export_model(
             text_max_length=geometry.text_max_length,
             unet_in_channels=geometry.unet_in_channels,
             max_noise_level=model_index.get("max_noise_level") if family == "upscaler" else None,
+            force_zeros_for_empty_prompt=bool(model_index.get("force_zeros_for_empty_prompt", False)),
             scheduler=scheduler_config,
             low_res_scheduler=low_res_scheduler,
+            tokenizers={name: TEXT_ENCODERS[name] for name in encoder_names},
             components=exported,
         )
         manifest.save(staging)

@@ -54,17 +54,34 @@ class NetworkSpec:
 
 
 @dataclass(frozen=True)
+class TextEncoderGeometry:
+    """One text encoder: its component name, hidden size, and the pooled projection it adds (SDXL's second)."""
+
+    name: str  # "text_encoder" | "text_encoder_2"
+    hidden_size: int
+    hidden_layer: str  # "last" (SD 1.x/2.x: final layer, layer-normed) | "penultimate" (SDXL)
+    pooled_size: int | None = None  # SDXL's text_encoder_2: the projected pooled embedding
+
+
+@dataclass(frozen=True)
 class Geometry:
     """The sizes the specs are built from, read from the model's configs."""
 
     text_max_length: int
-    text_hidden_size: int
+    text_encoders: tuple[TextEncoderGeometry, ...]
     latent_channels: int
     vae_scale_factor: int  # pixels per latent pixel, per side
     size_multiple: int  # image height/width must be multiples of this
     default_size: int  # pixels, per side
     unet_in_channels: int = 4  # 4; 9 for inpainting models (+ mask + masked image); 7 for the x4 upscaler
     unet_class_labels: bool = False  # the x4 upscaler's UNet takes the noise level as a class label
+    time_ids: int = 0  # SDXL: 6 micro-conditioning numbers (sizes and crop), 5 for the refiner
+    time_cond_size: int | None = None  # LCM-distilled UNets: the guidance-scale embedding's width
+
+    @property
+    def context_size(self) -> int:
+        """The UNet's cross-attention width: the text encoders' hidden states side by side."""
+        return sum(t.hidden_size for t in self.text_encoders)
 
     def latent_range(self) -> tuple[int, int, int]:
         """Latent side (min, opt, max) of the default profile: half to twice the native size."""
@@ -73,11 +90,14 @@ class Geometry:
         return tuple(px // self.vae_scale_factor for px in (lo, self.default_size, 2 * self.default_size))
 
 
-def text_encoder_spec(g: Geometry) -> NetworkSpec:
+def text_encoder_spec(g: Geometry, encoder: TextEncoderGeometry) -> NetworkSpec:
+    outputs = [TensorSpec("hidden_states", "float32", ("batch", g.text_max_length, encoder.hidden_size))]
+    if encoder.pooled_size is not None:
+        outputs.append(TensorSpec("text_embeds", "float32", ("batch", encoder.pooled_size)))
     return NetworkSpec(
-        name="text_encoder",
+        name=encoder.name,
         inputs=(TensorSpec("input_ids", "int32", ("batch", g.text_max_length)),),
-        outputs=(TensorSpec("last_hidden_state", "float32", ("batch", g.text_max_length, g.text_hidden_size)),),
+        outputs=tuple(outputs),
         profile={"batch": (1, 2, 8)},
     )
 
@@ -89,8 +109,15 @@ def unet_spec(g: Geometry) -> NetworkSpec:
         # latents, then any conditioning channels (mask + masked-image latents, or the low-res image)
         TensorSpec("sample", "float32", ("batch", g.unet_in_channels, "latent_height", "latent_width")),
         TensorSpec("timestep", "float32", ("batch",)),
-        TensorSpec("encoder_hidden_states", "float32", ("batch", g.text_max_length, g.text_hidden_size)),
+        TensorSpec("encoder_hidden_states", "float32", ("batch", g.text_max_length, g.context_size)),
     ]
+    pooled = [t.pooled_size for t in g.text_encoders if t.pooled_size is not None]
+    if pooled:
+        inputs.append(TensorSpec("text_embeds", "float32", ("batch", pooled[-1])))
+    if g.time_ids:
+        inputs.append(TensorSpec("time_ids", "float32", ("batch", g.time_ids)))
+    if g.time_cond_size is not None:
+        inputs.append(TensorSpec("timestep_cond", "float32", ("batch", g.time_cond_size)))
     if g.unet_class_labels:
         inputs.append(TensorSpec("noise_level", "int32", ("batch",)))
     return NetworkSpec(
@@ -98,7 +125,8 @@ def unet_spec(g: Geometry) -> NetworkSpec:
         inputs=tuple(inputs),
         outputs=(TensorSpec("noise_pred", "float32", latent),),
         profile={"batch": (1, 2, 8), "latent_height": side, "latent_width": side},  # batch 2 = one CFG pair
-        keep_fp32=("timestep",),  # fractional timesteps (Euler, LMS) need more than fp16's 0.5 spacing at 999
+        # fractional timesteps (Euler, LMS) need more than fp16's 0.5 spacing at 999; sizes in time_ids too
+        keep_fp32=("timestep", "time_ids"),
     )
 
 
@@ -126,36 +154,42 @@ def vae_encoder_spec(g: Geometry) -> NetworkSpec:
 
 
 class TextEncoderNet(torch.nn.Module):
-    def __init__(self, text_encoder: torch.nn.Module) -> None:
+    """Token ids -> the hidden states the UNet reads (and, for SDXL's second encoder, the pooled embedding)."""
+
+    def __init__(self, text_encoder: torch.nn.Module, encoder: TextEncoderGeometry) -> None:
         super().__init__()
         self.text_encoder = text_encoder
+        self.penultimate = encoder.hidden_layer == "penultimate"
+        self.pooled = encoder.pooled_size is not None
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids.long(), return_dict=False)[0]
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        out = self.text_encoder(input_ids.long(), output_hidden_states=self.penultimate, return_dict=True)
+        hidden = out.hidden_states[-2] if self.penultimate else out.last_hidden_state
+        return (hidden, out.text_embeds) if self.pooled else hidden
 
 
 class UNetNet(torch.nn.Module):
-    def __init__(self, unet: torch.nn.Module) -> None:
+    """The UNet with its extra conditioning inputs, named as in unet_spec, after the first three."""
+
+    def __init__(self, unet: torch.nn.Module, extra_inputs: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.unet = unet
+        self.extra_inputs = extra_inputs
 
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, *extra: torch.Tensor
     ) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
-
-
-class ClassLabelUNetNet(UNetNet):
-    """The x4 upscaler's UNet: the low-res image's noise level enters as a class label."""
-
-    def forward(  # type: ignore[override]
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        noise_level: torch.Tensor,
-    ) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states, class_labels=noise_level.long(), return_dict=False)[0]
+        named = dict(zip(self.extra_inputs, extra, strict=True))
+        added = {k: named[k] for k in ("text_embeds", "time_ids") if k in named}  # SDXL micro-conditioning
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            class_labels=named["noise_level"].long() if "noise_level" in named else None,
+            timestep_cond=named.get("timestep_cond"),
+            added_cond_kwargs=added or None,
+            return_dict=False,
+        )[0]
 
 
 class VaeDecoderNet(torch.nn.Module):

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from sdtrt.engine.fsutil import atomic_dir
-from sdtrt.export.clip_vocab import write_clip_tokenizer
+from sdtrt.export.clip_vocab import EOS, write_clip_tokenizer
 
 TEXT_MAX_LENGTH = 77
 CLIP_VOCAB_SIZE = 49408
@@ -49,24 +49,30 @@ UPSCALER_LOW_RES_SCHEDULER = {
 }
 
 
-def _text_encoder(hidden_act: str):
-    from transformers import CLIPTextConfig, CLIPTextModel
+# stabilityai/stable-diffusion-2-1: DDIM, v-prediction
+SD2_SCHEDULER = {**SD1_SCHEDULER, "prediction_type": "v_prediction"}
+# stabilityai/stable-diffusion-xl-base-1.0: Euler
+SDXL_SCHEDULER = {**SD1_SCHEDULER, "interpolation_type": "linear", "timestep_spacing": "leading"}
 
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=CLIP_VOCAB_SIZE,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=TEXT_MAX_LENGTH,
-            hidden_act=hidden_act,  # quick_gelu: OpenAI CLIP (SD 1.x); gelu: OpenCLIP (SD 2.x, upscaler)
-            projection_dim=32,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
+
+def _text_encoder(hidden_act: str, projection: bool = False):
+    """A 2-layer CLIP text encoder; ``projection`` adds the pooled projection (SDXL's second encoder)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=TEXT_MAX_LENGTH,
+        hidden_act=hidden_act,  # quick_gelu: OpenAI CLIP (SD 1.x); gelu: OpenCLIP (SD 2.x, SDXL's second, upscaler)
+        projection_dim=32,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
     )
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
 
 
 def _vae(levels: int, scaling_factor: float, sample_size: int):
@@ -86,7 +92,7 @@ def _vae(levels: int, scaling_factor: float, sample_size: int):
     )
 
 
-def _unet(in_channels: int, **extra):
+def _unet(in_channels: int, cross_attention_dim: int = 32, **extra):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
@@ -97,11 +103,23 @@ def _unet(in_channels: int, **extra):
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
+        cross_attention_dim=cross_attention_dim,
         attention_head_dim=8,
         norm_num_groups=32,
         **extra,
     )
+
+
+def _save(pipeline_class, out_dir, overwrite: bool, pads: dict[str, str], **parts) -> Path:
+    """Write the tokenizers named in ``pads`` (folder -> pad token), then the pipeline, atomically."""
+    from transformers import CLIPTokenizer
+
+    with atomic_dir(out_dir, overwrite=overwrite) as staging:
+        for folder, pad in pads.items():
+            write_clip_tokenizer(staging / folder, TEXT_MAX_LENGTH, pad_token=pad)
+            parts[folder] = CLIPTokenizer.from_pretrained(staging / folder)
+        pipeline_class(**parts).save_pretrained(staging, safe_serialization=True)
+    return Path(out_dir)
 
 
 def build_tiny_sd1(
@@ -113,52 +131,134 @@ def build_tiny_sd1(
     """
     import torch
     from diffusers import PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline
-    from transformers import CLIPTokenizer
 
     torch.manual_seed(seed)
-    text_encoder = _text_encoder("quick_gelu")
-    unet = _unet(9 if inpainting else 4)
-    vae = _vae(levels=4, scaling_factor=0.18215, sample_size=256)
-    pipeline_class = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
-    with atomic_dir(out_dir, overwrite=overwrite) as staging:
-        write_clip_tokenizer(staging / "tokenizer", TEXT_MAX_LENGTH)
-        pipe = pipeline_class(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=CLIPTokenizer.from_pretrained(staging / "tokenizer"),
-            unet=unet,
-            scheduler=PNDMScheduler.from_config(SD1_SCHEDULER),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+    return _save(
+        StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline,
+        out_dir,
+        overwrite,
+        {"tokenizer": EOS},
+        text_encoder=_text_encoder("quick_gelu"),
+        unet=_unet(9 if inpainting else 4),
+        vae=_vae(levels=4, scaling_factor=0.18215, sample_size=256),
+        scheduler=PNDMScheduler.from_config(SD1_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_tiny_sd2(out_dir: str | os.PathLike[str], seed: int = 0, overwrite: bool = False) -> Path:
+    """A tiny SD 2.x pipeline: OpenCLIP-style text encoder (gelu, pad "!"), v-prediction DDIM."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    torch.manual_seed(seed)
+    return _save(
+        StableDiffusionPipeline,
+        out_dir,
+        overwrite,
+        {"tokenizer": "!"},
+        text_encoder=_text_encoder("gelu"),
+        unet=_unet(4, use_linear_projection=True),
+        vae=_vae(levels=4, scaling_factor=0.18215, sample_size=256),
+        scheduler=DDIMScheduler.from_config(SD2_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_tiny_sdxl(
+    out_dir: str | os.PathLike[str], seed: int = 0, overwrite: bool = False, refiner: bool = False
+) -> Path:
+    """A tiny SDXL pipeline: two text encoders (the second pooled and projected), micro-conditioning, Euler.
+
+    ``refiner`` builds the second stage instead: only text_encoder_2, an aesthetic score in place of the
+    target size (5 time ids), as stabilityai/stable-diffusion-xl-refiner-1.0.
+    """
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    torch.manual_seed(seed)
+    time_ids = 5 if refiner else 6
+    unet = _unet(
+        4,
+        cross_attention_dim=32 if refiner else 64,  # the encoders' hidden states side by side
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=time_ids * 8 + 32,  # time ids' embeddings + pooled text
+    )
+    parts = {
+        "text_encoder_2": _text_encoder("gelu", projection=True),
+        "unet": unet,
+        "vae": _vae(levels=4, scaling_factor=0.13025, sample_size=256),
+        "scheduler": EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
+        "add_watermarker": False,
+    }
+    if refiner:
+        return _save(
+            StableDiffusionXLImg2ImgPipeline,
+            out_dir,
+            overwrite,
+            {"tokenizer_2": "!"},
+            text_encoder=None,
+            tokenizer=None,
+            requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False,
+            **parts,
         )
-        pipe.save_pretrained(staging, safe_serialization=True)
-    return Path(out_dir)
+    return _save(
+        StableDiffusionXLPipeline,
+        out_dir,
+        overwrite,
+        {"tokenizer": EOS, "tokenizer_2": "!"},
+        text_encoder=_text_encoder("quick_gelu"),
+        force_zeros_for_empty_prompt=True,
+        **parts,
+    )
+
+
+def build_tiny_lcm(out_dir: str | os.PathLike[str], seed: int = 0, overwrite: bool = False) -> Path:
+    """A tiny LCM-distilled SD 1.x pipeline: the UNet takes the guidance scale's embedding (timestep_cond)."""
+    import torch
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+
+    torch.manual_seed(seed)
+    return _save(
+        LatentConsistencyModelPipeline,
+        out_dir,
+        overwrite,
+        {"tokenizer": EOS},
+        text_encoder=_text_encoder("quick_gelu"),
+        unet=_unet(4, time_cond_proj_dim=32),
+        vae=_vae(levels=4, scaling_factor=0.18215, sample_size=256),
+        scheduler=LCMScheduler.from_config(SD1_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def build_tiny_upscaler(out_dir: str | os.PathLike[str], seed: int = 0, overwrite: bool = False) -> Path:
     """A tiny stable-diffusion-x4-upscaler: 7-channel UNet with noise-level class labels, 4x VAE, v-prediction."""
     import torch
     from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline
-    from transformers import CLIPTokenizer
 
     torch.manual_seed(seed)
-    text_encoder = _text_encoder("gelu")
-    unet = _unet(7, num_class_embeds=1000)
-    vae = _vae(levels=3, scaling_factor=0.08333, sample_size=128)
-    with atomic_dir(out_dir, overwrite=overwrite) as staging:
-        write_clip_tokenizer(staging / "tokenizer", TEXT_MAX_LENGTH, pad_token="!")
-        pipe = StableDiffusionUpscalePipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=CLIPTokenizer.from_pretrained(staging / "tokenizer"),
-            unet=unet,
-            low_res_scheduler=DDPMScheduler.from_config(UPSCALER_LOW_RES_SCHEDULER),
-            scheduler=DDIMScheduler.from_config(UPSCALER_SCHEDULER),
-            safety_checker=None,
-            feature_extractor=None,
-            watermarker=None,
-            max_noise_level=350,
-        )
-        pipe.save_pretrained(staging, safe_serialization=True)
-    return Path(out_dir)
+    return _save(
+        StableDiffusionUpscalePipeline,
+        out_dir,
+        overwrite,
+        {"tokenizer": "!"},
+        text_encoder=_text_encoder("gelu"),
+        unet=_unet(7, num_class_embeds=1000),
+        vae=_vae(levels=3, scaling_factor=0.08333, sample_size=128),
+        low_res_scheduler=DDPMScheduler.from_config(UPSCALER_LOW_RES_SCHEDULER),
+        scheduler=DDIMScheduler.from_config(UPSCALER_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        watermarker=None,
+        max_noise_level=350,
+    )

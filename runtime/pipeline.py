@@ -36,6 +36,7 @@ from sdtrt.runtime.tokenizer import CLIPTokenizer
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, steps in all)
+AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # the SDXL refiner's micro-conditioning (diffusers' defaults)
 
 
 class NormalSource(Protocol):
@@ -59,18 +60,15 @@ class _Run:
     """The per-call state shared by every pipeline: validated options, noise source, timings, progress."""
 
     prompts: list[str]
-    negatives: list[str]
+    negatives: list[str] | None  # None: no negative prompt given
     num_images: int
     guidance_scale: float
+    cfg: bool  # classifier-free guidance: the UNet batch holds an unconditional half first
     rng: NormalSource
     seed: int | None
     progress: ProgressCallback | None
     start: float = field(default_factory=time.perf_counter)
     timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def cfg(self) -> bool:
-        return self.guidance_scale > 1.0  # diffusers' rule: guidance 1 (or less) is the plain conditional model
 
     @property
     def batch(self) -> int:
@@ -90,7 +88,10 @@ class Pipeline:
         self.folder = folder
         self.manifest = manifest
         self.backend = backend
-        self.tokenizer = CLIPTokenizer.from_dir(folder / manifest.tokenizer)
+        # text encoder -> its tokenizer; SDXL concatenates two encoders' hidden states in this order
+        self.tokenizers = {name: CLIPTokenizer.from_dir(folder / tok) for name, tok in manifest.tokenizers.items()}
+        unet = manifest.component_file("unet", backend.precision)
+        self._unet_inputs = {spec.name: spec for spec in unet.inputs}
         self._sessions: dict[str, Session] = {}
 
     @classmethod
@@ -99,7 +100,7 @@ class Pipeline:
         folder = Path(folder)
         manifest = load_manifest(folder)
         pipe = cls(folder, manifest, choose_backend(backend))
-        for component in ("text_encoder", "unet", "vae_decoder"):
+        for component in (*manifest.tokenizers, "unet", "vae_decoder"):
             pipe.session(component)
         return pipe
 
@@ -137,23 +138,30 @@ class Pipeline:
         latents: np.ndarray | None = None,
         progress: ProgressCallback | None = None,
         rng: NormalSource | None = None,
+        denoising_end: float | None = None,
+        decode: bool = True,
     ) -> GenerationResult:
         """Generate ``num_images`` images per prompt from noise.
 
         ``scheduler`` is a name from sdtrt.runtime.schedulers.SCHEDULERS (default: the model's own);
         ``guidance_scale`` > 1 turns on classifier-free guidance with ``negative_prompt`` (default "");
-        ``latents`` (B, C, H/8, W/8) replaces the seeded initial noise. Timings in the result, in
-        seconds: text_encoder, unet (all steps), scheduler (the NumPy loop outside the UNet),
-        vae_decode and total.
+        ``latents`` (B, C, H/8, W/8) replaces the seeded initial noise. ``denoising_end`` in (0, 1)
+        stops early, leaving the rest of the schedule to a second stage (SDXL's refiner, through
+        img2img with ``denoising_start``); ``decode=False`` skips the VAE and returns only latents.
+        Timings in the result, in seconds: text_encoder, unet (all steps), scheduler (the NumPy
+        loop outside the UNet), vae_decode and total.
         """
-        self._require("txt2img", family="sd1", unet_in_channels=4)
+        self._require("txt2img", unet_in_channels=4)
+        if self._refiner:
+            raise InvalidInputError("the SDXL refiner is a second stage: use img2img (with denoising_start)")
         m = self.manifest
         height = m.default_height if height is None else height
         width = m.default_width if width is None else width
         self._check_size(height, width)
         run = self._start(prompt, negative_prompt, num_inference_steps, guidance_scale, num_images, seed, rng, progress)
         sched = self._scheduler(scheduler, num_inference_steps)
-        embeddings = self._encode_prompts(run)
+        stop = _end_index(sched, denoising_end)
+        feeds = self._conditioning(run, height, width)
 
         shape = (run.batch, m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor)
         if latents is None:
@@ -161,8 +169,8 @@ class Pipeline:
         elif latents.shape != shape:
             raise InvalidInputError(f"latents have shape {latents.shape}, expected {shape}")
         latents = latents.astype(np.float32) * np.float32(sched.init_noise_sigma)  # (B, C, H/8, W/8) float32
-        latents = self._denoise(run, sched, 0, latents, embeddings)
-        return self._finish(run, sched, latents)
+        latents = self._denoise(run, sched, 0, latents, feeds, stop=stop)
+        return self._finish(run, sched, latents, decode)
 
     def img2img(
         self,
@@ -179,6 +187,7 @@ class Pipeline:
         scheduler: str | None = None,
         progress: ProgressCallback | None = None,
         rng: NormalSource | None = None,
+        denoising_start: float | None = None,
     ) -> GenerationResult:
         """Transform ``image`` by ``prompt``: the image is noised to ``strength`` of the schedule and denoised.
 
@@ -186,25 +195,76 @@ class Pipeline:
         down to the model's size multiple. As in diffusers, only the last ``int(steps * strength)``
         steps run; strength 1 starts from pure noise, and a strength too small for one step returns
         the image's VAE round trip.
+
+        ``image`` may instead be latents (B, C, h, w) left by a first stage stopped at
+        ``denoising_end`` (SDXL base -> refiner): with ``denoising_start`` the same fraction, the
+        loop continues from them without adding noise, and ``strength`` is ignored.
         """
-        self._require("img2img", family="sd1", unet_in_channels=4, needs=("vae_encoder",))
+        self._require("img2img", unet_in_channels=4, needs=() if denoising_start is not None else ("vae_encoder",))
         _check_strength(strength)
+        m = self.manifest
+        if denoising_start is not None:
+            return self._continue(
+                prompt,
+                image,
+                denoising_start,
+                negative_prompt,
+                num_inference_steps,
+                guidance_scale,
+                seed,
+                num_images,
+                scheduler,
+                progress,
+                rng,
+            )
         source = imageio.load_rgb(image)
-        height, width = imageio.fit_size(source, height, width, self.manifest.size_multiple)
+        height, width = imageio.fit_size(source, height, width, m.size_multiple)
         self._check_size(height, width)
         run = self._start(prompt, negative_prompt, num_inference_steps, guidance_scale, num_images, seed, rng, progress)
         sched = self._scheduler(scheduler, num_inference_steps)
         start = _start_index(sched, num_inference_steps, strength)
-        embeddings = self._encode_prompts(run)
+        feeds = self._conditioning(run, height, width)
 
         image_latents = self._encode_image(run, imageio.image_to_array(source, height, width))  # (1, C, h, w)
         image_latents = np.repeat(image_latents, run.batch, axis=0)
         noise = run.normal(image_latents.shape)
         if start < len(sched.timesteps):
             latents = sched.add_noise(image_latents, noise, start)
-            latents = self._denoise(run, sched, start, latents, embeddings)
+            latents = self._denoise(run, sched, start, latents, feeds)
         else:
             latents = image_latents
+        return self._finish(run, sched, latents)
+
+    def _continue(
+        self,
+        prompt: str | Sequence[str],
+        latents: np.ndarray,
+        denoising_start: float,
+        negative_prompt: str | Sequence[str] | None,
+        num_inference_steps: int,
+        guidance_scale: float,
+        seed: int | None,
+        num_images: int,
+        scheduler: str | None,
+        progress: ProgressCallback | None,
+        rng: NormalSource | None,
+    ) -> GenerationResult:
+        """img2img's second-stage form: denoise the given latents from ``denoising_start`` of the schedule."""
+        m = self.manifest
+        if not isinstance(latents, np.ndarray) or latents.ndim != 4 or latents.shape[1] != m.latent_channels:
+            raise InvalidInputError(
+                f"with denoising_start, image must be latents of shape (B, {m.latent_channels}, h, w) "
+                "from a first stage (txt2img with denoising_end and decode=False)"
+            )
+        height, width = latents.shape[2] * m.vae_scale_factor, latents.shape[3] * m.vae_scale_factor
+        self._check_size(height, width)
+        run = self._start(prompt, negative_prompt, num_inference_steps, guidance_scale, num_images, seed, rng, progress)
+        if latents.shape[0] != run.batch:
+            raise InvalidInputError(f"{latents.shape[0]} latents for a batch of {run.batch} images")
+        sched = self._scheduler(scheduler, num_inference_steps)
+        start = _continue_index(sched, denoising_start)
+        feeds = self._conditioning(run, height, width)
+        latents = self._denoise(run, sched, start, latents.astype(np.float32), feeds)
         return self._finish(run, sched, latents)
 
     def inpaint(
@@ -233,7 +293,7 @@ class Pipeline:
         pastes the original pixels back over the result through a mask feathered by a Gaussian of
         that radius (in pixels), hiding seams; 0 returns the model's output as diffusers does.
         """
-        self._require("inpaint", family="sd1", needs=("vae_encoder",))
+        self._require("inpaint", needs=("vae_encoder",))
         _check_strength(strength)
         if not (math.isfinite(mask_blur) and mask_blur >= 0):
             raise InvalidInputError(f"mask_blur must be a number >= 0, got {mask_blur!r}")
@@ -248,7 +308,7 @@ class Pipeline:
         run = self._start(prompt, negative_prompt, num_inference_steps, guidance_scale, num_images, seed, rng, progress)
         sched = self._scheduler(scheduler, num_inference_steps)
         start = _start_index(sched, num_inference_steps, strength)
-        embeddings = self._encode_prompts(run)
+        feeds = self._conditioning(run, height, width)
 
         pixels = imageio.image_to_array(source, height, width)  # (1, 3, H, W) in [-1, 1]
         mask_pixels = imageio.mask_to_array(mask_image, height, width)  # (1, 1, H, W): 1 = repaint
@@ -283,7 +343,7 @@ class Pipeline:
 
         if start < len(sched.timesteps):
             latents = self._denoise(
-                run, sched, start, latents, embeddings, condition=condition, after_step=blend if blending else None
+                run, sched, start, latents, feeds, condition=condition, after_step=blend if blending else None
             )
         result = self._finish(run, sched, latents)
         if mask_blur > 0:
@@ -355,7 +415,7 @@ class Pipeline:
         (default: 16, at most a quarter tile), each denoised on its own and feathered together, so
         memory stays bounded; ``tiling=False`` refuses such inputs instead.
         """
-        self._require("upscale", family="upscaler")
+        self._require("upscale", families=("upscaler",))
         m = self.manifest
         step = m.size_multiple // m.vae_scale_factor  # the low-res image is the latent: it needs the UNet's step
         tile_size = m.default_height // m.vae_scale_factor if tile_size is None else tile_size
@@ -378,7 +438,7 @@ class Pipeline:
             )
         run = self._start(prompt, negative_prompt, num_inference_steps, guidance_scale, num_images, seed, rng, progress)
         sched = self._scheduler(scheduler, num_inference_steps)
-        embeddings = self._encode_prompts(run)
+        feeds = self._conditioning(run, height, width)
 
         low_res = imageio.image_to_array(source, height, width, resample="bicubic")  # (1, 3, h, w) in [-1, 1]
         alpha_cumprod = float(make_scheduler("ddim", m.low_res_scheduler or {}).alphas_cumprod[noise_level])
@@ -387,7 +447,7 @@ class Pipeline:
         )
         latents = run.normal((run.batch, m.latent_channels, height, width)) * np.float32(sched.init_noise_sigma)
         condition = np.repeat(noisy, run.batch, axis=0)  # (B, 3, h, w)
-        levels = np.full(run.batch * (2 if run.cfg else 1), noise_level, dtype=np.int32)
+        feeds["noise_level"] = np.full(run.batch * (2 if run.cfg else 1), noise_level, dtype=np.int32)
 
         scale = m.vae_scale_factor
         out = np.zeros((run.batch, 3, height * scale, width * scale), dtype=np.float32)  # weighted sum of tiles
@@ -398,9 +458,7 @@ class Pipeline:
                 sched.set_timesteps(num_inference_steps)  # each tile runs the whole schedule afresh
             low = np.s_[:, :, y : y + h, x : x + w]
             high = np.s_[:, :, y * scale : (y + h) * scale, x * scale : (x + w) * scale]
-            final_latents[low] = self._denoise(
-                run, sched, 0, latents[low], embeddings, condition=condition[low], noise_level=levels
-            )
+            final_latents[low] = self._denoise(run, sched, 0, latents[low], feeds, condition=condition[low])
             edges = (y > 0, x > 0, y + h < height, x + w < width)  # sides that another tile overlaps
             ramp = canvas.feather(h * scale, w * scale, tile_overlap * scale, *edges)
             out[high] += self._decode(run, final_latents[low]) * ramp
@@ -413,13 +471,19 @@ class Pipeline:
     # Shared pieces
 
     def _require(
-        self, task: str, family: str, unet_in_channels: int | None = None, needs: tuple[str, ...] = ()
+        self,
+        task: str,
+        families: tuple[str, ...] = ("sd1", "sd2", "sdxl"),
+        unet_in_channels: int | None = None,
+        needs: tuple[str, ...] = (),
     ) -> None:
         """One clear error when this export cannot serve ``task``."""
         m = self.manifest
-        if m.family != family:
+        if m.family not in families:
             use = "upscale" if m.family == "upscaler" else "txt2img, img2img, inpaint or outpaint"
-            raise InvalidInputError(f"{task} needs a {family} model; {self.folder} holds a {m.family} model: use {use}")
+            raise InvalidInputError(
+                f"{task} works on {'/'.join(families)} models; {self.folder} holds a {m.family} model: use {use}"
+            )
         if unet_in_channels is not None and m.unet_in_channels != unet_in_channels:
             raise InvalidInputError(
                 f"{task} needs a {unet_in_channels}-channel UNet; {self.folder} holds an inpainting model "
@@ -432,6 +496,12 @@ class Pipeline:
                     f"{task} needs the {component} network, which {self.folder} lacks: re-export with "
                     f"`sdtrt export {source} --out {self.folder} --overwrite` (all networks by default)"
                 )
+
+    @property
+    def _refiner(self) -> bool:
+        """An SDXL refiner: its micro-conditioning carries an aesthetic score instead of the target size."""
+        time_ids = self._unet_inputs.get("time_ids")
+        return time_ids is not None and time_ids.shape[1] == 5
 
     def _check_size(self, height: int, width: int) -> None:
         m = self.manifest
@@ -476,8 +546,11 @@ class Pipeline:
             rng = np.random.default_rng(seed)
         elif seed is not None:
             raise InvalidInputError("pass a seed or an rng, not both")
-        negatives = _negative_prompts(negative_prompt, len(prompts))
-        return _Run(prompts, negatives, num_images, float(guidance_scale), rng, seed, progress)
+        negatives = None if negative_prompt is None else _negative_prompts(negative_prompt, len(prompts))
+        # diffusers' rule: guidance 1 (or less) is the plain conditional model; LCM-distilled UNets take the
+        # guidance scale as an input instead (timestep_cond) and never double the batch
+        cfg = guidance_scale > 1.0 and "timestep_cond" not in self._unet_inputs
+        return _Run(prompts, negatives, num_images, float(guidance_scale), cfg, rng, seed, progress)
 
     def _scheduler(self, name: str | None, steps: int) -> Scheduler:
         """The scheduler ``name`` (default: the model's own), configured from the model and set to ``steps``."""
@@ -485,26 +558,60 @@ class Pipeline:
         sched.set_timesteps(steps)
         return sched
 
-    def _run(self, component: str, **feeds: np.ndarray) -> np.ndarray:
-        """Run a one-output network, casting inputs to its dtypes and the output to float32."""
+    def _run_all(self, component: str, **feeds: np.ndarray) -> dict[str, np.ndarray]:
+        """Run a network, casting inputs to its dtypes and float outputs to float32."""
         session = self.session(component)
         cast = {name: array.astype(session.inputs[name].dtype, copy=False) for name, array in feeds.items()}
-        (output,) = session.run(cast).values()
-        return output.astype(np.float32, copy=False)
+        return {name: value.astype(np.float32, copy=False) for name, value in session.run(cast).items()}
 
-    def encode_prompts(self, prompts: Sequence[str]) -> np.ndarray:
-        """(len(prompts), 77, D) float32 text embeddings."""
-        return self._run("text_encoder", input_ids=self.tokenizer(list(prompts)))
+    def _run(self, component: str, **feeds: np.ndarray) -> np.ndarray:
+        """Run a one-output network."""
+        (output,) = self._run_all(component, **feeds).values()
+        return output
 
-    def _encode_prompts(self, run: _Run) -> np.ndarray:
-        """(B, 77, D), or (2B, 77, D) with the unconditional half first under CFG; each prompt num_images times."""
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Text embeddings: hidden states (N, 77, D) of every text encoder side by side, and the pooled
+        (N, P) embedding of the one that has it (SDXL's second), else None."""
+        hidden, pooled = [], None
+        for component, tokenizer in self.tokenizers.items():
+            outputs = self._run_all(component, input_ids=tokenizer(list(prompts)))
+            hidden.append(outputs["hidden_states"])
+            pooled = outputs.get("text_embeds", pooled)
+        return np.concatenate(hidden, axis=-1), pooled
+
+    def _conditioning(self, run: _Run, height: int, width: int) -> dict[str, np.ndarray]:
+        """The UNet's conditioning inputs, each (B, ...) or (2B, ...) with the unconditional half first under CFG.
+
+        encoder_hidden_states always; SDXL's pooled text_embeds and time_ids (original size, crop
+        origin, then target size or, for the refiner, an aesthetic score); an LCM UNet's timestep_cond.
+        """
         t0 = time.perf_counter()
-        embeddings = np.repeat(self.encode_prompts(run.prompts), run.num_images, axis=0)
+        hidden, pooled = self.encode_prompts(run.prompts)
+        feeds = {"encoder_hidden_states": hidden}
+        if pooled is not None:
+            feeds["text_embeds"] = pooled
+        if "time_ids" in self._unet_inputs:
+            score = (AESTHETIC_SCORE,) if self._refiner else (height, width)
+            feeds["time_ids"] = np.array([[height, width, 0, 0, *score]] * len(run.prompts), dtype=np.float32)
+        if "timestep_cond" in self._unet_inputs:
+            size = self._unet_inputs["timestep_cond"].shape[1]
+            feeds["timestep_cond"] = guidance_embedding(run.guidance_scale - 1.0, size, len(run.prompts))
+        feeds = {name: np.repeat(value, run.num_images, axis=0) for name, value in feeds.items()}
         if run.cfg:
-            uncond = np.repeat(self.encode_prompts(run.negatives), run.num_images, axis=0)
-            embeddings = np.concatenate([uncond, embeddings])
+            if run.negatives is None and self.manifest.force_zeros_for_empty_prompt:
+                negative = {name: np.zeros_like(value) for name, value in feeds.items() if name != "time_ids"}
+            else:
+                hidden, pooled = self.encode_prompts(run.negatives or [""] * len(run.prompts))
+                negative = {"encoder_hidden_states": np.repeat(hidden, run.num_images, axis=0)}
+                if pooled is not None:
+                    negative["text_embeds"] = np.repeat(pooled, run.num_images, axis=0)
+            if "time_ids" in feeds:
+                negative["time_ids"] = feeds["time_ids"].copy()
+                if self._refiner:
+                    negative["time_ids"][:, 4] = NEGATIVE_AESTHETIC_SCORE
+            feeds = {name: np.concatenate([negative[name], value]) for name, value in feeds.items()}
         run.add_time("text_encoder", time.perf_counter() - t0)
-        return embeddings
+        return feeds
 
     def _encode_image(self, run: _Run, pixels: np.ndarray) -> np.ndarray:
         """(N, 3, H, W) in [-1, 1] -> scaled latents (N, C, H/8, W/8), sampled from the VAE's posterior."""
@@ -522,46 +629,40 @@ class Pipeline:
         sched: Scheduler,
         start: int,
         latents: np.ndarray,
-        embeddings: np.ndarray,
+        feeds: dict[str, np.ndarray],
         condition: np.ndarray | None = None,
-        noise_level: np.ndarray | None = None,
         after_step: Callable[[int, np.ndarray], np.ndarray] | None = None,
+        stop: int | None = None,
     ) -> np.ndarray:
-        """The loop from timestep index ``start``: UNet (+ CFG), scheduler step, optional per-step blend.
+        """The loop over timestep indices [start, stop): UNet (+ CFG), scheduler step, optional per-step blend.
 
-        ``condition`` (B, c, h, w) is concatenated to the scaled latents on channels (inpainting mask
-        and masked latents, or the upscaler's low-res image); ``noise_level`` (2B or B,) int32 is the
-        upscaler's class label.
+        ``feeds`` are the UNet's conditioning inputs (see _conditioning); ``condition`` (B, c, h, w) is
+        concatenated to the scaled latents on channels (inpainting mask and masked latents, or the
+        upscaler's low-res image).
         """
+        stop = len(sched.timesteps) if stop is None else stop
         unet_seconds = 0.0
         t0 = time.perf_counter()
-        total = len(sched.timesteps) - start
         if condition is not None and run.cfg:
             condition = np.concatenate([condition, condition])
-        for i in range(start, len(sched.timesteps)):
+        for i in range(start, stop):
             model_input = np.concatenate([latents, latents]) if run.cfg else latents
             model_input = sched.scale_model_input(model_input, i)  # (2B or B, C, h, w) float32
             if condition is not None:
                 model_input = np.concatenate([model_input, condition], axis=1)
-            feeds = {
-                "sample": model_input,
-                "timestep": np.full(model_input.shape[0], sched.timesteps[i], dtype=np.float32),
-                "encoder_hidden_states": embeddings,
-            }
-            if noise_level is not None:
-                feeds["noise_level"] = noise_level
+            timestep = np.full(model_input.shape[0], sched.timesteps[i], dtype=np.float32)
             u0 = time.perf_counter()
-            noise_pred = self._run("unet", **feeds)
+            noise_pred = self._run("unet", sample=model_input, timestep=timestep, **feeds)
             unet_seconds += time.perf_counter() - u0
             if run.cfg:
                 uncond_pred, text_pred = np.split(noise_pred, 2)
                 noise_pred = uncond_pred + np.float32(run.guidance_scale) * (text_pred - uncond_pred)
-            noise = run.normal(latents.shape) if sched.stochastic else None
+            noise = run.normal(latents.shape) if sched.needs_noise(i) else None
             latents = sched.step(noise_pred, i, latents, noise=noise)
             if after_step is not None:
                 latents = after_step(i, latents)
             if run.progress is not None:
-                run.progress(i - start + 1, total)
+                run.progress(i - start + 1, stop - start)
         run.add_time("unet", unet_seconds)
         run.add_time("scheduler", time.perf_counter() - t0 - unet_seconds)
         return latents
@@ -573,8 +674,8 @@ class Pipeline:
         run.add_time("vae_decode", time.perf_counter() - t0)
         return image
 
-    def _finish(self, run: _Run, sched: Scheduler, latents: np.ndarray) -> GenerationResult:
-        images = imageio.to_pil(self._decode(run, latents))
+    def _finish(self, run: _Run, sched: Scheduler, latents: np.ndarray, decode: bool = True) -> GenerationResult:
+        images = imageio.to_pil(self._decode(run, latents)) if decode else []
         run.timings["total"] = time.perf_counter() - run.start
         return GenerationResult(images, latents, run.seed, run.timings, self.backend.kind, sched.name)
 
@@ -588,6 +689,48 @@ def _negative_prompts(negative_prompt: str | Sequence[str] | None, count: int) -
     if len(negatives) != count:
         raise InvalidInputError(f"{len(negatives)} negative prompts for {count} prompts: give one per prompt")
     return negatives
+
+
+def guidance_embedding(w: float, size: int, count: int) -> np.ndarray:
+    """(count, size) float32 sinusoidal embedding of an LCM UNet's guidance input w = guidance_scale - 1.
+
+    As diffusers' get_guidance_scale_embedding: w * 1000 through sin/cos at geometric frequencies.
+    """
+    half = size // 2
+    step = np.log(np.float32(10000.0)) / np.float32(half - 1)  # float32 throughout, as torch computes it
+    frequencies = np.exp(np.arange(half, dtype=np.float32) * -step)
+    angles = np.float32(w * 1000.0) * frequencies
+    embedding = np.concatenate([np.sin(angles), np.cos(angles)])
+    if size % 2:
+        embedding = np.append(embedding, np.float32(0))
+    return np.tile(embedding.astype(np.float32), (count, 1))
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise InvalidInputError(f"{name} must be a number strictly between 0 and 1, got {value!r}")
+
+
+def _cutoff(sched: Scheduler, fraction: float) -> int:
+    """The training timestep where a two-stage split at ``fraction`` of the schedule falls (diffusers' rule)."""
+    return round(sched.num_train_timesteps - fraction * sched.num_train_timesteps)
+
+
+def _end_index(sched: Scheduler, denoising_end: float | None) -> int:
+    """Where a first stage stops: after the timesteps at or above the cutoff (SDXL base's denoising_end)."""
+    if denoising_end is None:
+        return len(sched.timesteps)
+    _check_fraction("denoising_end", denoising_end)
+    return int(np.sum(sched.timesteps >= _cutoff(sched, denoising_end)))
+
+
+def _continue_index(sched: Scheduler, denoising_start: float) -> int:
+    """Where a second stage starts: at the first timestep below the cutoff (the refiner's denoising_start)."""
+    _check_fraction("denoising_start", denoising_start)
+    remaining = int(np.sum(sched.timesteps < _cutoff(sched, denoising_start)))
+    if sched.order == 2 and remaining % 2 == 0:
+        remaining += 1  # as diffusers: a second-order scheduler must not start between its two halves
+    return len(sched.timesteps) - remaining
 
 
 def _check_strength(strength: float) -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sdtrt.engine.errors import ExportError
-from sdtrt.engine.manifest import COMPONENTS, load_manifest
+from sdtrt.engine.manifest import load_manifest
 from sdtrt.export import exporter, networks
 from sdtrt.export.onnx_export import onnx_digest
 
@@ -28,7 +28,10 @@ def torch_nets(tiny_model_dir: Path) -> dict[str, torch.nn.Module]:
 
     vae = AutoencoderKL.from_pretrained(tiny_model_dir / "vae").eval()
     return {
-        "text_encoder": networks.TextEncoderNet(CLIPTextModel.from_pretrained(tiny_model_dir / "text_encoder")),
+        "text_encoder": networks.TextEncoderNet(
+            CLIPTextModel.from_pretrained(tiny_model_dir / "text_encoder"),
+            networks.TextEncoderGeometry("text_encoder", hidden_size=32, hidden_layer="last"),
+        ),
         "unet": networks.UNetNet(UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")),
         "vae_decoder": networks.VaeDecoderNet(vae),
         "vae_encoder": networks.VaeEncoderNet(vae),
@@ -53,7 +56,7 @@ def _inputs(component: str, dims: dict[str, int], rng: np.random.Generator) -> d
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-@pytest.mark.parametrize("component", COMPONENTS)
+@pytest.mark.parametrize("component", ["text_encoder", "unet", "vae_decoder", "vae_encoder"])
 def test_onnx_matches_torch(tiny_export: Path, torch_nets: dict, component: str, precision: str) -> None:
     manifest = load_manifest(tiny_export)
     file = manifest.component_file(component, precision)
@@ -80,7 +83,8 @@ def test_manifest_describes_the_export(tiny_export: Path, tiny_model_dir: Path) 
     assert (manifest.default_height, manifest.default_width) == (256, 256)
     assert manifest.scheduler["_class_name"] == "PNDMScheduler"
     assert manifest.source["sha256"] == exporter.source_hash(tiny_model_dir)
-    assert sorted(manifest.components) == sorted(COMPONENTS)
+    assert sorted(manifest.components) == ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
+    assert manifest.tokenizers == {"text_encoder": "tokenizer"}
     for name, component in manifest.components.items():
         for precision, file in component.files.items():
             path = tiny_export / file.path
@@ -138,12 +142,12 @@ def test_export_refuses_what_it_cannot_read(tiny_model_dir: Path, tmp_path: Path
     with pytest.raises(ExportError, match="unknown precision"):
         exporter.export_model(tiny_model_dir, tmp_path / "out", precisions=("int4",), progress=False)
 
-    sd2 = tmp_path / "sd2"
-    shutil.copytree(tiny_model_dir, sd2)
-    config = json.loads((sd2 / "text_encoder" / "config.json").read_text())
-    (sd2 / "text_encoder" / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
-    with pytest.raises(ExportError, match=r"2\.x"):
-        exporter.export_model(sd2, tmp_path / "out", progress=False)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    index = json.loads((other / "model_index.json").read_text())
+    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    with pytest.raises(ExportError, match="FluxPipeline models are not supported"):
+        exporter.export_model(other, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 

@@ -232,7 +232,7 @@ def test_upscale_tiles_large_inputs(tiny_upscaler_export: Path) -> None:
             upscaler.upscale(PROMPT, low_res, num_inference_steps=3, seed=1, tile_size=32, tiling=False)
         with pytest.raises(InvalidInputError, match="noise_level must be an integer from 0 to 350"):
             upscaler.upscale(PROMPT, low_res, noise_level=351)
-        with pytest.raises(InvalidInputError, match=r"needs a sd1 model.*use upscale"):
+        with pytest.raises(InvalidInputError, match=r"txt2img works on sd1/sd2/sdxl models.*use upscale"):
             upscaler.txt2img(PROMPT)
     assert whole.images[0].size == tiled.images[0].size == (224, 160)
     assert np.array_equal(np.asarray(whole.images[0]), np.asarray(one_tile.images[0]))
@@ -309,7 +309,7 @@ def test_missing_vae_encoder_names_the_export_command(no_encoder_export: Path) -
         (lambda p: p.outpaint(PROMPT, _test_image()), "needs an extension > 0"),
         (lambda p: p.outpaint(PROMPT, _test_image(), left=-8), "left must be an integer >= 0"),
         (lambda p: p.outpaint(PROMPT, _test_image(), top=200), "at most 128 pixels"),
-        (lambda p: p.upscale(PROMPT, _test_image()), "upscale needs a upscaler model"),
+        (lambda p: p.upscale(PROMPT, _test_image()), "upscale works on upscaler models"),
     ],
 )
 def test_bad_image_requests_are_one_clear_error(pipe: Pipeline, call, message: str) -> None:

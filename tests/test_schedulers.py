@@ -136,7 +136,7 @@ def compare(
         model_output = (model_input + 0.1 * rng.standard_normal(SHAPE)).astype(np.float32)
         kwargs: dict[str, Any] = {"eta": eta} if eta else {}
         noise = None
-        if ours.stochastic:
+        if ours.needs_noise(i):
             noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(i)).numpy()
             kwargs["generator"] = torch.Generator().manual_seed(i)
         prev = ours.step(model_output, i, sample, noise)

@@ -11,13 +11,14 @@ from .base import Scheduler
 from .ddim import DDIM
 from .dpm import DPMSolverPP2M, DPMSolverPP2MKarras
 from .euler import Euler, EulerAncestral
+from .lcm import LCM
 from .lms import LMS
 from .pndm import PNDM
 
 __all__ = ["SCHEDULERS", "Scheduler", "make_scheduler"]
 
 SCHEDULERS: dict[str, type[Scheduler]] = {
-    cls.name: cls for cls in (DDIM, PNDM, Euler, EulerAncestral, DPMSolverPP2M, DPMSolverPP2MKarras, LMS)
+    cls.name: cls for cls in (DDIM, PNDM, Euler, EulerAncestral, DPMSolverPP2M, DPMSolverPP2MKarras, LMS, LCM)
 }
 
 # diffusers class name -> ours (DPMSolverMultistepScheduler is resolved by use_karras_sigmas).

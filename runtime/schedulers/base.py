@@ -244,7 +244,7 @@ class Scheduler(ABC):
     def step(
         self, model_output: np.ndarray, step_index: int, sample: np.ndarray, noise: np.ndarray | None = None
     ) -> np.ndarray:
-        """One denoising step: the float32 sample at the next timestep. ``noise`` is used only if stochastic."""
+        """One denoising step: the float32 sample at the next timestep. ``noise`` is used only if needs_noise."""
         self._check_index(step_index)
         if self._next_index is not None and step_index != self._next_index:
             raise InvalidInputError(
@@ -252,17 +252,23 @@ class Scheduler(ABC):
                 "(call set_timesteps to start over)"
             )
         self._check_shape("model_output", model_output, sample)
-        if self.stochastic:
+        if self.needs_noise(step_index):
             if noise is None:
                 raise InvalidInputError(f"scheduler {self.name!r} is stochastic: step() needs `noise`")
             self._check_shape("noise", noise, sample)
             noise = np.array(noise, dtype=np.float64)
+        else:
+            noise = None
         # Copies: multistep history may keep them.
         prev = self._step(
             np.array(model_output, dtype=np.float64), step_index, np.array(sample, dtype=np.float64), noise
         )
         self._next_index = step_index + 1
         return prev.astype(np.float32)
+
+    def needs_noise(self, step_index: int) -> bool:
+        """Whether step ``step_index`` takes ``noise`` (the caller draws it only then, keeping draws in order)."""
+        return self.stochastic
 
     @abstractmethod
     def _step(
