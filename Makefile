@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 MODEL  ?= artifacts/tiny-sd1
 OUT    ?= artifacts/$(notdir $(MODEL))-onnx
 
-.PHONY: setup demo test lint format export engines bench clean
+.PHONY: setup demo test lint format export engines bench train-tiny clean
 
 setup: $(VENV)/.installed
 
@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[export,cpu,bench,dev]"
 	touch $@
 
-demo: setup  ## build + export the tiny model, draw one image on the CPU
+demo: setup  ## export the embedded demo model, draw one image on the CPU
 	$(VENV)/bin/sdtrt demo
 
 test: setup  ## the CPU test suite (gpu and slow tests are deselected)
@@ -34,6 +34,29 @@ format: setup
 
 export: setup  ## make export MODEL=path/to/diffusers-folder [OUT=artifacts/name-onnx]
 	$(VENV)/bin/sdtrt export $(MODEL) --out $(OUT) --precision fp32 fp16 --overwrite
+
+# TensorRT plans for an exported folder (needs an NVIDIA GPU and `pip install -e ".[gpu]"`), e.g.
+#   make engines DIR=artifacts/sd15 BUILD="--static 512x512 --batch 1"
+DIR   ?= $(OUT)
+BUILD ?=
+engines: setup  ## make engines DIR=artifacts/name-onnx [BUILD="--static HxW --batch N" | "--dynamic 256-1024"]
+	$(VENV)/bin/sdtrt build $(DIR) $(BUILD)
+
+# Retrain the embedded demo model (about an hour on one CPU core; see README "The demo model").
+train-tiny: setup
+	$(PY) -m train.tiny --out export/assets/tiny-sd --overwrite
+
+# sdtrt's backends beside diffusers in one run (README "Benchmarks"): JSONL rows, a markdown table and a PNG
+# under benchmarks/results/. With a GPU: SD-1.5-shaped, 512x512, every GPU backend and peer; without one:
+# 256x256 on ORT CPU and torch CPU, one thread each (like for like, and what a shared machine's load
+# distorts least). Anything else, e.g. make bench BENCH="--model sd15 --sweep".
+ifneq ($(shell command -v nvidia-smi 2>/dev/null),)
+BENCH ?= --model sd15 --height 512 --width 512 --batch 2 --steps 30 --out benchmarks/results/gpu.jsonl
+else
+BENCH ?= --model sd15 --height 256 --width 256 --batch 2 --steps 10 --threads 1 --out benchmarks/results/cpu.jsonl
+endif
+bench: setup  ## make bench [BENCH="--model sd15|sdxl|tiny|DIR --backend ... --sweep"]
+	$(PY) -m benchmarks.run $(BENCH)
 
 clean:
 	rm -rf artifacts .pytest_cache .ruff_cache

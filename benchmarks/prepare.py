@@ -1,0 +1,99 @@
+"""The models a benchmark runs: a preset or a user's diffusers folder, and its sdtrt exports, cached.
+
+Layout under the benchmark root (default artifacts/bench):
+
+    <key>/model/                 the preset's diffusers folder (a user's folder stays where it is)
+    <key>/onnx-<precision>/      the sdtrt export (text encoder, UNet, VAE decoder)
+    <key>/onnx-<precision>.json  what it was exported from and how long the export took
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from benchmarks.presets import PRESETS, config_digest, ensure_preset
+from sdtrt.engine.errors import ManifestError
+from sdtrt.engine.fsutil import write_json_atomic
+from sdtrt.engine.manifest import load_manifest
+
+log = logging.getLogger(__name__)
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+def model_key(model: str) -> str:
+    """The folder name under the benchmark root: the preset's name, or the folder's name + a path hash."""
+    if model in PRESETS:
+        return model
+    path = Path(model).resolve()
+    return f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+
+
+def ensure_model(model: str, root: str | os.PathLike[str], seed: int = 0) -> tuple[Path, float | None]:
+    """The diffusers folder to benchmark and its build seconds (None: cached or a user's folder)."""
+    if model in PRESETS:
+        return ensure_preset(model, Path(root), seed)
+    folder = Path(model)
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a diffusers model folder (no model_index.json)")
+    return folder, None
+
+
+def txt2img_components(model_dir: Path) -> list[str]:
+    """The networks txt2img loads: the model's text encoders, the UNet and the VAE decoder."""
+    index = json.loads((model_dir / "model_index.json").read_text())
+    encoders = [name for name in TEXT_ENCODERS if index.get(name) and index[name][0] is not None]
+    return [*encoders, "unet", "vae_decoder"]
+
+
+def _fingerprint(model: str, model_dir: Path, seed: int) -> str:
+    """What makes an export stale: the export code, and the preset's configs and seed or the folder's content."""
+    import sdtrt.export
+    from sdtrt.export.exporter import source_hash
+
+    code = hashlib.sha256()
+    for path in sorted(Path(sdtrt.export.__file__).parent.glob("*.py")):
+        code.update(path.read_bytes())
+    source = config_digest(model, seed) if model in PRESETS else source_hash(model_dir)
+    return f"{code.hexdigest()[:16]}-{source}"
+
+
+def ensure_export(
+    model: str,
+    model_dir: Path,
+    root: str | os.PathLike[str],
+    precision: str,
+    seed: int = 0,
+    given: str | os.PathLike[str] | None = None,
+) -> tuple[Path, float | None, bool]:
+    """The sdtrt export of ``model_dir`` at ``precision``: (folder, export seconds, whether it was cached).
+
+    ``given`` is an export made elsewhere (its time unknown). Raises the exporter's ExportError for a
+    model family the export stage does not support, a ManifestError for a ``given`` without ``precision``.
+    """
+    if given is not None:
+        load_manifest(given).component_file("unet", precision)
+        return Path(given), None, True
+    from sdtrt.export.exporter import export_model
+
+    out = Path(root) / model_key(model) / f"onnx-{precision}"
+    record_path = out.with_name(out.name + ".json")
+    fingerprint = _fingerprint(model, model_dir, seed)
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if record.get("fingerprint") == fingerprint:
+        try:
+            load_manifest(out)  # an export of an older manifest schema is stale too
+            return out, float(record["export_s"]), True
+        except ManifestError as exc:
+            log.info("re-exporting: %s", exc)
+    log.info("exporting %s (%s) to %s", model_dir, precision, out)
+    start = time.perf_counter()
+    export_model(model_dir, out, precisions=(precision,), components=txt2img_components(model_dir), overwrite=True)
+    seconds = time.perf_counter() - start
+    write_json_atomic(record_path, {"source": str(model_dir), "fingerprint": fingerprint, "export_s": seconds})
+    return out, seconds, False
