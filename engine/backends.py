@@ -21,7 +21,7 @@ import numpy as np
 
 from sdtrt.engine import cuda
 from sdtrt.engine.errors import BackendUnavailableError, InvalidInputError, ManifestError
-from sdtrt.engine.manifest import Manifest
+from sdtrt.engine.manifest import ComponentFile, Manifest
 from sdtrt.engine.ort_session import OrtCpuSession, import_onnxruntime
 from sdtrt.engine.profiles import ProfileSpec
 from sdtrt.engine.session import Session
@@ -132,10 +132,10 @@ def load_session(
     TensorRT: ``profile`` picks the plan (default: the newest that loads here); a missing plan is
     built when ``build`` is true, else an error naming the command that builds it.
     """
+    precision = component_precision(choice, manifest, component)
     if choice.kind == "ort-cpu":
-        file = manifest.component_file(component, choice.precision)
-        return OrtCpuSession(Path(folder) / file.path)
-    precision = _available_precision(manifest, component, choice.precision)
+        file = manifest.component_file(component, precision)
+        return OrtCpuSession(Path(folder) / file.path, weight_map=_weight_map(folder, file))
     session = _open_gpu(choice, folder, manifest, component, precision, profile, build)
     if precision == "fp16" and component in FP32_FALLBACK:
         open_fp32 = None
@@ -146,14 +146,19 @@ def load_session(
     return session
 
 
-def _available_precision(manifest: Manifest, component: str, preferred: str) -> str:
-    """``preferred`` where the export has it, else the variant it has (an fp32-only export runs fp32)."""
+def component_precision(choice: BackendChoice, manifest: Manifest, component: str) -> str:
+    """The ONNX variant ``component`` runs at on this backend: the CPU runs fp32; the GPU backends
+    fp16 where the export has it, else the variant it has (an fp32-only export runs fp32)."""
     available = manifest.components[component].files if component in manifest.components else {}
-    if preferred in available or not available:
-        return preferred  # a missing component is reported by manifest.component_file
+    if choice.kind == "ort-cpu" or choice.precision in available or not available:
+        return choice.precision  # a missing component is reported by manifest.component_file
     other = next(iter(available))
-    log.info("%s has no %s export; running its %s one", component, preferred, other)
+    log.info("%s has no %s export; running its %s one", component, choice.precision, other)
     return other
+
+
+def _weight_map(folder: str | os.PathLike[str], file: ComponentFile) -> Path | None:
+    return None if file.weights is None else Path(folder) / file.weights
 
 
 def _open_gpu(
@@ -171,7 +176,8 @@ def _open_gpu(
         return open_trt_session(folder, manifest, component, precision, choice.scope, profile=profile, build=build)
     from sdtrt.engine.ort_cuda import OrtCudaSession
 
-    return OrtCudaSession(Path(folder) / manifest.component_file(component, precision).path)
+    file = manifest.component_file(component, precision)
+    return OrtCudaSession(Path(folder) / file.path, weight_map=_weight_map(folder, file))
 
 
 class Fp32Fallback:
@@ -210,6 +216,11 @@ class Fp32Fallback:
         if not _finite(exact):
             raise InvalidInputError(f"{self.name}: the output is not finite at fp32 either: its inputs hold NaN/inf")
         return {n: a.astype(self.outputs[n].dtype, copy=False) for n, a in exact.items()}
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Only the base weights: the networks this wraps (the VAE decoder) have no weight map."""
+        if weights:
+            raise InvalidInputError(f"{self.name} has no weight map: its weights cannot be changed")
 
     def close(self) -> None:
         self._primary.close()

@@ -31,6 +31,8 @@ class ComponentFile:
     sha256: str  # of the .onnx file and its external data, in that order
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    # networks LoRA may change (UNet, text encoders): their weight map (engine/weights.py), relative path
+    weights: str | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -38,6 +40,7 @@ class ComponentFile:
             "sha256": self.sha256,
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
+            "weights": self.weights,
         }
 
     @classmethod
@@ -47,6 +50,7 @@ class ComponentFile:
             sha256=str(d["sha256"]),
             inputs=tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
             outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
+            weights=None if d.get("weights") is None else str(d["weights"]),
         )
 
 
@@ -196,6 +200,7 @@ def load_manifest(folder: str | os.PathLike[str]) -> Manifest:
         raise ManifestError(f"{path}: model family {manifest.family!r} is not supported (known: {FAMILIES})")
     for component in manifest.components.values():
         for file in component.files.values():
-            if not (folder / file.path).is_file():
-                raise ManifestError(f"{folder}: {file.path} named in the manifest is missing")
+            for named in (file.path, file.weights):
+                if named is not None and not (folder / named).is_file():
+                    raise ManifestError(f"{folder}: {named} named in the manifest is missing")
     return manifest

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from sdtrt.engine.errors import BackendUnavailableError
-from sdtrt.engine.ort_session import import_onnxruntime, ort_tensor_specs
+from sdtrt.engine.ort_session import check_weights, import_onnxruntime, ort_tensor_specs, replace_initializers
 from sdtrt.engine.session import check_feeds
 
 log = logging.getLogger(__name__)
@@ -45,21 +45,28 @@ class OrtCudaSession:
 
     ``cuda_graph`` turns on ONNX Runtime's CUDA graphs (a model it cannot capture runs without, with
     a warning). ``device="cpu"`` runs the same IOBinding path on the CPU provider, without graphs:
-    it lets machines without a GPU exercise this class.
+    it lets machines without a GPU exercise this class. With ``weight_map`` (the file's
+    engine/weights.py map), set_weights opens a new session whose initializers the given arrays
+    replace; its buffers and graphs start afresh.
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, device_id: int = 0, cuda_graph: bool = True, device: str = "cuda"
+        self,
+        path: str | os.PathLike[str],
+        *,
+        device_id: int = 0,
+        cuda_graph: bool = True,
+        device: str = "cuda",
+        weight_map: str | os.PathLike[str] | None = None,
     ) -> None:
         self._ort = ort = import_onnxruntime()
         self.name = Path(path).name
-        self._device, self._device_id = device, device_id
-        if device == "cuda":
-            self._session, self.cuda_graph = self._create_cuda(path, cuda_graph)
-        elif device == "cpu":
-            self._session, self.cuda_graph = self._create(path, ["CPUExecutionProvider"]), False
-        else:
+        if device not in ("cuda", "cpu"):
             raise ValueError(f"device must be 'cuda' or 'cpu', not {device!r}")
+        self._path, self._device, self._device_id, self._weight_map = path, device, device_id, weight_map
+        self._replaced = False  # whether some initializers hold other values than the file's
+        self.cuda_graph = cuda_graph and device == "cuda"
+        self._session = self._open({})
         self.inputs = ort_tensor_specs(self._session.get_inputs())
         self.outputs = ort_tensor_specs(self._session.get_outputs())
         self._bindings: dict[tuple, _Binding] = {}
@@ -67,31 +74,45 @@ class OrtCudaSession:
         self._eager_options.add_run_config_entry("gpu_graph_id", str(EAGER))
         log.debug("loaded %s on ORT %s (CUDA graphs %s)", self.name, device, "on" if self.cuda_graph else "off")
 
-    def _create(self, path: str | os.PathLike[str], providers: list):
-        ort = self._ort
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3  # errors only
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    def _open(self, weights: Mapping[str, np.ndarray]):
+        """A new InferenceSession of the file on this device with ``weights`` replacing initializers."""
+        if self._device == "cpu":
+            return self._create(["CPUExecutionProvider"], weights)
 
-    def _create_cuda(self, path: str | os.PathLike[str], cuda_graph: bool):
         def provider(graph: bool) -> list:
             options = {"device_id": str(self._device_id), "enable_cuda_graph": str(int(graph))}
             return [("CUDAExecutionProvider", options)]
 
         try:
-            session = self._create(path, provider(cuda_graph))
+            session = self._create(provider(self.cuda_graph), weights)
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidArgument, ...)
-            if not cuda_graph:
+            if not self.cuda_graph:
                 raise
             log.warning("%s: ONNX Runtime cannot capture CUDA graphs of it, running without: %s", self.name, exc)
-            session, cuda_graph = self._create(path, provider(False)), False
+            session, self.cuda_graph = self._create(provider(False), weights), False
         if "CUDAExecutionProvider" not in session.get_providers():
             raise BackendUnavailableError(
                 f"ONNX Runtime could not start its CUDA provider for {self.name} (are the CUDA and cuDNN "
                 "libraries that onnxruntime-gpu needs installed?); the CPU backend is ort-cpu"
             )
-        return session, cuda_graph
+        return session
+
+    def _create(self, providers: list, weights: Mapping[str, np.ndarray]):
+        ort = self._ort
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # errors only
+        replace_initializers(options, weights)
+        return ort.InferenceSession(str(self._path), sess_options=options, providers=providers)
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        check_weights(self._weight_map, weights, self.name)
+        if not weights and not self._replaced:
+            return  # the base weights already
+        session = self._open(weights)
+        self._bindings.clear()  # the old session's buffers and CUDA graphs
+        self._session, self._replaced = session, bool(weights)
+        log.debug("%s: new ORT %s session with %d changed weights", self.name, self._device, len(weights))
 
     @property
     def graph_ids(self) -> dict[tuple, int]:

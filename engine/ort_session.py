@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sdtrt.engine.errors import BackendUnavailableError
+from sdtrt.engine.errors import BackendUnavailableError, InvalidInputError
 from sdtrt.engine.session import TensorSpec, check_feeds
+from sdtrt.engine.weights import load_weight_map
 
 log = logging.getLogger(__name__)
 
@@ -54,27 +55,76 @@ def ort_tensor_specs(args: Sequence) -> dict[str, TensorSpec]:
     }
 
 
-class OrtCpuSession:
-    """One ONNX model on ONNX Runtime's CPU execution provider."""
+def check_weights(weight_map: str | os.PathLike[str] | None, weights: Mapping[str, np.ndarray], owner: str) -> None:
+    """One clear error unless ``weights`` are changeable initializers of the file with this weight map."""
+    if not weights:
+        return
+    if weight_map is None:
+        raise InvalidInputError(f"{owner} has no weight map: its weights cannot be changed")
+    load_weight_map(weight_map).check(weights, owner)
 
-    def __init__(self, path: str | os.PathLike[str], threads: int | None = None) -> None:
+
+def replace_initializers(options, weights: Mapping[str, np.ndarray]) -> None:
+    """Make a session opened with ``options`` load these values in place of the named initializers.
+
+    ONNX Runtime's external initializers: they replace initializers stored as external data (the
+    export keeps the weight-mapped ones there) when the model loads, before any graph optimization
+    — unlike add_initializer, whose values the CPU provider's convolution layout transform never
+    sees. ONNX Runtime copies them: nothing is written to disk, nothing must outlive the call.
+    """
+    if weights:
         ort = import_onnxruntime()
+        values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array)) for array in weights.values()]
+        options.add_external_initializers(list(weights), values)
+
+
+class OrtCpuSession:
+    """One ONNX model on ONNX Runtime's CPU execution provider.
+
+    With ``weight_map`` (the file's engine/weights.py map), set_weights opens a new session of the
+    same file whose initializers the given arrays replace: no re-export, nothing written.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        threads: int | None = None,
+        weight_map: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.name = Path(path).name
+        self._path = str(path)
+        self._threads = threads or default_cpu_threads()
+        self._weight_map = weight_map
+        self._replaced = False  # whether some initializers hold other values than the file's
+        self._session = self._create({})
+        self.inputs = ort_tensor_specs(self._session.get_inputs())
+        self.outputs = ort_tensor_specs(self._session.get_outputs())
+        log.debug("loaded %s on ORT CPU with %d threads", self.name, self._threads)
+
+    def _create(self, weights: Mapping[str, np.ndarray]):
+        """A new InferenceSession of the file with ``weights`` replacing initializers."""
+        ort = import_onnxruntime()
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or default_cpu_threads()
+        options.intra_op_num_threads = self._threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only
-        self._session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-        self.inputs = ort_tensor_specs(self._session.get_inputs())
-        self.outputs = ort_tensor_specs(self._session.get_outputs())
-        log.debug("loaded %s on ORT CPU with %d threads", self.name, options.intra_op_num_threads)
+        replace_initializers(options, weights)
+        return ort.InferenceSession(self._path, sess_options=options, providers=["CPUExecutionProvider"])
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self.name, self.inputs, feeds)
         results = self._session.run(list(self.outputs), dict(feeds))
         return dict(zip(self.outputs, results, strict=True))
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        check_weights(self._weight_map, weights, self.name)
+        if not weights and not self._replaced:
+            return  # the base weights already
+        self._session = self._create(weights)
+        self._replaced = bool(weights)
+        log.debug("%s: new ORT CPU session with %d changed weights", self.name, len(weights))
 
     def close(self) -> None:
         self._session = None

@@ -35,12 +35,19 @@ class TensorSpec:
 
 @runtime_checkable
 class Session(Protocol):
-    """A loaded network. ``run`` returns arrays the caller owns (never views of reused buffers)."""
+    """A loaded network. ``run`` returns arrays the caller owns (never views of reused buffers).
+
+    ``set_weights`` gives named ONNX initializers new values (LoRA): every initializer it does not
+    name has its exported value, so an empty mapping restores the base weights. Only the weights
+    of the component's weight map (engine/weights.py) may be named, at their dtype and shape.
+    """
 
     inputs: dict[str, TensorSpec]
     outputs: dict[str, TensorSpec]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None: ...
 
     def close(self) -> None: ...
 

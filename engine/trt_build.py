@@ -4,6 +4,12 @@ The network is parsed strongly typed: each layer runs in the precision its ONNX 
 fp16 export gives an fp16 engine (timestep and the int32 token ids keep their types) on TensorRT 10
 and 11 alike (11 has no weakly typed FP16 flag). One timing cache per plan folder is loaded before
 and saved after each build, so later builds (other profiles, other networks) reuse measured tactics.
+
+Networks with a weight map (the UNet and text encoders) are always built refittable, so that LoRA
+adapters change their weights in place (TensorRTSession.set_weights): with REFIT_INDIVIDUAL only
+the mapped weights — the Linear and Conv kernels LoRA adapts — are marked refittable, and TensorRT
+stays free to fold and fuse everything else. Always rather than behind a build option: a plan that
+cannot take a LoRA would only be found out when one is loaded, and then need a rebuild.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from sdtrt.engine.trt_plans import (
     trt_logger,
     write_plan,
 )
+from sdtrt.engine.weights import load_weight_map
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +150,7 @@ def ensure_plan(
         timing_cache=directory / TIMING_CACHE,
         workspace_bytes=None if workspace_gib is None else int(workspace_gib * 2**30),
         progress=progress,
+        refittable=() if onnx.weights is None else tuple(load_weight_map(Path(folder) / onnx.weights).weights),
     )
     created = datetime.datetime.now(datetime.timezone.utc).isoformat()
     meta = dataclasses.replace(meta, plan_size=plan.nbytes, created=created)
@@ -158,11 +166,13 @@ def build_plan(
     timing_cache: Path,
     workspace_bytes: int | None = None,
     progress: bool = True,
+    refittable: Sequence[str] = (),
 ):
     """Parse ``onnx_path`` strongly typed and build one plan whose single profile spans ``shapes``.
 
     Returns TensorRT's serialized engine (an IHostMemory, readable as a buffer). The timing cache
-    at ``timing_cache`` is read first and written back after the build.
+    at ``timing_cache`` is read first and written back after the build. ``refittable`` names the
+    ONNX initializers the plan lets a Refitter change (REFIT_INDIVIDUAL); none: not refittable.
     """
     trt = import_tensorrt()
     logger = trt_logger()
@@ -174,6 +184,16 @@ def build_plan(
         raise EngineBuildError(f"TensorRT could not parse {onnx_path}: {errors}")
 
     config = builder.create_builder_config()
+    if refittable:
+        config.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
+        unknown = [name for name in refittable if not network.mark_weights_refittable(name)]
+        if unknown:  # the plan still runs; a LoRA that changes these is refused when it is loaded
+            log.warning(
+                "%s: TensorRT cannot make %d weights of its weight map refittable (%s)",
+                onnx_path.name,
+                len(unknown),
+                ", ".join(unknown[:3]),
+            )
     if workspace_bytes is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     profile = builder.create_optimization_profile()

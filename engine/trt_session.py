@@ -7,6 +7,9 @@ device buffers allocated once at the profile's largest shapes, so their addresse
 a CUDA graph captured for one set of shapes stays valid: each call copies the inputs into those
 buffers through pinned staging, replays (or, the first time a shape is seen, runs eagerly and
 then captures), and copies the outputs back.
+
+Plans of networks with a weight map are refittable (engine/trt_build.py): set_weights refits the
+changed weights in place and drops the CUDA graphs captured before, which are captured afresh.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from sdtrt.engine.profiles import (
 from sdtrt.engine.session import TensorSpec, check_feeds
 from sdtrt.engine.trt_build import ensure_plan
 from sdtrt.engine.trt_plans import find_plan, import_tensorrt, runtime_info, trt_logger
+from sdtrt.engine.weights import WeightMap, load_weight_map
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +113,10 @@ class TensorRTSession:
         self._activations_generation = -1  # pointed at the shared buffer on the first run
 
         declared = self._manifest.component_file(self.name, self._meta.precision)
+        self._weight_map: WeightMap | None = None
+        if declared.weights is not None:
+            self._weight_map = load_weight_map(Path(self._folder) / declared.weights)
+        self._refitted: set[str] = set()  # the weights that differ from the export now
         declared_specs = {s.name: s for s in declared.inputs + declared.outputs}
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         if sorted(names) != sorted(declared_specs):
@@ -197,6 +205,46 @@ class TensorRTSession:
         self._stream.synchronize()
         self.last_gpu_ms = self._end.elapsed_ms(self._start)
         return {n: staged.copy() for n, staged in results.items()}  # the caller owns them
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Refit the plan: ``weights`` take these values, and every weight refitted before and not named now
+        goes back to its exported value (read from the weight map's data file)."""
+        if self._weight_map is None:
+            if weights:
+                raise BackendUnavailableError(f"{self.name} has no weight map: its weights cannot be changed")
+            return
+        self._weight_map.check(weights, self.name)
+        values = {name: self._weight_map.base(name) for name in self._refitted - weights.keys()}
+        values.update(weights)
+        if not values:
+            return
+        rebuild = f"{self._meta.profile.command(self._folder)} --force"
+        if not self._engine.refittable:
+            raise BackendUnavailableError(f"the TensorRT plan of {self.name} is not refittable: rebuild it: {rebuild}")
+        trt = import_tensorrt()
+        refitter = trt.Refitter(self._engine, trt_logger())
+        held = []  # TensorRT reads these host arrays until the refit is done
+
+        def supply(name: str, array: np.ndarray) -> None:
+            held.append(np.ascontiguousarray(array))
+            if not refitter.set_named_weights(name, trt.Weights(held[-1])):
+                raise BackendUnavailableError(
+                    f"{self.name}: TensorRT refused new values for weight {name!r} (its log above says why); "
+                    f"a plan built before weight maps cannot refit it: {rebuild}"
+                )
+
+        for name, array in values.items():
+            supply(name, array)
+        for name in refitter.get_missing_weights():  # weights TensorRT combined with changed ones: unchanged
+            if name not in self._weight_map.weights:
+                raise BackendUnavailableError(f"{self.name}: refitting needs weight {name!r}, which has no map entry")
+            supply(name, self._weight_map.base(name))
+        self._stream.synchronize()  # no run in flight reads the old weights
+        if not refitter.refit_cuda_engine():
+            raise BackendUnavailableError(f"{self.name}: TensorRT could not refit the plan (its log above says why)")
+        self._refitted = set(weights)
+        self._graphs.clear()  # graphs captured before the refit: captured again on the next run of each shape
+        log.debug("%s: refitted %d weights", self.name, len(values))
 
     def close(self) -> None:
         self._resources.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -17,8 +18,9 @@ import sdtrt
 from sdtrt.engine.errors import ExportError
 from sdtrt.engine.fsutil import atomic_dir, sha256_file, sha256_tree
 from sdtrt.engine.manifest import COMPONENTS, PRECISIONS, Component, ComponentFile, Manifest
-from sdtrt.export import networks
+from sdtrt.export import networks, single_file
 from sdtrt.export.onnx_export import DEFAULT_OPSET, convert_fp16, export_fp32, onnx_digest, onnx_files
+from sdtrt.export.weight_map import map_path
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ def resolve_model_folder(model: str | os.PathLike[str]) -> Path:
             raise ExportError(f"{path} is not a diffusers model folder (no model_index.json)")
         return path
     if path.exists():
-        raise ExportError(f"{path} is a file; single-file checkpoints are not supported yet: give a diffusers folder")
+        raise ExportError(f"{path} is a file, not a diffusers folder (export_model converts single-file checkpoints)")
     if not HUB_ID.match(str(model)):
         raise ExportError(f"no model folder at {path}")
     try:
@@ -110,22 +112,50 @@ def export_model(
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
     progress: bool = True,
+    config: str | os.PathLike[str] | None = None,
+    prediction_type: str | None = None,
+    allow_pickle: bool = False,
 ) -> Manifest:
     """Export ``model`` to ``out_dir``; the folder appears only once complete.
 
-    ``components`` defaults to every network the model's family uses.
+    ``model`` is a diffusers folder, a hub id or a single-file checkpoint; ``config``, ``prediction_type`` and
+    ``allow_pickle`` apply to checkpoints only (single_file.converted_checkpoint). ``components`` defaults to
+    every network the model's family uses.
     """
-    import diffusers
-    import torch
-    import transformers
-
     bad = [p for p in precisions if p not in PRECISIONS] + [c for c in components or () if c not in COMPONENTS]
     if bad or not precisions or (components is not None and not components):
         raise ExportError(f"unknown precision or component {bad} (precisions {PRECISIONS}, components {COMPONENTS})")
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ExportError(f"{out_dir} already exists (use --overwrite to replace it)")
-    source = resolve_model_folder(model)
+    if Path(model).is_file():
+        resolved = single_file.converted_checkpoint(
+            model, out_dir, config=config, prediction_type=prediction_type, allow_pickle=allow_pickle
+        )
+    elif config is not None or prediction_type is not None:
+        raise ExportError("--config and --prediction-type apply to single-file checkpoints only")
+    else:
+        folder = resolve_model_folder(model)
+        resolved = contextlib.nullcontext((folder, {"path": str(Path(model)), "sha256": source_hash(folder)}))
+    with resolved as (source, record):
+        return _export_folder(source, record, out_dir, precisions, components, opset, overwrite, progress)
+
+
+def _export_folder(
+    source: Path,
+    record: dict[str, str],
+    out_dir: Path,
+    precisions: Sequence[str],
+    components: Sequence[str] | None,
+    opset: int,
+    overwrite: bool,
+    progress: bool,
+) -> Manifest:
+    """Export the diffusers folder ``source``; ``record`` is the manifest's note of where it came from."""
+    import diffusers
+    import torch
+    import transformers
+
     model_index = _read_json(source / "model_index.json")
     scheduler_config = _read_json(source / "scheduler" / "scheduler_config.json")
     encoder_names = [name for name in TEXT_ENCODERS if _present(model_index, source, name)]
@@ -186,7 +216,6 @@ def export_model(
     missing = [name for name in components if name not in specs]
     if missing:
         raise ExportError(f"{source} has no {', '.join(missing)} to export")
-    digest = source_hash(source)
     exported: dict[str, Component] = {}
     steps = tqdm(components, desc="export", unit="network", disable=not progress)
     with atomic_dir(out_dir, overwrite=overwrite) as staging, torch.no_grad():
@@ -205,6 +234,7 @@ def export_model(
             else:
                 for file in onnx_files(fp32_path):
                     file.unlink()
+                map_path(fp32_path).unlink(missing_ok=True)
             exported[name] = Component(files=files, profile=dict(spec.profile))
             log.info("exported %s (%s)", name, ", ".join(files))
         for name in encoder_names:
@@ -216,7 +246,7 @@ def export_model(
         manifest = Manifest(
             format_version=1,
             sdtrt_version=sdtrt.__version__,
-            source={"path": str(Path(model)), "sha256": digest},
+            source=record,
             family=family,
             prediction_type=str(scheduler_config.get("prediction_type", "epsilon")),
             vae_scaling_factor=float(vae_config.get("scaling_factor", 0.18215)),
@@ -252,4 +282,11 @@ def source_hash(source: Path) -> str:
 
 def _component_file(path: Path, spec: networks.NetworkSpec, precision: str) -> ComponentFile:
     inputs, outputs = spec.io_specs(precision)
-    return ComponentFile(path=path.name, sha256=onnx_digest(path), inputs=inputs, outputs=outputs)
+    weights = map_path(path)  # networks LoRA changes have one (export/weight_map.py)
+    return ComponentFile(
+        path=path.name,
+        sha256=onnx_digest(path),
+        inputs=inputs,
+        outputs=outputs,
+        weights=weights.name if weights.is_file() else None,
+    )

@@ -6,13 +6,17 @@ import hashlib
 import logging
 import tempfile
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 
 import onnx
 import torch
+from onnx.external_data_helper import convert_model_to_external_data, set_external_data, uses_external_data
 
 from sdtrt.engine.fsutil import sha256_file
+from sdtrt.engine.weights import load_weight_map
 from sdtrt.export.networks import NetworkSpec
+from sdtrt.export.weight_map import LORA_NETWORKS, map_path, match_weights, relocate_weight_map, write_weight_map
 
 log = logging.getLogger(__name__)
 
@@ -20,20 +24,23 @@ DEFAULT_OPSET = 17
 PROTOBUF_LIMIT = 2**31 - 1  # a ModelProto above 2 GiB must keep its weights in external data
 
 
-def save_onnx(model: onnx.ModelProto, path: Path) -> None:
-    """Save ``model`` to ``path``; weights go to one ``path.data`` file when the model passes 2 GiB."""
+def save_onnx(model: onnx.ModelProto, path: Path, external: Collection[str] = ()) -> None:
+    """Save ``model`` to ``path``; weights (of 1 KiB and more) go to one ``path.data`` file when the model
+    passes 2 GiB, or when ``external`` names initializers that must be there whatever their size
+    (those of a weight map: the runtime memory-maps them). The initializers of ``model`` then point
+    into the data file.
+    """
     weights = sum(init.ByteSize() for init in model.graph.initializer)
-    if weights + (64 << 20) < PROTOBUF_LIMIT:
+    if not external and weights + (64 << 20) < PROTOBUF_LIMIT:
         onnx.save_model(model, str(path))
         return
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=path.name + ".data",
-        size_threshold=1024,
-    )
+    location = path.name + ".data"
+    # small constants stay inline: ONNX Runtime's shape inference reads them before external data
+    convert_model_to_external_data(model, all_tensors_to_one_file=True, location=location, size_threshold=1024)
+    for init in model.graph.initializer:
+        if init.name in external and not uses_external_data(init):
+            set_external_data(init, location)
+    onnx.save_model(model, str(path))
 
 
 def onnx_files(path: Path) -> list[Path]:
@@ -60,7 +67,10 @@ def _optimize(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def export_fp32(module: torch.nn.Module, spec: NetworkSpec, out_path: Path, opset: int = DEFAULT_OPSET) -> None:
-    """Trace ``module`` at the spec's opt shapes and write the optimized fp32 ONNX to ``out_path``."""
+    """Trace ``module`` at the spec's opt shapes and write the optimized fp32 ONNX to ``out_path``.
+
+    Networks LoRA changes also get their weight map (export/weight_map.py) beside the file.
+    """
     inputs = spec.example_inputs(torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory(prefix="sdtrt-export-") as work:
         raw = Path(work) / f"{spec.name}.onnx"
@@ -79,11 +89,16 @@ def export_fp32(module: torch.nn.Module, spec: NetworkSpec, out_path: Path, opse
             )
         model = onnx.load(str(raw), load_external_data=True)
     model = _optimize(model)
-    save_onnx(model, out_path)
+    if spec.name not in LORA_NETWORKS:
+        save_onnx(model, out_path)
+        return
+    matches = match_weights(module, model, inputs)  # on the values in memory, before they move to the data file
+    save_onnx(model, out_path, external=matches.mapped)
+    write_weight_map(out_path, model, matches)
 
 
 def convert_fp16(fp32_path: Path, spec: NetworkSpec, out_path: Path) -> None:
-    """Write the fp16 variant of an fp32 ONNX model (inputs in ``spec.keep_fp32`` stay fp32)."""
+    """Write the fp16 variant of an fp32 ONNX model (inputs in ``spec.keep_fp32`` stay fp32), with its weight map."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     # Path-based shape inference works past 2 GiB, where the in-memory one cannot. Its output sits
@@ -95,4 +110,9 @@ def convert_fp16(fp32_path: Path, spec: NetworkSpec, out_path: Path) -> None:
     finally:
         inferred.unlink(missing_ok=True)
     model = convert_float_to_float16(model, keep_io_types=list(spec.keep_fp32), disable_shape_infer=True)
-    save_onnx(model, out_path)
+    if spec.name not in LORA_NETWORKS:
+        save_onnx(model, out_path)
+        return
+    source = load_weight_map(map_path(fp32_path))
+    save_onnx(model, out_path, external=source.weights)
+    relocate_weight_map(source, model, out_path)

@@ -24,12 +24,14 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from sdtrt.engine.backends import BackendChoice, choose_backend, load_session
+from sdtrt.engine.backends import BackendChoice, choose_backend, component_precision, load_session
 from sdtrt.engine.errors import InvalidInputError
 from sdtrt.engine.manifest import Manifest, load_manifest
 from sdtrt.engine.session import Session
+from sdtrt.engine.weights import WeightMap, load_weight_map
 from sdtrt.runtime import canvas
 from sdtrt.runtime import image as imageio
+from sdtrt.runtime.lora import LoraAdapter, compose, read_lora
 from sdtrt.runtime.schedulers import Scheduler, make_scheduler
 from sdtrt.runtime.tokenizer import CLIPTokenizer
 
@@ -90,9 +92,11 @@ class Pipeline:
         self.backend = backend
         # text encoder -> its tokenizer; SDXL concatenates two encoders' hidden states in this order
         self.tokenizers = {name: CLIPTokenizer.from_dir(folder / tok) for name, tok in manifest.tokenizers.items()}
-        unet = manifest.component_file("unet", backend.precision)
+        unet = manifest.component_file("unet", component_precision(backend, manifest, "unet"))
         self._unet_inputs = {spec.name: spec for spec in unet.inputs}
         self._sessions: dict[str, Session] = {}
+        self._loras: dict[str, tuple[LoraAdapter, float]] = {}  # name -> (adapter, scale), in loading order
+        self._weight_maps: dict[str, WeightMap] | None = None  # read on the first load_lora
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str], backend: str = "auto") -> Pipeline:
@@ -107,7 +111,10 @@ class Pipeline:
     def session(self, component: str) -> Session:
         """The session of ``component``, opened on first use."""
         if component not in self._sessions:
-            self._sessions[component] = load_session(self.backend, self.folder, self.manifest, component)
+            session = load_session(self.backend, self.folder, self.manifest, component)
+            if self._loras and component in self._lora_maps():
+                session.set_weights(compose(self._lora_maps()[component], component, list(self._loras.values())))
+            self._sessions[component] = session
         return self._sessions[component]
 
     def close(self) -> None:
@@ -120,6 +127,76 @@ class Pipeline:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # ----------------------------------------------------------------------------------------------
+    # LoRA adapters
+
+    def load_lora(self, path: str | os.PathLike[str], name: str | None = None, scale: float = 1.0) -> str:
+        """Apply the LoRA adapter in ``path`` (.safetensors; diffusers/PEFT or kohya keys) at ``scale``.
+
+        Returns its name (default: the file name without extension), which set_lora_scale and
+        unload_lora take. Adapters add up: weights = base + sum(scale_i * delta_i), recomputed from
+        the export's base weights at every change, so any order of loads, scales and unloads
+        leaves no residue. No re-export: ONNX Runtime sessions reopen with the new initializers,
+        TensorRT plans are refitted in place. A file that does not fit this model is one error and
+        changes nothing.
+        """
+        name = Path(path).stem if name is None else name
+        if name in self._loras:
+            raise InvalidInputError(f"a LoRA named {name!r} is loaded already: unload it first or pass another name")
+        _check_lora_scale(scale)
+        maps = self._lora_maps()
+        if not maps:
+            source = self.manifest.source.get("path", "MODEL")
+            raise InvalidInputError(
+                f"{self.folder} has no weight maps, which LoRA needs: re-export it with this sdtrt "
+                f"(`sdtrt export {source} --out {self.folder} --overwrite`)"
+            )
+        adapter = read_lora(path, maps)
+        self._set_loras({**self._loras, name: (adapter, float(scale))})
+        log.info("LoRA %s: %d layers at scale %g", name, adapter.size, scale)
+        return name
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        """Change the scale of the loaded adapter ``name`` (0 turns it off without unloading it)."""
+        self._check_lora_name(name)
+        _check_lora_scale(scale)
+        self._set_loras({**self._loras, name: (self._loras[name][0], float(scale))})
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove the adapter ``name``, or all of them (None): what is left runs on the base weights plus the rest."""
+        if name is not None:
+            self._check_lora_name(name)
+        self._set_loras({} if name is None else {k: v for k, v in self._loras.items() if k != name})
+
+    @property
+    def loras(self) -> dict[str, float]:
+        """The loaded adapters and their scales, in loading order."""
+        return {name: scale for name, (_, scale) in self._loras.items()}
+
+    def _check_lora_name(self, name: str) -> None:
+        if name not in self._loras:
+            raise InvalidInputError(f"no LoRA named {name!r} is loaded (loaded: {sorted(self._loras) or 'none'})")
+
+    def _lora_maps(self) -> dict[str, WeightMap]:
+        """The weight maps of the components this backend runs (the UNet and text encoders have them)."""
+        if self._weight_maps is None:
+            self._weight_maps = {}
+            for component in self.manifest.components:
+                precision = component_precision(self.backend, self.manifest, component)
+                file = self.manifest.component_file(component, precision)
+                if file.weights is not None:
+                    self._weight_maps[component] = load_weight_map(self.folder / file.weights)
+        return self._weight_maps
+
+    def _set_loras(self, loras: dict[str, tuple[LoraAdapter, float]]) -> None:
+        """Compose the weights of every open session for ``loras`` from the base and hand them over
+        (a session whose weights stay the base ones does nothing)."""
+        adapters = list(loras.values())
+        for component, weight_map in self._lora_maps().items():
+            if component in self._sessions:
+                self._sessions[component].set_weights(compose(weight_map, component, adapters))
+        self._loras = loras
 
     # ----------------------------------------------------------------------------------------------
     # The five pipelines
@@ -678,6 +755,11 @@ class Pipeline:
         images = imageio.to_pil(self._decode(run, latents)) if decode else []
         run.timings["total"] = time.perf_counter() - run.start
         return GenerationResult(images, latents, run.seed, run.timings, self.backend.kind, sched.name)
+
+
+def _check_lora_scale(scale: float) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise InvalidInputError(f"a LoRA scale must be a finite number, got {scale!r}")
 
 
 def _negative_prompts(negative_prompt: str | Sequence[str] | None, count: int) -> list[str]:
