@@ -161,3 +161,40 @@ def test_demo(tmp_path: Path) -> None:
     assert (tmp_path / "demo" / "demo.png").is_file()
     assert f"wrote {tmp_path / 'demo' / 'demo.png'}" in result.stdout
     assert "text_encoder" in result.stdout and "total" in result.stdout
+
+
+def _picture(path: Path, size: tuple[int, int] = (128, 128), mode: str = "RGB") -> Path:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).convert(mode).save(path)
+    return path
+
+
+def test_image_commands(tiny_export: Path, tiny_upscaler_export: Path, tmp_path: Path) -> None:
+    image = _picture(tmp_path / "in.png")
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.pad(np.full((64, 64), 255, np.uint8), 32)).save(mask)
+    common = ["--steps", "2", "--seed", "1"]
+    runs = {
+        "img2img": (["img2img", str(tiny_export), str(image), "a cat", "--strength", "0.5"], (128, 128)),
+        "inpaint": (["inpaint", str(tiny_export), str(image), str(mask), "a cat", "--mask-blur", "4"], (128, 128)),
+        "outpaint": (["outpaint", str(tiny_export), str(image), "a cat", "--left", "32", "--bottom", "16"], (160, 144)),
+        "upscale": (
+            ["upscale", str(tiny_upscaler_export), _picture(tmp_path / "small.png", (24, 16)), "a cat"],
+            (96, 64),
+        ),
+    }
+    for name, (args, size) in runs.items():
+        out = tmp_path / f"{name}.png"
+        assert main(["-q", *map(str, args), "-o", str(out), *common]) == 0, name
+        assert Image.open(out).size == size, name
+
+
+def test_image_command_errors(tiny_export: Path, tmp_path: Path) -> None:
+    rgba = _picture(tmp_path / "rgba.png", mode="RGBA")
+    result = _sdtrt("img2img", str(tiny_export), str(rgba), "a cat", "-o", str(tmp_path / "x.png"))
+    assert result.returncode == 2 and "has mode RGBA, not RGB" in result.stderr
+    result = _sdtrt("img2img", str(tiny_export), str(tmp_path / "missing.png"), "a cat")
+    assert result.returncode == 2 and "cannot read image" in result.stderr
+    result = _sdtrt("outpaint", str(tiny_export), str(_picture(tmp_path / "in.png")), "a cat")
+    assert result.returncode == 2 and "needs an extension > 0" in result.stderr
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "out.png").exists()
