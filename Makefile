@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # The CPU build of PyTorch (the export stage only). Elsewhere, e.g.:
 #   make TORCH="torch --index-url https://download.pytorch.org/whl/cpu" demo
 TORCH  ?= torch==2.13.0
-MODEL  ?= artifacts/tiny-sd1
+MODEL  ?= export/assets/tiny-sd
 OUT    ?= artifacts/$(notdir $(MODEL))-onnx
 
 .PHONY: setup demo test lint format export engines bench train-tiny clean

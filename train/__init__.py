@@ -1,0 +1,1 @@
+"""Training the tiny embedded demo model (not part of the installed package)."""

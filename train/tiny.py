@@ -1,0 +1,327 @@
+"""Train the tiny embedded demo model on the shapes data set: ``python -m train.tiny --out export/assets/tiny-sd``.
+
+A Stable Diffusion 1.x-architecture pipeline, small enough to train on a CPU in about an hour:
+CLIP text encoder (the real 49408-id CLIP BPE vocabulary), a 4-level AutoencoderKL (8x down-sampling,
+4 latent channels) and a 2-level UNet2DConditionModel, with SD 1.x's scheduler. Images are 64x64
+pixels, latents 8x8.
+
+Two stages, both seeded:
+1. the VAE learns to reconstruct the shapes images (MSE + a small KL term); its scaling factor is
+   then set so that the scaled latents have unit standard deviation, as SD's 0.18215 was chosen;
+2. the text encoder and the UNet learn together, from scratch, to predict the noise (epsilon) of
+   noised latents, with min-SNR loss weights, 10 % empty captions (so classifier-free guidance
+   works) and an exponential moving average of the weights, which is what is saved.
+
+The saved weights are float16 safetensors (the package stays small); diffusers and transformers
+load them back, and the exporter casts every network to float32. The same seed and thread count
+give the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from tqdm.auto import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTokenizer as HFCLIPTokenizer
+
+from sdtrt.engine.fsutil import atomic_dir, write_json_atomic
+from sdtrt.export.clip_vocab import write_clip_tokenizer
+from sdtrt.export.tiny import CLIP_VOCAB_SIZE, SD1_SCHEDULER, TEXT_MAX_LENGTH
+from sdtrt.runtime.tokenizer import CLIPTokenizer
+from train import shapes
+
+log = logging.getLogger("train.tiny")
+
+TEXT_HIDDEN = 64  # CLIP text width = the UNet's cross-attention width
+
+
+@dataclass(frozen=True)
+class Settings:
+    seed: int = 0
+    threads: int = 1
+    images: int = 40_000  # the data set: scenes drawn once from the seed
+    vae_steps: int = 2_000
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+    vae_kl_weight: float = 1e-4
+    unet_steps: int = 6_000
+    unet_batch: int = 64
+    unet_lr: float = 1e-3
+    warmup: int = 200
+    empty_caption_rate: float = 0.1  # classifier-free guidance dropout
+    snr_gamma: float = 5.0  # min-SNR loss weighting: the x0 error counts at most this much ...
+    snr_floor: float = 0.05  # ... and at least this much (see train_denoiser)
+    offset_noise: float = 0.1  # std of a per-channel constant added to the noise (see train_denoiser)
+    ema_decay: float = 0.999
+
+
+def build_text_encoder() -> CLIPTextModel:
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=CLIP_VOCAB_SIZE,
+            hidden_size=TEXT_HIDDEN,
+            intermediate_size=4 * TEXT_HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=TEXT_MAX_LENGTH,
+            hidden_act="quick_gelu",
+            projection_dim=TEXT_HIDDEN,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+
+
+def build_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        sample_size=shapes.IMAGE_SIZE,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 16, 32, 32),  # four levels: 8x down-sampling, as in SD
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=8,
+    )
+
+
+def build_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=shapes.IMAGE_SIZE // 8,  # latent pixels
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_HIDDEN,
+        attention_head_dim=2,  # diffusers reads this as the number of heads: 2 wide heads run faster than 8 thin
+        norm_num_groups=32,
+    )
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _batches(rng: np.random.Generator, count: int, batch: int, steps: int) -> Iterator[np.ndarray]:
+    for _ in range(steps):
+        yield rng.integers(0, count, size=batch)
+
+
+def _lr_factor(step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def train_vae(vae: AutoencoderKL, images: np.ndarray, s: Settings, rng: np.random.Generator) -> float:
+    """Fit the VAE to ``images`` (N, H, W, 3) uint8; returns the last mean-squared reconstruction error."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _lr_factor(i, s.vae_steps, s.warmup))
+    vae.train()
+    mse = float("nan")
+    bar = tqdm(_batches(rng, len(images), s.vae_batch, s.vae_steps), total=s.vae_steps, desc="vae", mininterval=10)
+    for indices in bar:
+        x = _to_tensor(images[indices])  # (B, 3, 64, 64) float32
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss_mse = torch.nn.functional.mse_loss(recon, x)
+        loss = loss_mse + s.vae_kl_weight * posterior.kl().mean() / x[0].numel()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        mse = 0.98 * mse + 0.02 * loss_mse.item() if math.isfinite(mse) else loss_mse.item()
+        bar.set_postfix(mse=f"{mse:.5f}", refresh=False)
+    vae.eval()
+    return mse
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, images: np.ndarray, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and standard deviation, each (N, 4, H/8, W/8) float32, unscaled."""
+    means, stds = [], []
+    for start in tqdm(range(0, len(images), batch), desc="encode", mininterval=10):
+        posterior = vae.encode(_to_tensor(images[start : start + batch])).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+class CaptionIds:
+    """Token ids of captions, exactly as the runtime tokenizes prompts; each distinct caption once."""
+
+    def __init__(self, tokenizer_dir: Path) -> None:
+        self._tokenizer = CLIPTokenizer.from_dir(tokenizer_dir)
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __call__(self, captions: Sequence[str]) -> torch.Tensor:
+        missing = [c for c in set(captions) if c not in self._cache]
+        if missing:
+            self._cache.update(zip(missing, self._tokenizer(missing), strict=True))
+        return torch.from_numpy(np.stack([self._cache[c] for c in captions])).long()  # (B, 77) int64
+
+
+def train_denoiser(
+    text_encoder: CLIPTextModel,
+    unet: UNet2DConditionModel,
+    latents: tuple[torch.Tensor, torch.Tensor],
+    scenes: Sequence[shapes.Scene],
+    caption_ids: CaptionIds,
+    s: Settings,
+    rng: np.random.Generator,
+) -> float:
+    """Train text encoder + UNet on epsilon prediction; leaves the EMA weights in the modules, returns the loss."""
+    mean, std = latents  # (N, 4, 8, 8) each, already scaled
+    noise_schedule = DDPMScheduler.from_config(SD1_SCHEDULER)
+    alphas_cumprod = noise_schedule.alphas_cumprod  # (1000,) float32
+    # The epsilon loss is snr(t) times the x0 loss. Min-SNR caps the x0 weight at gamma (the easy, low-noise
+    # steps); the floor lifts it at the noisiest steps, where SD's schedule leaves snr ~ 0.005: there the
+    # picture's colours can only come from the text, and an unweighted loss barely asks for them.
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    loss_weight = torch.clamp(snr, min=s.snr_floor, max=s.snr_gamma) / snr
+
+    params = [*text_encoder.parameters(), *unet.parameters()]
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=s.unet_lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _lr_factor(i, s.unet_steps, s.warmup))
+    text_encoder.train()
+    unet.train()
+    avg = float("nan")
+    bar = tqdm(_batches(rng, len(scenes), s.unet_batch, s.unet_steps), total=s.unet_steps, desc="unet", mininterval=10)
+    for step, indices in enumerate(bar):
+        captions = [
+            "" if rng.random() < s.empty_caption_rate else shapes.sample_caption(scenes[i], rng) for i in indices
+        ]
+        ids = caption_ids(captions)  # (B, 77)
+        index = torch.from_numpy(indices)
+        x0 = mean[index] + std[index] * torch.randn_like(mean[index])  # (B, 4, 8, 8): a posterior sample
+        # offset noise: on 8x8 latents the noise's per-channel mean (std 1/8) outweighs the signal's
+        # at t ~ 999; a random offset teaches the model to take the picture's mean colour from the text
+        noise = torch.randn_like(x0) + s.offset_noise * torch.randn(len(indices), x0.shape[1], 1, 1)
+        t = torch.randint(0, len(alphas_cumprod), (len(indices),))
+        noisy = noise_schedule.add_noise(x0, noise, t)
+        hidden = text_encoder(ids, return_dict=False)[0]  # (B, 77, 64)
+        pred = unet(noisy, t, hidden, return_dict=False)[0]
+        loss = (loss_weight[t] * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            decay = min(s.ema_decay, (1 + step) / (10 + step))  # short memory early on, while weights move fast
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        avg = 0.98 * avg + 0.02 * loss.item() if math.isfinite(avg) else loss.item()
+        bar.set_postfix(loss=f"{avg:.4f}", refresh=False)
+    with torch.no_grad():
+        for p, e in zip(params, ema, strict=True):
+            p.copy_(e)
+    text_encoder.eval()
+    unet.eval()
+    return avg
+
+
+def save_pipeline(
+    out: Path,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    unet: UNet2DConditionModel,
+    report: dict,
+    overwrite: bool = False,
+) -> None:
+    """Save a diffusers StableDiffusionPipeline folder with float16 weights, plus training.json."""
+    with atomic_dir(out, overwrite=overwrite) as staging:
+        write_clip_tokenizer(staging / "tokenizer", TEXT_MAX_LENGTH)
+        pipe = StableDiffusionPipeline(
+            vae=vae.half(),
+            text_encoder=text_encoder.half(),
+            tokenizer=HFCLIPTokenizer.from_pretrained(staging / "tokenizer"),
+            unet=unet.half(),
+            scheduler=DDIMScheduler.from_config(SD1_SCHEDULER),  # SD's betas; DDIM draws it best (README)
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.save_pretrained(staging, safe_serialization=True)
+        # transformers re-saves the tokenizer with a 3.6 MB tokenizer.json; keep CLIP's own files only
+        shutil.rmtree(staging / "tokenizer")
+        write_clip_tokenizer(staging / "tokenizer", TEXT_MAX_LENGTH)
+        write_json_atomic(staging / "training.json", report)
+
+
+def train(out: Path, s: Settings, overwrite: bool = False) -> Path:
+    """Train both stages and save the diffusers folder ``out`` (float16 safetensors)."""
+    torch.set_num_threads(s.threads)
+    torch.manual_seed(s.seed)
+    rng = np.random.default_rng([s.seed, 1])  # batches, captions: a stream apart from the data set's
+    started = time.perf_counter()
+    log.info("drawing %d scenes", s.images)
+    scenes, images = shapes.make_dataset(s.images, s.seed)
+
+    vae, text_encoder, unet = build_vae(), build_text_encoder(), build_unet()
+    vae_mse = train_vae(vae, images, s, rng)
+    mean, std = encode_latents(vae, images)
+    scaling_factor = float(1.0 / mean.std())  # scaled latents have unit standard deviation
+    vae.register_to_config(scaling_factor=scaling_factor)
+    vae_seconds = time.perf_counter() - started
+    log.info("vae: mse %.5f, scaling factor %.4f, %.0f s", vae_mse, scaling_factor, vae_seconds)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_clip_tokenizer(Path(tmp), TEXT_MAX_LENGTH)
+        caption_ids = CaptionIds(Path(tmp))
+        loss = train_denoiser(
+            text_encoder, unet, (mean * scaling_factor, std * scaling_factor), scenes, caption_ids, s, rng
+        )
+    seconds = time.perf_counter() - started
+    log.info("unet: loss %.4f; trained in %.0f s", loss, seconds)
+
+    report = {
+        "settings": asdict(s),
+        "vae_mse": vae_mse,
+        "vae_scaling_factor": scaling_factor,
+        "denoiser_loss": loss,
+        "seconds": {"vae": round(vae_seconds), "total": round(seconds)},
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {s.threads} torch thread(s)",
+        "torch": torch.__version__,
+    }
+    save_pipeline(out, vae, text_encoder, unet, report, overwrite=overwrite)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    defaults = Settings()
+    parser = argparse.ArgumentParser(prog="python -m train.tiny", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="the diffusers folder to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    for field, value in asdict(defaults).items():
+        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+    args = vars(parser.parse_args(argv))
+    out, overwrite = args.pop("out"), args.pop("overwrite")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    train(out, Settings(**args), overwrite=overwrite)
+    log.info("wrote %s", out)
+
+
+if __name__ == "__main__":
+    main()
