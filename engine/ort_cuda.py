@@ -1,12 +1,16 @@
 """ONNX Runtime on the GPU: the CUDA execution provider, IOBinding on fixed device buffers, CUDA graphs.
 
 Each distinct set of input shapes gets its own device buffers (OrtValues on "cuda") and its own
-CUDA graph id. The first call with a shape runs eagerly (graph id -1) with outputs that ONNX
-Runtime allocates, which gives the output shapes; fixed output buffers are then bound in their
-place. From the second call on, the run carries the shape's graph id: ONNX Runtime captures a graph
-for that id on its first run and replays it afterwards. ONNX Runtime does not check that an id
-keeps its shapes; the key -> id map here guarantees it. Per call only the inputs go to the device
-and the outputs come back, which is all the NumPy scheduler needs.
+graph id. The first call with a shape runs eagerly on the dynamic-shape session, with outputs that
+ONNX Runtime allocates, which gives the output shapes; fixed output buffers are then bound in their
+place. ONNX Runtime captures a CUDA graph only of a session whose every node runs on the CUDA
+provider, and with dynamic dims it keeps the shape arithmetic (Shape, Gather, Concat, ...) on the
+CPU. So with graphs on, each set of shapes gets a session of its own with those dims pinned
+(free-dimension overrides): the shape arithmetic folds away, and the first call runs that session
+twice more — ONNX Runtime's warm-up run, then its capture — so every later call replays the
+graph. Each such session holds its own copy of the weights: each further shape costs the network's
+weights in device memory once more. Per call only the inputs go to the device and the outputs come
+back, which is all the NumPy scheduler needs.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ EAGER = -1  # the gpu_graph_id that runs without capturing or replaying
 
 @dataclass
 class _Binding:
-    """The fixed buffers of one set of input shapes and the graph id they run under."""
+    """The fixed buffers of one set of input shapes, the session and the graph id they run under."""
 
+    session: Any  # onnxruntime.InferenceSession: the dynamic one, or one with these shapes pinned
     iobinding: Any  # onnxruntime.IOBinding
     inputs: dict[str, Any]  # name -> OrtValue on the device
     outputs: dict[str, Any]
@@ -43,11 +48,11 @@ class _Binding:
 class OrtCudaSession:
     """One ONNX model on ONNX Runtime's CUDA execution provider.
 
-    ``cuda_graph`` turns on ONNX Runtime's CUDA graphs (a model it cannot capture runs without, with
-    a warning). ``device="cpu"`` runs the same IOBinding path on the CPU provider, without graphs:
-    it lets machines without a GPU exercise this class. With ``weight_map`` (the file's
-    engine/weights.py map), set_weights opens a new session whose initializers the given arrays
-    replace; its buffers and graphs start afresh.
+    ``cuda_graph`` turns on CUDA graphs, one per set of input shapes on a session with those shapes
+    pinned (a model ONNX Runtime cannot capture runs without, with a warning). ``device="cpu"`` runs
+    the same IOBinding path on the CPU provider, without graphs: it lets machines without a GPU
+    exercise this class. With ``weight_map`` (the file's engine/weights.py map), set_weights opens
+    new sessions whose initializers the given arrays replace; their buffers and graphs start afresh.
     """
 
     def __init__(
@@ -64,9 +69,9 @@ class OrtCudaSession:
         if device not in ("cuda", "cpu"):
             raise ValueError(f"device must be 'cuda' or 'cpu', not {device!r}")
         self._path, self._device, self._device_id, self._weight_map = path, device, device_id, weight_map
-        self._replaced = False  # whether some initializers hold other values than the file's
+        self._weights: Mapping[str, np.ndarray] = {}  # the initializers that hold other values than the file's
         self.cuda_graph = cuda_graph and device == "cuda"
-        self._session = self._open({})
+        self._session = self._open()
         self.inputs = ort_tensor_specs(self._session.get_inputs())
         self.outputs = ort_tensor_specs(self._session.get_outputs())
         self._bindings: dict[tuple, _Binding] = {}
@@ -74,22 +79,16 @@ class OrtCudaSession:
         self._eager_options.add_run_config_entry("gpu_graph_id", str(EAGER))
         log.debug("loaded %s on ORT %s (CUDA graphs %s)", self.name, device, "on" if self.cuda_graph else "off")
 
-    def _open(self, weights: Mapping[str, np.ndarray]):
-        """A new InferenceSession of the file on this device with ``weights`` replacing initializers."""
+    def _open(self, pinned: Mapping[str, int] | None = None):
+        """A new InferenceSession of the file on this device with the current weights.
+
+        ``pinned`` (dim name -> size) fixes the dynamic dims and turns CUDA graphs on.
+        """
         if self._device == "cpu":
-            return self._create(["CPUExecutionProvider"], weights)
-
-        def provider(graph: bool) -> list:
-            options = {"device_id": str(self._device_id), "enable_cuda_graph": str(int(graph))}
-            return [("CUDAExecutionProvider", options)]
-
-        try:
-            session = self._create(provider(self.cuda_graph), weights)
-        except Exception as exc:  # ORT raises its own exception types (Fail, InvalidArgument, ...)
-            if not self.cuda_graph:
-                raise
-            log.warning("%s: ONNX Runtime cannot capture CUDA graphs of it, running without: %s", self.name, exc)
-            session, self.cuda_graph = self._create(provider(False), weights), False
+            return self._create(["CPUExecutionProvider"], {})
+        graph = pinned is not None
+        options = {"device_id": str(self._device_id), "enable_cuda_graph": str(int(graph))}
+        session = self._create([("CUDAExecutionProvider", options)], pinned or {})
         if "CUDAExecutionProvider" not in session.get_providers():
             raise BackendUnavailableError(
                 f"ONNX Runtime could not start its CUDA provider for {self.name} (are the CUDA and cuDNN "
@@ -97,21 +96,43 @@ class OrtCudaSession:
             )
         return session
 
-    def _create(self, providers: list, weights: Mapping[str, np.ndarray]):
+    def _create(self, providers: list, pinned: Mapping[str, int]):
         ort = self._ort
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only
-        replace_initializers(options, weights)
+        for dim, size in pinned.items():
+            options.add_free_dimension_override_by_name(dim, size)
+        replace_initializers(options, self._weights)
         return ort.InferenceSession(str(self._path), sess_options=options, providers=providers)
+
+    def _graph_session(self, key: tuple):
+        """A session with the dims of these input shapes pinned and CUDA graphs on, or None where ORT refuses."""
+        pinned = {
+            dim: size
+            for spec, shape in zip(self.inputs.values(), key, strict=True)
+            for dim, size in zip(spec.shape, shape, strict=True)
+            if isinstance(dim, str)
+        }
+        try:
+            return self._open(pinned)
+        except Exception as exc:  # ORT raises its own exception types (Fail, InvalidArgument, ...)
+            log.warning("%s: ONNX Runtime cannot capture CUDA graphs of it, running without: %s", self.name, exc)
+            self.cuda_graph = False
+            return None
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         check_weights(self._weight_map, weights, self.name)
-        if not weights and not self._replaced:
+        if not weights and not self._weights:
             return  # the base weights already
-        session = self._open(weights)
-        self._bindings.clear()  # the old session's buffers and CUDA graphs
-        self._session, self._replaced = session, bool(weights)
+        previous, self._weights = self._weights, weights
+        try:
+            session = self._open()
+        except Exception:
+            self._weights = previous
+            raise
+        self._bindings.clear()  # the old sessions' buffers and CUDA graphs
+        self._session = session
         log.debug("%s: new ORT %s session with %d changed weights", self.name, self._device, len(weights))
 
     @property
@@ -127,33 +148,40 @@ class OrtCudaSession:
             return self._first_run(key, feeds)
         for n, value in binding.inputs.items():
             value.update_inplace(np.ascontiguousarray(feeds[n]))
-        self._session.run_with_iobinding(binding.iobinding, binding.run_options)
+        binding.session.run_with_iobinding(binding.iobinding, binding.run_options)
         return {n: np.array(value.numpy()) for n, value in binding.outputs.items()}  # copies the caller owns
 
     def _first_run(self, key: tuple, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run a new set of shapes eagerly, then fix its buffers and give it a graph id."""
+        """Run a new set of shapes eagerly, then fix its buffers on the session that will run them."""
         ort, device, device_id = self._ort, self._device, self._device_id
         iobinding = self._session.io_binding()
-        inputs = {}
-        for (n, spec), shape in zip(self.inputs.items(), key, strict=True):
-            inputs[n] = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), _np_type(spec.dtype), device, device_id)
-            inputs[n].update_inplace(np.ascontiguousarray(feeds[n]))
-            iobinding.bind_ortvalue_input(n, inputs[n])
+        for n in self.inputs:
+            iobinding.bind_cpu_input(n, np.ascontiguousarray(feeds[n]))
         for n in self.outputs:
             iobinding.bind_output(n, device, device_id)
         self._session.run_with_iobinding(iobinding, self._eager_options)
         produced = dict(zip(self.outputs, iobinding.get_outputs(), strict=True))
         results = {n: np.array(value.numpy()) for n, value in produced.items()}
 
-        outputs = {}
+        session = self._graph_session(key) if self.cuda_graph else None
+        graph_id = len(self._bindings) + 1 if session is not None else EAGER  # 0 is ONNX Runtime's own default
+        session = session or self._session
+        iobinding = session.io_binding()
+        inputs, outputs = {}, {}
+        for (n, spec), shape in zip(self.inputs.items(), key, strict=True):
+            inputs[n] = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), _np_type(spec.dtype), device, device_id)
+            inputs[n].update_inplace(np.ascontiguousarray(feeds[n]))
+            iobinding.bind_ortvalue_input(n, inputs[n])
         for n, value in produced.items():
             dtype = _np_type(self.outputs[n].dtype)
             outputs[n] = ort.OrtValue.ortvalue_from_shape_and_type(value.shape(), dtype, device, device_id)
             iobinding.bind_ortvalue_output(n, outputs[n])
-        graph_id = len(self._bindings) + 1 if self.cuda_graph else EAGER  # 0 is ONNX Runtime's own default
         run_options = ort.RunOptions()
         run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
-        self._bindings[key] = _Binding(iobinding, inputs, outputs, run_options, graph_id)
+        self._bindings[key] = _Binding(session, iobinding, inputs, outputs, run_options, graph_id)
+        if graph_id != EAGER:
+            for _ in range(2):  # ONNX Runtime's warm-up run (cuDNN's algorithm search), then its capture
+                session.run_with_iobinding(iobinding, run_options)
         return results
 
     def close(self) -> None:

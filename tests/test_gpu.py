@@ -148,6 +148,7 @@ def test_ort_cuda_graph_replay_equals_eager(ort_cuda: None, tiny_export: Path) -
         for _ in range(4):  # the first call of a shape is eager; graphs are captured, then replayed
             feeds = _cast(graphed, _feeds(manifest, "unet", rng, side=side))
             _assert_close(graphed.run(feeds), eager.run(feeds), REPLAY_TOL)
+    assert graphed.cuda_graph, "ONNX Runtime refused to capture the tiny UNet"
     ids = sorted(graphed.graph_ids.values())
     assert len(ids) == 2 and ids[0] > 0 and ids[0] != ids[1]
     graphed.close()
