@@ -8,7 +8,6 @@ peak RSS it reads is that backend's alone.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import time
 from collections.abc import Callable
@@ -19,8 +18,6 @@ from typing import Any, Protocol
 import numpy as np
 
 from benchmarks.measure import device_used_mib, peak_rss_mib, summarize_ms
-
-log = logging.getLogger(__name__)
 
 SDTRT_BACKENDS = ("trt", "ort-cuda", "ort-cpu")
 TORCH_BACKENDS = ("torch", "torch-graph", "torch-compile")  # the diffusers peers: every row's ratios are to these

@@ -125,7 +125,11 @@ PRESET_CONFIGS: dict[str, dict[str, Any]] = {
 
 
 def config_digest(preset: str, seed: int) -> str:
-    blob = json.dumps({"preset": PRESET_CONFIGS.get(preset, preset), "seed": seed}, sort_keys=True)
+    """What a cached preset folder was built from: its configs, or for ``tiny`` the code that builds it."""
+    import sdtrt.export.tiny
+
+    built_from = PRESET_CONFIGS.get(preset) or Path(sdtrt.export.tiny.__file__).read_text(encoding="utf-8")
+    blob = json.dumps({"preset": built_from, "seed": seed}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -18,7 +18,6 @@ import numpy as np
 from benchmarks.harness import PROMPT, Job, StageTimes
 
 MODES = {"torch": "eager", "torch-graph": "graph", "torch-compile": "compile"}
-GPU_ONLY = ("torch-graph", "torch-compile")
 
 
 class CudaGraphed:

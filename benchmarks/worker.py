@@ -22,8 +22,6 @@ from typing import Any
 from sdtrt.engine.errors import SdtrtError
 from sdtrt.engine.fsutil import write_json_atomic
 
-log = logging.getLogger("benchmarks.worker")
-
 
 def prepare(request: dict[str, Any]) -> dict[str, Any]:
     """The model folder and, per precision, its sdtrt export or the reason there is none."""
