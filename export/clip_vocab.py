@@ -11,24 +11,10 @@ import gzip
 from pathlib import Path
 
 from sdtrt.engine.fsutil import write_bytes_atomic, write_json_atomic
+from sdtrt.runtime.tokenizer import BOS, END_OF_WORD, EOS, bytes_to_unicode  # the runtime's: one definition
 
 BPE_ASSET = Path(__file__).parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2  # CLIP's vocabulary is 49408 = 2 * 256 bytes + merges + 2 specials
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from bytes to printable unicode characters."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars), strict=True))
 
 
 def clip_merges() -> list[str]:
@@ -44,7 +30,7 @@ def write_clip_tokenizer(out_dir: str | Path, model_max_length: int = 77, pad_to
     out_dir = Path(out_dir)
     merges = clip_merges()
     symbols = list(bytes_to_unicode().values())
-    tokens = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges] + [BOS, EOS]
+    tokens = symbols + [s + END_OF_WORD for s in symbols] + [m.replace(" ", "") for m in merges] + [BOS, EOS]
     vocab = {token: i for i, token in enumerate(tokens)}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "vocab.json", vocab)

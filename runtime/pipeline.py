@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -243,6 +243,8 @@ class Pipeline:
         shape = (run.batch, m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor)
         if latents is None:
             latents = run.normal(shape)
+        elif not isinstance(latents, np.ndarray):
+            raise InvalidInputError(f"latents must be a NumPy array of shape {shape}, not {type(latents).__name__}")
         elif latents.shape != shape:
             raise InvalidInputError(f"latents have shape {latents.shape}, expected {shape}")
         latents = latents.astype(np.float32) * np.float32(sched.init_noise_sigma)  # (B, C, H/8, W/8) float32
@@ -369,11 +371,12 @@ class Pipeline:
         by the original latents re-noised to the next timestep, as diffusers does. ``mask_blur`` > 0
         pastes the original pixels back over the result through a mask feathered by a Gaussian of
         that radius (in pixels), hiding seams; 0 returns the model's output as diffusers does.
+        As diffusers' inpainting, a ``strength`` too small for one step (int(steps * strength) = 0)
+        is an error (img2img instead returns the image's VAE round trip).
         """
         self._require("inpaint", needs=("vae_encoder",))
         _check_strength(strength)
-        if not (math.isfinite(mask_blur) and mask_blur >= 0):
-            raise InvalidInputError(f"mask_blur must be a number >= 0, got {mask_blur!r}")
+        _check_mask_blur(mask_blur)
         source, mask_image = imageio.load_rgb(image), imageio.load_mask(mask)
         if mask_image.size != source.size:
             raise InvalidInputError(
@@ -385,6 +388,7 @@ class Pipeline:
         run = self._start(prompt, negative_prompt, num_inference_steps, guidance_scale, num_images, seed, rng, progress)
         sched = self._scheduler(scheduler, num_inference_steps)
         start = _start_index(sched, num_inference_steps, strength)
+        _require_a_step(sched, start, num_inference_steps, strength)
         feeds = self._conditioning(run, height, width)
 
         pixels = imageio.image_to_array(source, height, width)  # (1, 3, H, W) in [-1, 1]
@@ -396,18 +400,19 @@ class Pipeline:
         if blending or strength < 1.0:
             image_latents = np.repeat(self._encode_image(run, pixels), run.batch, axis=0)
         noise = run.normal(shape)
-        if strength == 1.0 or start >= len(sched.timesteps):
+        if strength == 1.0:
             latents = noise * np.float32(sched.init_noise_sigma)
         else:
             latents = sched.add_noise(image_latents, noise, start)
         masked = pixels * (mask_pixels < 0.5)  # the known part; the part to repaint set to grey (0)
+        # (1, 1, h, w): the mask at latent size (nearest: every 8th pixel, as torch's interpolate)
+        latent_mask = mask_pixels[:, :, :: m.vae_scale_factor, :: m.vae_scale_factor]
         if blending:
             run.normal(shape[1:])  # diffusers encodes the masked image here even when it is unused: keep its draws
             condition = None
         else:
             masked_latents = self._encode_image(run, masked)
-            # (B, 1 + C, h, w): the mask at latent size (nearest: every 8th pixel, as torch's interpolate)
-            latent_mask = mask_pixels[:, :, :: m.vae_scale_factor, :: m.vae_scale_factor]
+            # (B, 1 + C, h, w)
             condition = np.repeat(np.concatenate([latent_mask, masked_latents], axis=1), run.batch, axis=0)
 
         def blend(step_index: int, latents: np.ndarray) -> np.ndarray:
@@ -415,13 +420,11 @@ class Pipeline:
             known = image_latents
             if step_index + 1 < len(sched.timesteps):
                 known = sched.add_noise(image_latents, noise, step_index + 1)
-            repaint = mask_pixels[:, :, :: m.vae_scale_factor, :: m.vae_scale_factor]
-            return (1 - repaint) * known + repaint * latents
+            return (1 - latent_mask) * known + latent_mask * latents
 
-        if start < len(sched.timesteps):
-            latents = self._denoise(
-                run, sched, start, latents, feeds, condition=condition, after_step=blend if blending else None
-            )
+        latents = self._denoise(
+            run, sched, start, latents, feeds, condition=condition, after_step=blend if blending else None
+        )
         result = self._finish(run, sched, latents)
         if mask_blur > 0:
             result.images = _paste_back(result.images, pixels, imageio.soft_mask(mask_pixels, mask_blur))
@@ -462,9 +465,15 @@ class Pipeline:
             raise InvalidInputError("outpaint needs an extension > 0 on at least one side (left/right/top/bottom)")
         if not isinstance(overlap, int) or overlap < 0:
             raise InvalidInputError(f"overlap must be an integer >= 0, got {overlap!r}")
-        painted, mask = canvas.outpaint_canvas(
-            np.asarray(source), left, right, top, bottom, overlap, self.manifest.size_multiple
-        )
+        multiple = self.manifest.size_multiple
+        for side, size, low, high in (("height", source.height, top, bottom), ("width", source.width, left, right)):
+            # the canvas also grows (bottom/right) to the size multiple: that side's mask takes the overlap too
+            if (low or high or (size + low + high) % multiple) and overlap > size:
+                raise InvalidInputError(
+                    f"overlap={overlap} is larger than the image {side} ({size} pixels) the canvas extends: "
+                    f"pass an overlap of at most {size}"
+                )
+        painted, mask = canvas.outpaint_canvas(np.asarray(source), left, right, top, bottom, overlap, multiple)
         return self.inpaint(prompt, Image.fromarray(painted), Image.fromarray(mask), mask_blur=mask_blur, **options)
 
     def upscale(
@@ -606,9 +615,9 @@ class Pipeline:
         progress: ProgressCallback | None,
     ) -> _Run:
         """Validate the options every pipeline shares and set up the noise source."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [prompt] if isinstance(prompt, str) else (_many(prompt) or [])
         if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise InvalidInputError("prompt must be a string or a non-empty list of strings")
+            raise InvalidInputError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise InvalidInputError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
         if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
@@ -762,12 +771,19 @@ def _check_lora_scale(scale: float) -> None:
         raise InvalidInputError(f"a LoRA scale must be a finite number, got {scale!r}")
 
 
-def _negative_prompts(negative_prompt: str | Sequence[str] | None, count: int) -> list[str]:
-    if negative_prompt is None:
-        return [""] * count
+def _many(value: object) -> list[Any] | None:
+    """The items of a list (or other iterable) of prompts; None for what is not iterable (None, a number)."""
+    return list(value) if isinstance(value, Iterable) else None
+
+
+def _negative_prompts(negative_prompt: str | Sequence[str], count: int) -> list[str]:
     if isinstance(negative_prompt, str):
         return [negative_prompt] * count
-    negatives = list(negative_prompt)
+    negatives = _many(negative_prompt)
+    if negatives is None or not all(isinstance(n, str) for n in negatives):
+        raise InvalidInputError(
+            f"negative_prompt must be a string or a list of strings, one per prompt; got {negative_prompt!r}"
+        )
     if len(negatives) != count:
         raise InvalidInputError(f"{len(negatives)} negative prompts for {count} prompts: give one per prompt")
     return negatives
@@ -820,10 +836,30 @@ def _check_strength(strength: float) -> None:
         raise InvalidInputError(f"strength must be a number from 0 to 1, got {strength!r}")
 
 
+def _check_mask_blur(mask_blur: float) -> None:
+    if (
+        isinstance(mask_blur, bool)
+        or not isinstance(mask_blur, (int, float))
+        or not math.isfinite(mask_blur)
+        or mask_blur < 0
+    ):
+        raise InvalidInputError(f"mask_blur must be a number >= 0, got {mask_blur!r}")
+
+
+def _require_a_step(sched: Scheduler, start: int, steps: int, strength: float) -> None:
+    """Inpainting needs at least one denoising step: without one the masked area would be left as pure noise."""
+    if start >= len(sched.timesteps):
+        raise InvalidInputError(
+            f"strength {strength!r} is too small: no denoising step would run with {steps} steps "
+            f"(int({steps} * {strength!r}) = 0); raise strength or num_inference_steps"
+        )
+
+
 def _start_index(sched: Scheduler, steps: int, strength: float) -> int:
     """The timestep index img2img/inpaint start at: diffusers' get_timesteps (only int(steps * strength) run).
 
-    len(sched.timesteps) means no step runs.
+    len(sched.timesteps) means no step runs: img2img then returns the VAE round trip, inpaint refuses it
+    (_require_a_step).
     """
     init_steps = min(int(steps * strength), steps)
     if init_steps == 0:

@@ -39,14 +39,10 @@ logger = logging.getLogger("sdtrt.runtime.tokenizer")
 
 DEFAULT_MAX_LENGTH = 77  # CLIP's text context; used when tokenizer_config.json does not set it
 END_OF_WORD = "</w>"
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"  # CLIP's start- and end-of-text tokens
 _NO_RANK = 1 << 62  # above every merge rank
 _NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")  # transformers' order
-_DEFAULT_TOKENS = {
-    "bos_token": "<|startoftext|>",
-    "eos_token": "<|endoftext|>",
-    "unk_token": "<|endoftext|>",
-    "pad_token": "<|endoftext|>",
-}
+_DEFAULT_TOKENS = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
 
 
 @dataclass(frozen=True)
@@ -446,8 +442,11 @@ def _nfc(text: str) -> str:
     return "".join(parts)
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from bytes to printable characters (BPE never sees raw bytes)."""
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters (BPE never sees raw bytes).
+
+    The one definition: the exporter's vocabulary writer (sdtrt.export.clip_vocab) imports it from here.
+    """
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars = printable[:]
     for b in range(256):
@@ -616,5 +615,5 @@ _CLIP_SPLIT_ASCII = regex.compile(
 _BYTE_LEVEL_SPLIT = regex.compile(
     rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{_L}]+| ?[{_N}]+| ?[^{_WS}{_L}{_N}]+|[{_WS}]+(?![^{_WS}])|[{_WS}]+"
 )
-_BYTE_TO_CHAR = _bytes_to_unicode()  # also a str.translate table: chr(b) -> stand-in
+_BYTE_TO_CHAR = bytes_to_unicode()  # also a str.translate table: chr(b) -> stand-in
 _CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}

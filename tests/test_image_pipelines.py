@@ -306,6 +306,19 @@ def test_missing_vae_encoder_names_the_export_command(no_encoder_export: Path) -
         (lambda p: p.img2img(PROMPT, _test_image(8, 8)), "smaller than this model's size step of 16"),
         (lambda p: p.inpaint(PROMPT, _test_image(), _box_mask(128, 256)), "mask is 256x128 but the image is 256x256"),
         (lambda p: p.inpaint(PROMPT, _test_image(), _box_mask(), mask_blur=-1), "mask_blur must be a number >= 0"),
+        (lambda p: p.inpaint(PROMPT, _test_image(), _box_mask(), mask_blur="2"), "mask_blur must be a number >= 0"),
+        (lambda p: p.inpaint(PROMPT, _test_image(), _box_mask(), mask_blur=None), "mask_blur must be a number >= 0"),
+        (
+            lambda p: p.inpaint(PROMPT, _test_image(), _box_mask(), strength=0.05, num_inference_steps=10),
+            r"strength 0.05 is too small: no denoising step would run with 10 steps",
+        ),
+        (lambda p: p.inpaint(None, _test_image(), _box_mask()), "prompt must be a string"),
+        (lambda p: p.outpaint(PROMPT, _test_image(64, 64), left=32, overlap=65), r"overlap=65 is larger .* width \(64"),
+        # 40 rows grow to 48 (the size multiple), so the bottom edge takes the overlap too
+        (
+            lambda p: p.outpaint(PROMPT, _test_image(40, 64), left=16, overlap=48),
+            r"overlap=48 is larger than the image height \(40",
+        ),
         (lambda p: p.outpaint(PROMPT, _test_image()), "needs an extension > 0"),
         (lambda p: p.outpaint(PROMPT, _test_image(), left=-8), "left must be an integer >= 0"),
         (lambda p: p.outpaint(PROMPT, _test_image(), top=200), "at most 128 pixels"),

@@ -134,11 +134,20 @@ def test_truncated_prompt_warns(pipe: Pipeline, caplog: pytest.LogCaptureFixture
         ({"seed": -1}, "seed must be an integer"),
         ({"negative_prompt": ["a", "b"]}, "2 negative prompts for 1 prompts"),
         ({"latents": np.zeros((1, 4, 8, 8), np.float32)}, "latents have shape"),
+        ({"latents": [[0.0]]}, "latents must be a NumPy array"),
+        ({"negative_prompt": 3}, "negative_prompt must be a string or a list of strings"),
+        ({"negative_prompt": [None]}, "negative_prompt must be a string or a list of strings"),
     ],
 )
 def test_bad_requests_are_one_clear_error(pipe: Pipeline, kwargs: dict, message: str) -> None:
     with pytest.raises(InvalidInputError, match=message):
         pipe.txt2img(PROMPT, **{"num_inference_steps": 2, **kwargs})
+
+
+@pytest.mark.parametrize("prompt", [None, 42, [], ["a", None]])
+def test_bad_prompts_are_one_clear_error(pipe: Pipeline, prompt) -> None:
+    with pytest.raises(InvalidInputError, match="prompt must be a string or a non-empty list of strings"):
+        pipe.txt2img(prompt, num_inference_steps=2)
 
 
 def test_bad_folders(tmp_path: Path) -> None:

@@ -437,3 +437,15 @@ def test_runtime_imports_no_ml_framework():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_one_byte_map_shared_with_the_exporter():
+    from sdtrt.export import clip_vocab
+
+    assert clip_vocab.bytes_to_unicode is tokmod.bytes_to_unicode
+    assert (clip_vocab.BOS, clip_vocab.EOS, clip_vocab.END_OF_WORD) == (BOS, EOS, "</w>")
+    table = tokmod.bytes_to_unicode()
+    assert sorted(table) == list(range(256)) and len(set(table.values())) == 256
+    assert table == tokmod._BYTE_TO_CHAR
+    code = "import sys, sdtrt.runtime.tokenizer; assert 'sdtrt.export' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
