@@ -1,4 +1,4 @@
-"""CUDA through cuda-bindings: device info, device buffers, pinned host staging, streams, events, graphs.
+"""CUDA through cuda-bindings: device info, device buffers, pinned host staging, streams, graphs.
 
 Every object here owns one CUDA resource and frees it in ``close()`` (idempotent), so a session
 can release its memory deterministically instead of waiting for the garbage collector.
@@ -121,26 +121,6 @@ class Stream:
             self.handle = None
 
 
-class Event:
-    """A CUDA event: recorded on a stream, it times GPU work between two points."""
-
-    def __init__(self) -> None:
-        self.handle = check(cudart().cudaEventCreate(), "cudaEventCreate")
-
-    def record(self, stream: Stream) -> None:
-        check(cudart().cudaEventRecord(self.handle, stream.handle), "cudaEventRecord")
-
-    def elapsed_ms(self, start: Event) -> float:
-        """Milliseconds of GPU time from ``start`` to this event (waits for this event)."""
-        check(cudart().cudaEventSynchronize(self.handle), "cudaEventSynchronize")
-        return float(check(cudart().cudaEventElapsedTime(start.handle, self.handle), "cudaEventElapsedTime"))
-
-    def close(self) -> None:
-        if self.handle is not None:
-            check(cudart().cudaEventDestroy(self.handle), "cudaEventDestroy")
-            self.handle = None
-
-
 def copy_to_device(dst: DeviceBuffer, src: PinnedBuffer, nbytes: int, stream: Stream) -> None:
     rt = cudart()
     kind = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
@@ -166,8 +146,12 @@ class CudaGraph:
         check(rt.cudaStreamBeginCapture(stream.handle, mode), "cudaStreamBeginCapture")
         try:
             enqueue()
-        finally:  # always end the capture, or the stream stays unusable
+        except BaseException:  # still end the capture, or the stream stays unusable, and free what it made
             error, graph = rt.cudaStreamEndCapture(stream.handle)
+            if error == rt.cudaError_t.cudaSuccess:
+                rt.cudaGraphDestroy(graph)  # best effort: the enqueue's error is the one to report
+            raise
+        error, graph = rt.cudaStreamEndCapture(stream.handle)
         check((error,), "cudaStreamEndCapture")
         try:
             self.handle = check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
@@ -195,9 +179,6 @@ class GraphCache:
         self.stream = stream
         self.name = name
         self._graphs: dict[Hashable, CudaGraph | None] = {}
-
-    def __contains__(self, key: Hashable) -> bool:
-        return key in self._graphs
 
     def __len__(self) -> int:
         return sum(graph is not None for graph in self._graphs.values())

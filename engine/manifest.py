@@ -80,13 +80,6 @@ class Component:
         profile = {str(k): (int(v[0]), int(v[1]), int(v[2])) for k, v in d["profile"].items()}
         return cls(files=files, profile=profile)
 
-    def profile_shapes(self, precision: str) -> dict[str, tuple[tuple[int, ...], ...]]:
-        """Per input name: its (min, opt, max) shapes under the default profile."""
-        return {
-            spec.name: tuple(spec.bind({k: v[i] for k, v in self.profile.items()}) for i in range(3))
-            for spec in self.files[precision].inputs
-        }
-
 
 @dataclass(frozen=True)
 class Manifest:

@@ -185,11 +185,9 @@ def check_profile(manifest: Manifest, spec: ProfileSpec) -> None:
 
 def component_dims(manifest: Manifest, component: str, spec: ProfileSpec) -> dict[str, Range]:
     """(min, opt, max) of each dynamic dimension of ``component`` under ``spec``."""
-    if component not in manifest.components:
-        raise ManifestError(f"this artifact folder has no {component} (it has {sorted(manifest.components)})")
     f = manifest.vae_scale_factor
     images = {
-        "batch": _batch_range(component, spec),
+        "batch": _batch_range(manifest, component, spec),
         "height": spec.height,
         "width": spec.width,
         "latent_height": tuple(px // f for px in spec.height),
@@ -203,15 +201,17 @@ def component_dims(manifest: Manifest, component: str, spec: ProfileSpec) -> dic
     return dims
 
 
-def _batch_range(component: str, spec: ProfileSpec) -> Range:
+def _batch_range(manifest: Manifest, component: str, spec: ProfileSpec) -> Range:
     lo, opt, hi = spec.batch
     factor = 2 if spec.cfg else 1
     if component == "unet":  # (2B, ...) with CFG; a dynamic profile also keeps B for guidance <= 1
         if spec.static:
             return factor * lo, factor * opt, factor * hi
         return lo, factor * opt, factor * hi
-    if component == "text_encoder":  # prompts and negative prompts, separately or together
+    if component in manifest.tokenizers:  # every text encoder: once per prompt, then per negative prompt
         return 1, opt, factor * hi
+    if component == "vae_encoder":  # one source (or masked) image, repeated in latent space
+        return 1, 1, hi
     return lo, opt, hi
 
 
@@ -397,7 +397,7 @@ def suggest_profile(manifest: Manifest, component: str, dims: Mapping[str, int],
     if component == "unet":
         cfg = cfg and batch % 2 == 0  # an odd UNet batch is a run without guidance
         batch = batch // 2 if cfg else batch
-    elif component == "text_encoder" and cfg:
+    elif component in manifest.tokenizers and cfg:
         batch = math.ceil(batch / 2)
     return ProfileSpec((height,) * 3, (width,) * 3, (batch,) * 3, cfg)
 

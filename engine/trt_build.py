@@ -201,7 +201,11 @@ def build_plan(
         profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(profile)
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):  # e.g. a cache from another GPU
+        log.warning("%s does not fit this GPU or TensorRT; building with an empty timing cache", timing_cache)
+        cache = config.create_timing_cache(b"")
+        if not config.set_timing_cache(cache, ignore_mismatch=False):
+            raise EngineBuildError("TensorRT refused an empty timing cache (its log above says why)")
     if progress:
         config.progress_monitor = _progress_monitor(trt)
 

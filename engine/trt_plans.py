@@ -75,7 +75,7 @@ def read_candidates(directory: Path) -> dict[str, tuple[PlanMeta, int | None]]:
     for sidecar in sorted(directory.glob("*.json")):
         try:
             meta = PlanMeta.from_dict(json.loads(sidecar.read_text(encoding="utf-8")))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("ignoring unreadable plan sidecar %s: %s", sidecar, exc)
             continue
         plan = directory / meta.plan_name

@@ -84,7 +84,6 @@ class TensorRTSession:
         scope: cuda.DeviceScope,
     ) -> None:
         self.name = meta.component
-        self.last_gpu_ms = 0.0  # GPU time of the last run, from CUDA events
         self._meta = meta
         self._folder = folder
         self._manifest = manifest
@@ -107,6 +106,10 @@ class TensorRTSession:
                 f"TensorRT could not load {plan_path}; rebuild it: {self._meta.profile.command(self._folder)} --force"
             )
         context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if context is None:
+            raise BackendUnavailableError(
+                f"TensorRT could not create an execution context for {plan_path} (its log above says why)"
+            )
         self._resources.callback(self._drop_trt_objects)  # context before engine before runtime
         self._runtime, self._engine, self._context = runtime, engine, context
         self._scope.activations.reserve(engine.device_memory_size_v2)
@@ -146,7 +149,6 @@ class TensorRTSession:
         self._context_key: tuple | None = None  # the input shapes the context is set to
         self._output_shapes: dict[tuple, dict[str, tuple[int, ...]]] = {}
         self._graphs = self._own(cuda.GraphCache(self._stream, self.name))
-        self._start, self._end = self._own(cuda.Event()), self._own(cuda.Event())
         self._resources.callback(self._stream.synchronize)  # on close: nothing in flight before freeing
         log.debug("loaded %s (%s, %s)", plan_path, self._meta.precision, self._meta.profile.describe())
 
@@ -195,15 +197,12 @@ class TensorRTSession:
             staged = self._host[n].array(shape, self._dtypes[n])
             np.copyto(staged, feeds[n])
             cuda.copy_to_device(self._device[n], self._host[n], staged.nbytes, self._stream)
-        self._start.record(self._stream)
         self._graphs.run(key, self._enqueue)
-        self._end.record(self._stream)
         results = {}
         for n, shape in self._output_shapes[key].items():
             results[n] = self._host[n].array(shape, self._dtypes[n])
             cuda.copy_to_host(self._host[n], self._device[n], results[n].nbytes, self._stream)
         self._stream.synchronize()
-        self.last_gpu_ms = self._end.elapsed_ms(self._start)
         return {n: staged.copy() for n, staged in results.items()}  # the caller owns them
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:

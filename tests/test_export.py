@@ -13,6 +13,7 @@ import torch
 
 from sdtrt.engine.errors import ExportError
 from sdtrt.engine.manifest import load_manifest
+from sdtrt.engine.profiles import input_shapes
 from sdtrt.export import exporter, networks
 from sdtrt.export.onnx_export import onnx_digest
 
@@ -100,7 +101,11 @@ def test_manifest_describes_the_export(tiny_export: Path, tiny_model_dir: Path) 
         assert 1 == lo <= opt <= hi
     unet = manifest.components["unet"]
     assert unet.profile["latent_height"] == (16, 32, 64)
-    assert unet.profile_shapes("fp32")["sample"] == ((1, 4, 16, 16), (2, 4, 32, 32), (8, 4, 64, 64))
+    assert input_shapes(unet.files["fp32"].inputs, unet.profile)["sample"] == (
+        (1, 4, 16, 16),
+        (2, 4, 32, 32),
+        (8, 4, 64, 64),
+    )
     assert {"vocab.json", "merges.txt"} <= {p.name for p in (tiny_export / "tokenizer").iterdir()}
     fp16_unet = {s.name: s.dtype for s in manifest.component_file("unet", "fp16").inputs}
     assert fp16_unet == {"sample": "float16", "timestep": "float32", "encoder_hidden_states": "float16"}

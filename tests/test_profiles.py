@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,7 @@ from sdtrt.engine.profiles import (
     suggest_profile,
 )
 from sdtrt.engine.session import TensorSpec
+from sdtrt.engine.trt_plans import read_candidates
 
 LATENT = ("batch", 4, "latent_height", "latent_width")
 H100 = RuntimeInfo("10.8.0.43", (9, 0), "NVIDIA H100 80GB HBM3")
@@ -228,6 +231,26 @@ def test_select_plan_takes_the_newest_loadable() -> None:
     assert select_plan({}, "unet", "fp16", "sha-fp16", H100) == (None, [])
 
 
+def test_unreadable_sidecars_are_skipped_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    good = _meta()
+    (tmp_path / good.sidecar_name).write_text(json.dumps(good.to_dict()), encoding="utf-8")
+    (tmp_path / good.plan_name).write_bytes(b"x" * 1000)
+    broken = {
+        "list-shapes.json": {**good.to_dict(), "shapes": [1, 2]},
+        "string-profile.json": {**good.to_dict(), "profile": "static"},
+        "list-profile.json": {**good.to_dict(), "profile": [512, 512]},
+        "short.json": {"component": "unet"},
+        "not-json.json": "{",
+        "list.json": [],
+    }
+    for name, content in broken.items():
+        (tmp_path / name).write_text(content if isinstance(content, str) else json.dumps(content), encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="sdtrt.engine.trt_plans"):
+        assert read_candidates(tmp_path) == {good.sidecar_name: (good, 1000)}
+    warned = sorted(r.getMessage().split(": ")[0] for r in caplog.records)
+    assert warned == sorted(f"ignoring unreadable plan sidecar {tmp_path / name}" for name in broken)
+
+
 def test_request_outside_the_profile(sd15: Manifest) -> None:
     built = static_profile(sd15, (512, 512), batch=1)
     inputs = sd15.components["unet"].files["fp16"].inputs
@@ -263,3 +286,84 @@ def test_suggested_profiles(sd15: Manifest) -> None:
     assert suggest_profile(sd15, "vae_decoder", dims, built) == static_profile(sd15, (768, 512), 2)
     dims = {"batch": 1, "height": 1280, "width": 1280}
     assert suggest_profile(sd15, "vae_encoder", dims, built) == static_profile(sd15, (1280, 1280), 1)
+
+
+@pytest.fixture(scope="module")
+def sdxl() -> Manifest:
+    """A manifest shaped like SDXL base's export: two text encoders, the second one pooled."""
+    side = (64, 128, 128)
+    hidden = ("batch", 77, 2048)
+    components = {
+        "text_encoder": _component(
+            [TensorSpec("input_ids", "int32", ("batch", 77))],
+            [TensorSpec("hidden_states", "float32", ("batch", 77, 768))],
+            {"batch": (1, 1, 4)},
+        ),
+        "text_encoder_2": _component(
+            [TensorSpec("input_ids", "int32", ("batch", 77))],
+            [
+                TensorSpec("hidden_states", "float32", ("batch", 77, 1280)),
+                TensorSpec("text_embeds", "float32", ("batch", 1280)),
+            ],
+            {"batch": (1, 1, 4)},
+        ),
+        "unet": _component(
+            [
+                TensorSpec("sample", "float32", LATENT),
+                TensorSpec("timestep", "float32", ("batch",)),
+                TensorSpec("encoder_hidden_states", "float32", hidden),
+                TensorSpec("text_embeds", "float32", ("batch", 1280)),
+                TensorSpec("time_ids", "float32", ("batch", 6)),
+            ],
+            [TensorSpec("noise_pred", "float32", LATENT)],
+            {"batch": (1, 2, 8), "latent_height": side, "latent_width": side},
+        ),
+        "vae_decoder": _component(
+            [TensorSpec("latent", "float32", LATENT)],
+            [TensorSpec("image", "float32", ("batch", 3, "height", "width"))],
+            {"batch": (1, 1, 4), "latent_height": side, "latent_width": side},
+        ),
+        "vae_encoder": _component(
+            [TensorSpec("image", "float32", ("batch", 3, "height", "width"))],
+            [TensorSpec("latent_moments", "float32", ("batch", 8, "latent_height", "latent_width"))],
+            {"batch": (1, 1, 4), "height": (512, 1024, 1024), "width": (512, 1024, 1024)},
+        ),
+    }
+    return Manifest(
+        family="sdxl",
+        prediction_type="epsilon",
+        vae_scaling_factor=0.13025,
+        vae_scale_factor=8,
+        size_multiple=64,
+        latent_channels=4,
+        default_height=1024,
+        default_width=1024,
+        text_max_length=77,
+        scheduler={"_class_name": "EulerDiscreteScheduler"},
+        components=components,
+        tokenizers={"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"},
+    )
+
+
+def test_static_batch_serves_every_text_encoder_and_one_source_image(sdxl: Manifest) -> None:
+    # txt2img with num_images=2 encodes the one prompt with both text encoders (batch 1, then 1 negative);
+    # img2img encodes its one source image: a static batch 2 must still take batch 1 there
+    spec = static_profile(sdxl, (1024, 1024), batch=2)
+    assert component_dims(sdxl, "unet", spec)["batch"] == (4, 4, 4)
+    assert component_dims(sdxl, "text_encoder", spec) == {"batch": (1, 2, 4)}
+    assert component_dims(sdxl, "text_encoder_2", spec) == {"batch": (1, 2, 4)}
+    assert component_dims(sdxl, "vae_encoder", spec)["batch"] == (1, 1, 2)
+    assert component_dims(sdxl, "vae_decoder", spec)["batch"] == (2, 2, 2)
+    inputs = sdxl.components["text_encoder_2"].files["fp16"].inputs
+    assert input_shapes(inputs, component_dims(sdxl, "text_encoder_2", spec)) == {
+        "input_ids": ((1, 77), (2, 77), (4, 77))
+    }
+    inputs = sdxl.components["vae_encoder"].files["fp16"].inputs
+    image = input_shapes(inputs, component_dims(sdxl, "vae_encoder", spec))["image"]
+    assert image == ((1, 3, 1024, 1024), (1, 3, 1024, 1024), (2, 3, 1024, 1024))
+
+    plain = static_profile(sdxl, (1024, 1024), batch=2, cfg=False)
+    assert component_dims(sdxl, "text_encoder_2", plain) == {"batch": (1, 2, 2)}
+    # the hint for a second text encoder halves a CFG batch as for the first
+    built = dynamic_profile(sdxl)
+    assert suggest_profile(sdxl, "text_encoder_2", {"batch": 5}, built) == static_profile(sdxl, (1024, 1024), 3)
