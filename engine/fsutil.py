@@ -53,6 +53,8 @@ def atomic_dir(final: str | os.PathLike[str], overwrite: bool = False) -> Iterat
     final = Path(final)
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} already exists (pass overwrite to replace it)")
+    if final.exists() and not final.is_dir():
+        raise FileExistsError(f"{final} exists and is not a folder (overwrite replaces a folder only)")
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -19,7 +20,15 @@ from sdtrt.engine.errors import ExportError
 from sdtrt.engine.fsutil import atomic_dir, sha256_file, sha256_tree
 from sdtrt.engine.manifest import COMPONENTS, PRECISIONS, Component, ComponentFile, Manifest
 from sdtrt.export import networks, single_file
-from sdtrt.export.onnx_export import DEFAULT_OPSET, convert_fp16, export_fp32, onnx_digest, onnx_files
+from sdtrt.export.onnx_export import (
+    DEFAULT_OPSET,
+    MAX_OPSET,
+    MIN_OPSET,
+    convert_fp16,
+    export_fp32,
+    onnx_digest,
+    onnx_files,
+)
 from sdtrt.export.weight_map import map_path
 
 log = logging.getLogger(__name__)
@@ -125,9 +134,13 @@ def export_model(
     bad = [p for p in precisions if p not in PRECISIONS] + [c for c in components or () if c not in COMPONENTS]
     if bad or not precisions or (components is not None and not components):
         raise ExportError(f"unknown precision or component {bad} (precisions {PRECISIONS}, components {COMPONENTS})")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"opset {opset} is not supported (use an ONNX opset from {MIN_OPSET} to {MAX_OPSET})")
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ExportError(f"{out_dir} already exists (use --overwrite to replace it)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir} is not a folder (--overwrite replaces an export folder only)")
     if Path(model).is_file():
         resolved = single_file.converted_checkpoint(
             model, out_dir, config=config, prediction_type=prediction_type, allow_pickle=allow_pickle
@@ -201,6 +214,10 @@ def _export_folder(
         "vae_encoder": networks.vae_encoder_spec(geometry),
     }
 
+    @functools.cache
+    def load_vae() -> torch.nn.Module:  # one load for both vae_decoder and vae_encoder
+        return diffusers.AutoencoderKL.from_pretrained(source / "vae")
+
     def load(name: str) -> torch.nn.Module:
         if name in text_configs:
             encoder_class = getattr(transformers, model_index[name][1])  # CLIPTextModel(WithProjection)
@@ -208,7 +225,7 @@ def _export_folder(
         if name == "unet":
             extra = tuple(s.name for s in unet_spec.inputs[3:])
             return networks.UNetNet(diffusers.UNet2DConditionModel.from_pretrained(source / "unet"), extra)
-        vae = diffusers.AutoencoderKL.from_pretrained(source / "vae")
+        vae = load_vae()
         return networks.VaeDecoderNet(vae) if name == "vae_decoder" else networks.VaeEncoderNet(vae)
 
     if components is None:
@@ -218,7 +235,7 @@ def _export_folder(
         raise ExportError(f"{source} has no {', '.join(missing)} to export")
     exported: dict[str, Component] = {}
     steps = tqdm(components, desc="export", unit="network", disable=not progress)
-    with atomic_dir(out_dir, overwrite=overwrite) as staging, torch.no_grad():
+    with atomic_dir(out_dir, overwrite=overwrite) as staging:  # export_fp32 traces under no_grad
         for name in steps:
             steps.set_postfix_str(name)
             spec = specs[name]

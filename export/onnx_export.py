@@ -21,6 +21,11 @@ from sdtrt.export.weight_map import LORA_NETWORKS, map_path, match_weights, relo
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
+MIN_OPSET = 17  # the lowest opset the exported networks are built and tested for (README)
+try:  # the highest opset torch.onnx can write
+    from torch.onnx._constants import ONNX_MAX_OPSET as MAX_OPSET
+except ImportError:  # a private module: where it is gone, the TorchScript exporter's long-standing maximum
+    MAX_OPSET = 20
 PROTOBUF_LIMIT = 2**31 - 1  # a ModelProto above 2 GiB must keep its weights in external data
 
 

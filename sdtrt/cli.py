@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sdtrt.engine.errors import SdtrtError
+from sdtrt.engine.errors import ManifestError, SdtrtError
 
 log = logging.getLogger("sdtrt")
 
@@ -322,8 +322,12 @@ def _demo(root: Path, prompt: str, steps: int, guidance: float, seed: int, grid:
     from sdtrt.export.exporter import export_model, source_hash
 
     model, export_dir = demo_model_dir(), root / "tiny-sd-onnx"
-    exported = (export_dir / "manifest.json").is_file()
-    if not exported or load_manifest(export_dir).source.get("sha256") != source_hash(model):  # none, or stale
+    try:  # none, another format_version, or from another model: stale
+        current = load_manifest(export_dir).source.get("sha256") == source_hash(model)
+    except ManifestError as exc:
+        log.debug("re-exporting the demo model: %s", exc)
+        current = False
+    if not current:
         log.info("exporting the embedded demo model to %s", export_dir)
         export_model(model, export_dir, overwrite=True, progress=not quiet)
     if grid:
@@ -401,6 +405,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "demo":
             _demo(args.root, args.prompt, args.steps, args.guidance, args.seed, args.grid, args.quiet)
     except SdtrtError as exc:
+        print(f"sdtrt: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an output path that cannot be written: a folder, under a file, no permission
         print(f"sdtrt: error: {exc}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:

@@ -198,3 +198,29 @@ def test_image_command_errors(tiny_export: Path, tmp_path: Path) -> None:
     result = _sdtrt("outpaint", str(tiny_export), str(_picture(tmp_path / "in.png")), "a cat")
     assert result.returncode == 2 and "needs an extension > 0" in result.stderr
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "out.png").exists()
+
+
+def test_output_path_errors_are_one_line(tiny_export: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("a file")
+    runs = [
+        ("generate", str(tiny_export), "a cat", "--steps", "2", "-o", str(tmp_path)),  # a folder
+        ("generate", str(tiny_export), "a cat", "--steps", "2", "-o", str(tmp_path / "file" / "x.png")),
+        ("export", str(tiny_model_dir), "--out", "/proc/sdtrt-test", "--components", "vae_decoder"),
+    ]
+    for args in runs:
+        result = _sdtrt("-q", *args)
+        assert result.returncode == 2, args
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("sdtrt: error: "), (args, result.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_demo_re_exports_a_manifest_of_another_format(tmp_path: Path) -> None:
+    from sdtrt.engine.manifest import load_manifest
+
+    export_dir = tmp_path / "demo" / "tiny-sd-onnx"
+    export_dir.mkdir(parents=True)
+    (export_dir / "manifest.json").write_text('{"format_version": 999}')
+    assert main(["-q", "demo", "--root", str(tmp_path / "demo"), "--steps", "2"]) == 0
+    assert load_manifest(export_dir).components  # the current format again
+    assert (tmp_path / "demo" / "demo.png").is_file()

@@ -147,3 +147,12 @@ def test_ort_cpu_session(tiny_export: Path) -> None:
     with pytest.raises(InvalidInputError, match="float16, expected float32"):
         session.run({"latent": latent.astype(np.float16)})
     session.close()
+
+
+def test_atomic_dir_refuses_to_overwrite_a_file(tmp_path: Path) -> None:
+    final = tmp_path / "out"
+    final.write_text("a file")
+    with pytest.raises(FileExistsError, match="is not a folder"), fsutil.atomic_dir(final, overwrite=True):
+        pytest.fail("atomic_dir yielded for a file")
+    assert final.read_text() == "a file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no hidden .out.old-PID or staging folder

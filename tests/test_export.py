@@ -160,3 +160,36 @@ def test_hub_id_without_network_is_one_clear_error(tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ExportError, match="could not fetch 'no-such-org/no-such-model'"):
         exporter.export_model("no-such-org/no-such-model", tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("opset", [3, 12, 25])
+def test_export_refuses_an_unsupported_opset(tiny_model_dir: Path, tmp_path: Path, opset: int) -> None:
+    with pytest.raises(ExportError, match=f"opset {opset} is not supported"):
+        exporter.export_model(tiny_model_dir, tmp_path / "out", opset=opset, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_to_overwrite_a_file(tiny_model_dir: Path, tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    target.write_text("not an export")
+    with pytest.raises(ExportError, match="is not a folder"):
+        exporter.export_model(tiny_model_dir, target, overwrite=True, progress=False)
+    assert target.read_text() == "not an export"
+    assert _leftovers(tmp_path) == []
+
+
+def test_the_vae_is_loaded_once(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import diffusers
+
+    loads = []
+    original = diffusers.AutoencoderKL.from_pretrained
+
+    def counting(*args, **kwargs):
+        loads.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(diffusers.AutoencoderKL, "from_pretrained", counting)
+    out = tmp_path / "out"
+    exporter.export_model(tiny_model_dir, out, components=("vae_decoder", "vae_encoder"), progress=False)
+    assert len(loads) == 1
+    assert set(load_manifest(out).components) == {"vae_decoder", "vae_encoder"}

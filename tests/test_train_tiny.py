@@ -39,3 +39,23 @@ def test_the_saved_folder_is_a_float16_diffusers_pipeline(tmp_path: Path) -> Non
     assert pipe.vae.config.scaling_factor != 0.18215  # measured on the trained VAE's latents
     assert (out / "training.json").is_file()
     assert not (out / "tokenizer" / "tokenizer.json").exists()  # CLIP's own vocab.json + merges.txt only
+
+
+def test_main_refuses_an_existing_out_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    def no_training(*args, **kwargs):
+        pytest.fail("train() ran")
+
+    monkeypatch.setattr(tiny, "train", no_training)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("a file")
+    for args, message in [
+        (["--out", str(tmp_path / "folder")], "already exists (use --overwrite to replace it)"),
+        (["--out", str(tmp_path / "file")], "already exists (use --overwrite to replace it)"),
+        (["--out", str(tmp_path / "file"), "--overwrite"], "is not a folder"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            tiny.main(args)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err

@@ -318,6 +318,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
     args = vars(parser.parse_args(argv))
     out, overwrite = args.pop("out"), args.pop("overwrite")
+    if out.exists() and not overwrite:  # atomic_dir would refuse it too, but only after the training
+        parser.error(f"{out} already exists (use --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        parser.error(f"{out} is not a folder (--overwrite replaces a folder only)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     train(out, Settings(**args), overwrite=overwrite)
     log.info("wrote %s", out)
