@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -289,58 +290,22 @@ def test_suggested_profiles(sd15: Manifest) -> None:
 
 
 @pytest.fixture(scope="module")
-def sdxl() -> Manifest:
-    """A manifest shaped like SDXL base's export: two text encoders, the second one pooled."""
-    side = (64, 128, 128)
-    hidden = ("batch", 77, 2048)
-    components = {
-        "text_encoder": _component(
-            [TensorSpec("input_ids", "int32", ("batch", 77))],
-            [TensorSpec("hidden_states", "float32", ("batch", 77, 768))],
-            {"batch": (1, 1, 4)},
-        ),
-        "text_encoder_2": _component(
-            [TensorSpec("input_ids", "int32", ("batch", 77))],
-            [
-                TensorSpec("hidden_states", "float32", ("batch", 77, 1280)),
-                TensorSpec("text_embeds", "float32", ("batch", 1280)),
-            ],
-            {"batch": (1, 1, 4)},
-        ),
-        "unet": _component(
-            [
-                TensorSpec("sample", "float32", LATENT),
-                TensorSpec("timestep", "float32", ("batch",)),
-                TensorSpec("encoder_hidden_states", "float32", hidden),
-                TensorSpec("text_embeds", "float32", ("batch", 1280)),
-                TensorSpec("time_ids", "float32", ("batch", 6)),
-            ],
-            [TensorSpec("noise_pred", "float32", LATENT)],
-            {"batch": (1, 2, 8), "latent_height": side, "latent_width": side},
-        ),
-        "vae_decoder": _component(
-            [TensorSpec("latent", "float32", LATENT)],
-            [TensorSpec("image", "float32", ("batch", 3, "height", "width"))],
-            {"batch": (1, 1, 4), "latent_height": side, "latent_width": side},
-        ),
-        "vae_encoder": _component(
-            [TensorSpec("image", "float32", ("batch", 3, "height", "width"))],
-            [TensorSpec("latent_moments", "float32", ("batch", 8, "latent_height", "latent_width"))],
-            {"batch": (1, 1, 4), "height": (512, 1024, 1024), "width": (512, 1024, 1024)},
-        ),
-    }
-    return Manifest(
+def sdxl(sd15: Manifest) -> Manifest:
+    """The SD 1.5-shaped manifest with SDXL's second, pooled text encoder, its tokenizer and 1024 px native size."""
+    text_encoder_2 = _component(
+        [TensorSpec("input_ids", "int32", ("batch", 77))],
+        [
+            TensorSpec("hidden_states", "float32", ("batch", 77, 1280)),
+            TensorSpec("text_embeds", "float32", ("batch", 1280)),
+        ],
+        {"batch": (1, 1, 4)},
+    )
+    return dataclasses.replace(
+        sd15,
         family="sdxl",
-        prediction_type="epsilon",
-        vae_scaling_factor=0.13025,
-        vae_scale_factor=8,
-        size_multiple=64,
-        latent_channels=4,
         default_height=1024,
         default_width=1024,
-        text_max_length=77,
-        scheduler={"_class_name": "EulerDiscreteScheduler"},
-        components=components,
+        components={**sd15.components, "text_encoder_2": text_encoder_2},
         tokenizers={"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"},
     )
 
