@@ -1,0 +1,66 @@
+"""One table of per-network facts, read by the export, the engine and the runtime alike.
+
+Each network of a Stable Diffusion pipeline is one record: how its batch follows the images of a
+request under classifier-free guidance, whether LoRA may change its weights (the export then
+writes a weight map beside it), whether its fp16 output is checked and recomputed at fp32, and the
+tokenizer folder of a text encoder. The shapes of its inputs and outputs depend on the model and
+live in the manifest (written from the export's NetworkSpec); its default engine profile follows
+from the rules here and the model's native size (engine/profiles.py). A new network is a new
+record, not an edit in six lists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Range = tuple[int, int, int]  # (min, opt, max)
+
+# How a network's batch follows the images of a request (B = prompts x images per prompt):
+#   "cfg": the UNet runs both halves of a CFG step as one batch: 2B with guidance, else B;
+#   "prompts": text encoders see the prompts, then the negative prompts: 1 .. 2B;
+#   "source": the VAE encoder sees one source (or masked) image, repeated in latent space: 1 .. B;
+#   "images": one row per image (the VAE decoder).
+BatchRule = Literal["cfg", "prompts", "source", "images"]
+
+
+@dataclass(frozen=True)
+class Network:
+    name: str  # the component's name in the manifest and on disk
+    batch: BatchRule
+    lora: bool = False  # LoRA may change its weights: the export writes its weight map
+    fp32_fallback: bool = False  # fp16 output checked for NaN/inf and recomputed by the fp32 variant
+    tokenizer: str | None = None  # text encoders: the tokenizer folder beside the ONNX files
+
+    def batch_range(self, images: Range, cfg: bool, static: bool) -> Range:
+        """(min, opt, max) batch of this network when a request holds ``images`` (min, opt, max) images."""
+        lo, opt, hi = images
+        factor = 2 if cfg else 1
+        if self.batch == "cfg":  # a dynamic profile also keeps B, for requests with guidance <= 1
+            return (factor * lo if static else lo), factor * opt, factor * hi
+        if self.batch == "prompts":
+            return 1, opt, factor * hi
+        if self.batch == "source":
+            return 1, 1, hi
+        return lo, opt, hi
+
+
+NETWORKS: dict[str, Network] = {
+    network.name: network
+    for network in (
+        Network("text_encoder", "prompts", lora=True, tokenizer="tokenizer"),
+        Network("text_encoder_2", "prompts", lora=True, tokenizer="tokenizer_2"),  # SDXL's second encoder
+        Network("unet", "cfg", lora=True),
+        Network("vae_decoder", "images", fp32_fallback=True),  # SD 1.x VAE decoders overflow in fp16
+        Network("vae_encoder", "source"),
+    )
+}
+COMPONENTS = tuple(NETWORKS)  # in the order an export writes them
+TEXT_ENCODERS = {n.name: n.tokenizer for n in NETWORKS.values() if n.tokenizer}  # network -> tokenizer folder
+LORA_NETWORKS = tuple(n.name for n in NETWORKS.values() if n.lora)
+
+
+def native_side_range(native: int, step: int) -> Range:
+    """Image side (min, opt, max) in pixels of the default profile: half to twice the native size,
+    the half rounded down to the model's size step (256-512-1024 for Stable Diffusion 1.5)."""
+    return max(step, native // 2 // step * step), native, 2 * native
