@@ -10,6 +10,7 @@ numbers involved (latents at sigma = 14.6 reach +-60, where one float32 ulp is 3
 from __future__ import annotations
 
 import inspect
+import re
 import subprocess
 import sys
 import types
@@ -231,6 +232,92 @@ def test_add_noise_matches_diffusers(name: str) -> None:
         reference = theirs.add_noise(torch.from_numpy(original), torch.from_numpy(noise), theirs.timesteps[i : i + 1])
         noisy = ours.add_noise(original, noise, i)
         assert_close(noisy, reference.numpy(), noisy, f"{name} add_noise[{i}]")
+
+
+SPLIT_STEPS = (1, 4, 10, 25)
+STRENGTHS = (0.05, 0.3, 0.5, 0.75, 0.99, 1.0)
+FRACTIONS = (0.05, 0.3, 0.5, 0.75, 0.8, 0.95)
+
+
+def scheduler_pair(name: str, steps: int) -> tuple[Scheduler, Any]:
+    """Ours and diffusers' scheduler after set_timesteps(steps). "heun" stands for a second-order scheduler:
+    ours (euler) takes the timesteps and order of diffusers' HeunDiscreteScheduler."""
+    heun = name == "heun"
+    ours = make_scheduler("euler" if heun else name, SD15)
+    theirs = diffusers.HeunDiscreteScheduler.from_config(SD15) if heun else diffusers_scheduler(name, SD15)
+    ours.set_timesteps(steps)
+    theirs.set_timesteps(steps)
+    if heun:
+        ours.timesteps, ours.order = theirs.timesteps.numpy(), theirs.order
+    return ours, theirs
+
+
+@pytest.mark.parametrize("name", [*SCHEDULERS, "heun"])
+def test_strength_start_matches_diffusers(name: str) -> None:
+    """diffusers' img2img get_timesteps: only the last int(steps * strength) steps (times the order) run."""
+    get_timesteps = diffusers.StableDiffusionImg2ImgPipeline.get_timesteps
+    for steps in SPLIT_STEPS:
+        ours, theirs = scheduler_pair(name, steps)
+        for strength in STRENGTHS:
+            start = ours.strength_start(steps, strength)
+            if int(steps * strength) == 0:  # no step (diffusers would still run PNDM's repeated first timestep)
+                assert start == len(ours.timesteps)
+            else:
+                timesteps, _ = get_timesteps(types.SimpleNamespace(scheduler=theirs), steps, strength, "cpu")
+                assert len(ours.timesteps) - start == len(timesteps), (steps, strength)
+
+
+@pytest.mark.parametrize("name", [*SCHEDULERS, "heun"])
+def test_split_indices_match_diffusers(name: str) -> None:
+    """The refiner continues where diffusers' SDXL img2img get_timesteps with denoising_start does; with a
+    first-order scheduler that is exactly where the base stopped at denoising_end = the same fraction."""
+    get_timesteps = diffusers.StableDiffusionXLImg2ImgPipeline.get_timesteps
+    for steps in SPLIT_STEPS:
+        ours, theirs = scheduler_pair(name, steps)
+        for fraction in FRACTIONS:
+            pipeline = types.SimpleNamespace(scheduler=theirs)
+            _, count = get_timesteps(pipeline, steps, 1.0, "cpu", denoising_start=fraction)
+            start = ours.continue_index(fraction)
+            assert start == len(ours.timesteps) - count, (steps, fraction)
+            if ours.order == 1:
+                assert ours.end_index(fraction) == start, (steps, fraction)
+
+
+def test_split_points_hand_worked() -> None:
+    ddim = make_scheduler("ddim", SD15)
+    ddim.set_timesteps(10)  # leading spacing, steps_offset 1: 901, 801, ..., 1
+    # round(1000 - 1000 * fraction); 999.5 rounds to even, as in diffusers.
+    assert [ddim.cutoff(f) for f in (0.8, 0.5, 0.25, 0.0005)] == [200, 500, 750, 1000]
+    assert all(type(ddim.cutoff(f)) is int for f in (0.8, 0.0005))
+    assert ddim.end_index(None) == 10
+    assert [ddim.end_index(f) for f in (0.8, 0.5, 0.25, 0.05)] == [8, 5, 2, 0]
+    assert [ddim.continue_index(f) for f in (0.8, 0.5, 0.25, 0.05)] == [8, 5, 2, 0]
+    assert [ddim.strength_start(10, s) for s in (1.0, 0.8, 0.55, 0.1, 0.09, 0.0)] == [0, 2, 5, 9, 10, 10]
+
+    pndm = make_scheduler("pndm", SD15)
+    pndm.set_timesteps(10)  # skip_prk_steps: 11 timesteps, the second one repeated
+    assert [pndm.strength_start(10, s) for s in (1.0, 0.8, 0.09)] == [0, 2, 11]
+
+    # Second order (Heun's layout): index 2k + 1 finishes the step index 2k began.
+    heun = make_scheduler("euler", SD15)
+    heun.timesteps, heun.order = np.array([999, 666, 666, 333, 333, 0, 0], np.float32), 2
+    assert heun.end_index(0.5) == 3  # 999, 666, 666 are >= 500
+    # 4 timesteps lie below 500: starting at index 3 would begin between two halves, so it starts at 2.
+    assert [heun.continue_index(f) for f in (0.1, 0.5, 0.8, 0.9)] == [0, 2, 4, 4]
+    assert [heun.strength_start(4, s) for s in (1.0, 0.5, 0.2)] == [0, 4, 7]
+
+
+def test_split_fraction_errors() -> None:
+    sched = make_scheduler("ddim", SD15)
+    sched.set_timesteps(10)
+    for value in (0, 1.0, -0.5, 1.5, "0.5"):
+        message = f"denoising_end must be a number strictly between 0 and 1, got {value!r}"
+        with pytest.raises(InvalidInputError, match=re.escape(message)):
+            sched.end_index(value)  # type: ignore[arg-type]
+    for value in (0.0, 1, None):
+        message = f"denoising_start must be a number strictly between 0 and 1, got {value!r}"
+        with pytest.raises(InvalidInputError, match=re.escape(message)):
+            sched.continue_index(value)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("name", SCHEDULERS)

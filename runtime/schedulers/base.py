@@ -1,8 +1,7 @@
-"""What the NumPy schedulers share: config resolution, noise schedules, timestep spacing, sigma helpers.
+"""The scheduler base classes: config resolution, validation, index-based stepping, img2img split points.
 
-Each scheduler mirrors one diffusers class step for step. The tables that diffusers keeps as float32 torch
-tensors (betas, alphas_cumprod, sigmas) are float32 here too and built the same way, so timesteps and
-sigmas come out the same; the per-step arithmetic runs in float64 and its results are returned as float32.
+Each scheduler mirrors one diffusers class step for step: its tables come from .schedules (float32, as
+diffusers builds them); the per-step arithmetic runs in float64 and its results are returned as float32.
 """
 
 from __future__ import annotations
@@ -15,6 +14,17 @@ from typing import Any, ClassVar
 import numpy as np
 
 from sdtrt.engine.errors import InvalidInputError
+
+from .parameterisation import predict_x0, vp_coefficients
+from .schedules import (
+    cumprod_alphas,
+    final_sigma,
+    karras_sigmas,
+    make_betas,
+    sigma_to_t,
+    spaced_timesteps,
+    train_sigmas,
+)
 
 # The keys every mirrored diffusers class takes, with diffusers' defaults.
 COMMON_DEFAULTS: Mapping[str, Any] = MappingProxyType(
@@ -44,120 +54,9 @@ def _join(values: Any) -> str:
     return ", ".join(map(str, values))
 
 
-def make_betas(config: Mapping[str, Any]) -> np.ndarray:
-    """The float32 betas diffusers builds from beta_schedule / trained_betas (and rescale_betas_zero_snr)."""
-    n = int(config["num_train_timesteps"])
-    schedule = config["beta_schedule"]
-    if config["trained_betas"] is not None:
-        betas = np.asarray(config["trained_betas"], dtype=np.float32)
-        if betas.shape != (n,):
-            raise InvalidInputError(
-                f"trained_betas has shape {betas.shape}, expected ({n},) for num_train_timesteps={n}"
-            )
-    elif schedule == "linear":
-        betas = np.linspace(config["beta_start"], config["beta_end"], n).astype(np.float32)
-    elif schedule == "scaled_linear":
-        # Linear in sqrt(beta), squared in float32 as diffusers does.
-        betas = np.linspace(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5, n).astype(np.float32) ** 2
-    else:  # squaredcos_cap_v2: Nichol & Dhariwal's cosine alpha_bar, discretised, betas capped at 0.999.
-        t = np.arange(n + 1) / n
-        alpha_bar = np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2
-        betas = np.minimum(1 - alpha_bar[1:] / alpha_bar[:-1], 0.999).astype(np.float32)
-    if config.get("rescale_betas_zero_snr"):
-        betas = rescale_zero_terminal_snr(betas)
-    return betas
-
-
-def cumprod_alphas(betas: np.ndarray) -> np.ndarray:
-    """alphas_cumprod as torch.cumprod computes it on CPU: float32 alphas, float64 running product."""
-    return np.cumprod((np.float32(1) - betas).astype(np.float64)).astype(np.float32)
-
-
-def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
-    """Lin et al. 2023, Algorithm 1: shift and scale sqrt(alphas_cumprod) so the last step has zero SNR."""
-    root = np.sqrt(cumprod_alphas(betas))
-    first, last = root[0], root[-1]
-    root = (root - last) * (first / (first - last))
-    alphas_cumprod = root**2
-    alphas = np.concatenate([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
-    return np.float32(1) - alphas
-
-
-def train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
-    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) per training timestep (float32, ascending in t)."""
-    return np.sqrt((np.float32(1) - alphas_cumprod) / alphas_cumprod)
-
-
-def final_sigma(config: Mapping[str, Any], alphas_cumprod: np.ndarray) -> float:
-    """The sigma the last step lands on: 0, or the smallest training sigma for final_sigmas_type=sigma_min."""
-    if config.get("final_sigmas_type", "zero") == "sigma_min":
-        return float(train_sigmas(alphas_cumprod[:1])[0])
-    return 0.0
-
-
-def spaced_timesteps(
-    spacing: str, num_steps: int, num_train_timesteps: int, steps_offset: int, last_timestep: int | None = None
-) -> np.ndarray:
-    """Descending float64 timesteps for diffusers' timestep_spacing (table 2 of arXiv:2305.08891).
-
-    ``linspace`` is left unrounded (the sigma schedulers keep fractional timesteps); ``last_timestep`` (default
-    num_train_timesteps) is where DPM-Solver's lambda_min_clipped cuts the schedule.
-    """
-    last = num_train_timesteps if last_timestep is None else last_timestep
-    if spacing == "linspace":
-        return np.linspace(0, last - 1, num_steps)[::-1].copy()
-    if spacing == "leading":
-        return (np.arange(num_steps) * (last // num_steps))[::-1].astype(np.float64) + steps_offset
-    return np.round(np.arange(last, 0, -num_train_timesteps / num_steps)) - 1  # trailing
-
-
-def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
-    """Karras et al. 2022, eq. 5: sigmas evenly spaced in sigma**(1/rho), from sigma_max down to sigma_min."""
-    ramp = np.linspace(0, 1, num_steps)
-    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
-
-
-def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
-    """Fractional training timesteps of ``sigmas``: linear interpolation of t over the log-sigma table."""
-    log_sigma = np.log(np.maximum(sigmas, 1e-10))
-    dists = log_sigma - log_sigmas[:, np.newaxis]
-    # The last table entry at or below each sigma, kept one short of the end so high = low + 1 exists.
-    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
-    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
-    return (1 - w) * low + w * (low + 1)
-
-
-def predict_x0(
-    prediction_type: str, model_output: np.ndarray, sample: np.ndarray, alpha: float, sigma: float
-) -> np.ndarray:
-    """The denoised sample x0 for x_t = alpha * x0 + sigma * eps (the variance-preserving form).
-
-    The sigma schedulers (x = x0 + sigma_ve * eps) call this with sample * alpha, alpha = 1 / sqrt(sigma_ve**2 + 1)
-    and sigma = sigma_ve * alpha.
-    """
-    if prediction_type == "epsilon":
-        return (sample - sigma * model_output) / alpha
-    if prediction_type == "v_prediction":
-        return alpha * sample - sigma * model_output
-    return model_output  # "sample"
-
-
-def predict_eps(
-    prediction_type: str, model_output: np.ndarray, sample: np.ndarray, alpha: float, sigma: float
-) -> np.ndarray:
-    """The noise eps for x_t = alpha * x0 + sigma * eps, from the model output."""
-    if prediction_type == "epsilon":
-        return model_output
-    if prediction_type == "v_prediction":
-        return alpha * model_output + sigma * sample
-    return (sample - alpha * model_output) / sigma  # "sample"
-
-
-def vp_coefficients(sigma: float) -> tuple[float, float]:
-    """(alpha_t, sigma_t) of the variance-preserving form for a sigma-space sigma."""
-    alpha = 1.0 / np.sqrt(sigma**2 + 1.0)
-    return alpha, sigma * alpha
+def _check_fraction(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise InvalidInputError(f"{name} must be a number strictly between 0 and 1, got {value!r}")
 
 
 class Scheduler(ABC):
@@ -235,6 +134,35 @@ class Scheduler(ABC):
     @abstractmethod
     def _set_timesteps(self, num_inference_steps: int) -> None:
         """Fill ``timesteps`` (and the scheduler's own tables) and reset its multistep history."""
+
+    def strength_start(self, steps: int, strength: float) -> int:
+        """The timestep index img2img/inpaint start at: diffusers' get_timesteps (only int(steps * strength) run).
+
+        len(self.timesteps) means no step runs.
+        """
+        init_steps = min(int(steps * strength), steps)
+        if init_steps == 0:
+            return len(self.timesteps)  # no step at all (PNDM's extra first timestep must not sneak one in)
+        return (steps - init_steps) * self.order
+
+    def cutoff(self, fraction: float) -> int:
+        """The training timestep where a two-stage split at ``fraction`` of the schedule falls (diffusers' rule)."""
+        return round(self.num_train_timesteps - fraction * self.num_train_timesteps)
+
+    def end_index(self, denoising_end: float | None) -> int:
+        """Where a first stage stops: after the timesteps at or above the cutoff (SDXL base's denoising_end)."""
+        if denoising_end is None:
+            return len(self.timesteps)
+        _check_fraction("denoising_end", denoising_end)
+        return int(np.sum(self.timesteps >= self.cutoff(denoising_end)))
+
+    def continue_index(self, denoising_start: float) -> int:
+        """Where a second stage starts: at the first timestep below the cutoff (the refiner's denoising_start)."""
+        _check_fraction("denoising_start", denoising_start)
+        remaining = int(np.sum(self.timesteps < self.cutoff(denoising_start)))
+        if self.order == 2 and remaining % 2 == 0:
+            remaining += 1  # as diffusers: a second-order scheduler must not start between its two halves
+        return len(self.timesteps) - remaining
 
     def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
         """The UNet input at step ``step_index``: the sample itself unless the scheduler works in sigma space."""

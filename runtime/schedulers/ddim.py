@@ -12,7 +12,9 @@ import numpy as np
 
 from sdtrt.engine.errors import InvalidInputError
 
-from .base import COMMON_DEFAULTS, Scheduler, predict_eps, predict_x0, spaced_timesteps
+from .base import COMMON_DEFAULTS, Scheduler
+from .parameterisation import predict_eps, predict_x0
+from .schedules import spaced_timesteps
 
 
 class DDIM(Scheduler):

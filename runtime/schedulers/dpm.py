@@ -9,17 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from .base import (
-    COMMON_DEFAULTS,
-    Scheduler,
-    final_sigma,
-    karras_sigmas,
-    predict_x0,
-    sigma_to_t,
-    spaced_timesteps,
-    train_sigmas,
-    vp_coefficients,
-)
+from .base import COMMON_DEFAULTS, Scheduler
+from .parameterisation import predict_x0, vp_coefficients
+from .schedules import final_sigma, karras_sigmas, sigma_to_t, spaced_timesteps, train_sigmas
 
 
 class DPMSolverPP2M(Scheduler):

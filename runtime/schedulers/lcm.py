@@ -10,7 +10,8 @@ import numpy as np
 
 from sdtrt.engine.errors import InvalidInputError
 
-from .base import COMMON_DEFAULTS, Scheduler, predict_x0
+from .base import COMMON_DEFAULTS, Scheduler
+from .parameterisation import predict_x0
 
 SIGMA_DATA = 0.5  # the data standard deviation of the consistency boundary condition
 

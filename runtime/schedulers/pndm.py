@@ -10,7 +10,9 @@ import numpy as np
 
 from sdtrt.engine.errors import InvalidInputError
 
-from .base import COMMON_DEFAULTS, Scheduler, predict_eps, spaced_timesteps
+from .base import COMMON_DEFAULTS, Scheduler
+from .parameterisation import predict_eps
+from .schedules import spaced_timesteps
 
 # Adams-Bashforth weights of the PLMS combination by number of stored model outputs (newest first).
 _PLMS_WEIGHTS = {2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
