@@ -10,8 +10,8 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
+from sdtrt.engine.clip_bpe import BOS, END_OF_WORD, EOS, bytes_to_unicode  # shared with the runtime
 from sdtrt.engine.fsutil import write_bytes_atomic, write_json_atomic
-from sdtrt.runtime.tokenizer import BOS, END_OF_WORD, EOS, bytes_to_unicode  # the runtime's: one definition
 
 BPE_ASSET = Path(__file__).parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2  # CLIP's vocabulary is 49408 = 2 * 256 bytes + merges + 2 specials

@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sdtrt.engine import clip_bpe
 from sdtrt.engine.errors import InvalidInputError, ManifestError
+from sdtrt.runtime import clip_text
 from sdtrt.runtime import tokenizer as tokmod
 from sdtrt.runtime.tokenizer import CLIPTokenizer
 
@@ -399,22 +401,22 @@ ALL_CHARS = "".join(chr(c) for c in range(1, 0x110000) if not 0xD800 <= c <= 0xD
 def test_normalizer_matches_on_every_code_point(theirs):
     # "\x00" between characters: NFC, whitespace and lowercase then act on each one alone
     joined = "\x00".join(ALL_CHARS)
-    assert tokmod._normalize(joined) == theirs.backend_tokenizer.normalizer.normalize_str(joined)
+    assert clip_text.normalize(joined) == theirs.backend_tokenizer.normalizer.normalize_str(joined)
 
 
 def test_pre_tokenizer_matches_on_every_code_point(theirs):
     # every code point in order: a letter, digit or whitespace table error moves a piece boundary
     pieces = [
         word.encode("utf-8").decode("latin-1").translate(tokmod._BYTE_TO_CHAR)
-        for piece in tokmod._CLIP_SPLIT.findall(ALL_CHARS)
-        for word in tokmod._BYTE_LEVEL_SPLIT.findall(piece)
+        for piece in clip_text.CLIP_SPLIT.findall(ALL_CHARS)
+        for word in clip_text.BYTE_LEVEL_SPLIT.findall(piece)
     ]
     assert pieces == [p for p, _ in theirs.backend_tokenizer.pre_tokenizer.pre_tokenize_str(ALL_CHARS)]
     # the ASCII shortcut splits ASCII text as the full regex does
     rng = random.Random(5)
     for _ in range(200):
         text = "".join(rng.choices([chr(c) for c in range(128)] + ["'s", "'ll", BOS, EOS], k=30))
-        assert tokmod._CLIP_SPLIT_ASCII.findall(text) == tokmod._CLIP_SPLIT.findall(text)
+        assert clip_text.CLIP_SPLIT_ASCII.findall(text) == clip_text.CLIP_SPLIT.findall(text)
 
 
 def test_canonical_ordering_matches(theirs):
@@ -427,7 +429,7 @@ def test_canonical_ordering_matches(theirs):
     samples += ["x" + m + ref for m in marks for ref in ("\u0334", "\u0316", "\u0301", "\u0345")]
     samples += ["\U00011935\U00011930", "e\u0301\U00011930\u0301", "\u1100\u1161\u11a8", "\u0915\u093c"]
     for text in samples:
-        assert tokmod._normalize(text) == normalizer.normalize_str(text), [hex(ord(c)) for c in text]
+        assert clip_text.normalize(text) == normalizer.normalize_str(text), [hex(ord(c)) for c in text]
 
 
 def test_runtime_imports_no_ml_framework():
@@ -442,9 +444,10 @@ def test_runtime_imports_no_ml_framework():
 def test_one_byte_map_shared_with_the_exporter():
     from sdtrt.export import clip_vocab
 
-    assert clip_vocab.bytes_to_unicode is tokmod.bytes_to_unicode
+    assert clip_vocab.bytes_to_unicode is tokmod.bytes_to_unicode is clip_bpe.bytes_to_unicode
     assert (clip_vocab.BOS, clip_vocab.EOS, clip_vocab.END_OF_WORD) == (BOS, EOS, "</w>")
-    table = tokmod.bytes_to_unicode()
+    assert (tokmod.BOS, tokmod.EOS, tokmod.END_OF_WORD) == (BOS, EOS, "</w>")
+    table = clip_bpe.bytes_to_unicode()
     assert sorted(table) == list(range(256)) and len(set(table.values())) == 256
     assert table == tokmod._BYTE_TO_CHAR
     code = "import sys, sdtrt.runtime.tokenizer; assert 'sdtrt.export' not in sys.modules"
