@@ -20,10 +20,9 @@ from benchmarks.presets import PRESETS, config_digest, ensure_preset
 from sdtrt.engine.errors import ManifestError
 from sdtrt.engine.fsutil import write_json_atomic
 from sdtrt.engine.manifest import load_manifest
+from sdtrt.engine.networks import TEXT_ENCODERS
 
 log = logging.getLogger(__name__)
-
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 def model_key(model: str) -> str:

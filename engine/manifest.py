@@ -14,12 +14,12 @@ from typing import Any
 
 from sdtrt.engine.errors import ManifestError
 from sdtrt.engine.fsutil import write_json_atomic
+from sdtrt.engine.networks import COMPONENTS
 from sdtrt.engine.session import TensorSpec
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 FAMILIES = ("sd1", "sd2", "sdxl", "upscaler")
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 PRECISIONS = ("fp32", "fp16")
 
 
@@ -56,29 +56,27 @@ class ComponentFile:
 
 @dataclass(frozen=True)
 class Component:
-    """A network of the pipeline: its files per precision and its default profile.
+    """A network of the pipeline: its files per precision.
 
-    ``profile`` maps each dynamic dimension name to (min, opt, max), e.g. "batch": (1, 2, 8); the
-    min/opt/max shape of any input follows by binding these values (TensorSpec.bind).
+    Its inputs name their dynamic dimensions ("batch", "latent_height", ...); the engine derives
+    their ranges from a profile (engine/profiles.py: component_dims), so the manifest holds none.
     """
 
     files: dict[str, ComponentFile]
-    profile: dict[str, tuple[int, int, int]]
 
     def to_dict(self) -> dict:
-        return {
-            "files": {p: f.to_dict() for p, f in self.files.items()},
-            "profile": {k: list(v) for k, v in self.profile.items()},
-        }
+        return {"files": {p: f.to_dict() for p, f in self.files.items()}}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Component:
+        # Older exports also wrote a "profile" of (min, opt, max) per dynamic dimension, before the
+        # engine became the one source of profiles: it is ignored, and format_version stays 1,
+        # since nothing a reader needs changed.
         files = {str(p): ComponentFile.from_dict(f) for p, f in d["files"].items()}
         for precision in files:
             if precision not in PRECISIONS:
                 raise ValueError(f"unknown precision {precision!r}")
-        profile = {str(k): (int(v[0]), int(v[1]), int(v[2])) for k, v in d["profile"].items()}
-        return cls(files=files, profile=profile)
+        return cls(files=files)
 
 
 @dataclass(frozen=True)
@@ -191,6 +189,9 @@ def load_manifest(folder: str | os.PathLike[str]) -> Manifest:
         raise ManifestError(f"corrupt manifest {path}: {detail}") from None
     if manifest.family not in FAMILIES:
         raise ManifestError(f"{path}: model family {manifest.family!r} is not supported (known: {FAMILIES})")
+    unknown = sorted(set(manifest.components) - set(COMPONENTS))
+    if unknown:  # each network's batch rule, LoRA and fallback facts come from engine/networks.py
+        raise ManifestError(f"{path}: unknown networks {unknown} (known: {', '.join(COMPONENTS)})")
     for component in manifest.components.values():
         for file in component.files.values():
             for named in (file.path, file.weights):

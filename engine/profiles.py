@@ -1,33 +1,29 @@
-"""TensorRT engine profiles, plan cache keys and plan compatibility: pure functions, no TensorRT, no GPU.
+"""TensorRT engine profiles: pure functions, no TensorRT, no GPU.
 
 A ProfileSpec is what a user asks ``sdtrt build`` for, in image terms (pixel sizes, images per
 batch, classifier-free guidance on or off). Each network turns it into its own ranges of dynamic
-dimensions: the UNet runs the conditional and unconditional halves of a CFG step as one batch, so
-its batch doubles; the text encoder sees the prompts, then the negative prompts; the VAE sees one
-latent per image. A built plan is keyed by what makes it invalid (the ONNX content hash, the
-precision, the input shape ranges) and stored under a folder named by the GPU's compute capability
-and the TensorRT version, with a JSON sidecar that is checked before the plan is ever deserialized.
+dimensions, by its batch rule (engine/networks.py): the UNet runs the conditional and unconditional
+halves of a CFG step as one batch, so its batch doubles; the text encoders see the prompts, then the
+negative prompts; the VAE sees one latent per image. This module is the one source of profiles: the
+manifest names each input's dynamic dimensions, never their ranges. Plans built for a profile are
+kept by the plan store (engine/trt_plans.py).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from sdtrt.engine.errors import InvalidInputError, ManifestError
 from sdtrt.engine.manifest import Manifest
+from sdtrt.engine.networks import NETWORKS, Range, native_side_range
 from sdtrt.engine.session import TensorSpec
 
-PLAN_FORMAT = 1
 DEFAULT_BATCH = (1, 4)  # images per request in the default dynamic profile (the UNet sees twice this with CFG)
 
-Range = tuple[int, int, int]  # (min, opt, max)
 Shape = tuple[int, ...]
 ShapeRange = tuple[Shape, Shape, Shape]  # (min, opt, max) shapes of one input
 
@@ -153,10 +149,10 @@ def dynamic_profile(
 
     Without ``sizes``: half to twice the native size (256-1024 px for Stable Diffusion 1.5).
     """
-    step = manifest.size_multiple
     if sizes is None:
-        h, w = manifest.default_height, manifest.default_width
-        sizes = (max(step, h // 2 // step * step), max(step, w // 2 // step * step)), (2 * h, 2 * w)
+        height = native_side_range(manifest.default_height, manifest.size_multiple)
+        width = native_side_range(manifest.default_width, manifest.size_multiple)
+        sizes = (height[0], width[0]), (height[2], width[2])
     (min_h, min_w), (max_h, max_w) = sizes
     opt_h = min(max(manifest.default_height, min_h), max_h)
     opt_w = min(max(manifest.default_width, min_w), max_w)
@@ -184,195 +180,27 @@ def check_profile(manifest: Manifest, spec: ProfileSpec) -> None:
 
 
 def component_dims(manifest: Manifest, component: str, spec: ProfileSpec) -> dict[str, Range]:
-    """(min, opt, max) of each dynamic dimension of ``component`` under ``spec``."""
+    """(min, opt, max) of each dynamic dimension of ``component``'s inputs under ``spec``."""
     f = manifest.vae_scale_factor
     images = {
-        "batch": _batch_range(manifest, component, spec),
+        "batch": NETWORKS[component].batch_range(spec.batch, spec.cfg, spec.static),
         "height": spec.height,
         "width": spec.width,
         "latent_height": tuple(px // f for px in spec.height),
         "latent_width": tuple(px // f for px in spec.width),
     }
     dims = {}
-    for name in manifest.components[component].profile:
-        if name not in images:
-            raise ManifestError(f"{component}: unknown dynamic dimension {name!r} in the manifest's profile")
-        dims[name] = images[name]
+    for file in manifest.components[component].files.values():
+        for name in (dim for tensor in file.inputs for dim in tensor.shape if isinstance(dim, str)):
+            if name not in images:
+                raise ManifestError(f"{component}: unknown dynamic dimension {name!r} in the manifest's inputs")
+            dims[name] = images[name]
     return dims
-
-
-def _batch_range(manifest: Manifest, component: str, spec: ProfileSpec) -> Range:
-    lo, opt, hi = spec.batch
-    factor = 2 if spec.cfg else 1
-    if component == "unet":  # (2B, ...) with CFG; a dynamic profile also keeps B for guidance <= 1
-        if spec.static:
-            return factor * lo, factor * opt, factor * hi
-        return lo, factor * opt, factor * hi
-    if component in manifest.tokenizers:  # every text encoder: once per prompt, then per negative prompt
-        return 1, opt, factor * hi
-    if component == "vae_encoder":  # one source (or masked) image, repeated in latent space
-        return 1, 1, hi
-    return lo, opt, hi
 
 
 def input_shapes(inputs: Sequence[TensorSpec], dims: Mapping[str, Range]) -> dict[str, ShapeRange]:
     """Per input: its (min, opt, max) shape once each dynamic dimension takes its range."""
     return {spec.name: tuple(spec.bind({k: v[i] for k, v in dims.items()}) for i in range(3)) for spec in inputs}
-
-
-# --- the plan cache ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RuntimeInfo:
-    """What a plan is tied to: the TensorRT version that builds or loads it and the GPU it runs on."""
-
-    trt_version: str  # tensorrt.__version__, e.g. "10.8.0.43"
-    compute_capability: tuple[int, int]  # (9, 0) for H100
-    gpu_name: str
-
-    @property
-    def folder_name(self) -> str:
-        major, minor = self.compute_capability
-        return f"sm{major}{minor}-trt{self.trt_version}"
-
-    def describe(self) -> str:
-        major, minor = self.compute_capability
-        return f"TensorRT {self.trt_version} on {self.gpu_name} (sm{major}{minor})"
-
-
-def plan_dir(folder: str | os.PathLike[str], runtime: RuntimeInfo) -> Path:
-    """DIR/trt/<compute capability>-trt<version>/: plans, their sidecars and the timing cache."""
-    return Path(folder) / "trt" / runtime.folder_name
-
-
-def plan_key(onnx_sha256: str, precision: str, shapes: Mapping[str, ShapeRange]) -> str:
-    """16 hex digits over everything in a plan that the folder name does not already pin."""
-    payload = {
-        "format": PLAN_FORMAT,
-        "onnx": onnx_sha256,
-        "precision": precision,
-        "shapes": {name: [list(s) for s in shapes[name]] for name in sorted(shapes)},
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class PlanMeta:
-    """The JSON sidecar written beside each plan: what it was built from, by what, for which GPU."""
-
-    component: str
-    precision: str
-    onnx_sha256: str
-    profile: ProfileSpec
-    shapes: dict[str, ShapeRange]
-    trt_version: str
-    compute_capability: tuple[int, int]
-    gpu_name: str
-    plan_size: int  # bytes, checked before deserializing
-    created: str  # ISO 8601 UTC; the newest compatible plan wins when several match
-    format: int = PLAN_FORMAT
-
-    @property
-    def key(self) -> str:
-        return plan_key(self.onnx_sha256, self.precision, self.shapes)
-
-    @property
-    def plan_name(self) -> str:
-        return f"{self.component}.{self.key}.plan"
-
-    @property
-    def sidecar_name(self) -> str:
-        return f"{self.component}.{self.key}.json"
-
-    def to_dict(self) -> dict:
-        return {
-            "format": self.format,
-            "component": self.component,
-            "precision": self.precision,
-            "onnx_sha256": self.onnx_sha256,
-            "profile": self.profile.to_dict(),
-            "shapes": {name: [list(s) for s in r] for name, r in self.shapes.items()},
-            "trt_version": self.trt_version,
-            "compute_capability": list(self.compute_capability),
-            "gpu_name": self.gpu_name,
-            "plan_size": self.plan_size,
-            "created": self.created,
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> PlanMeta:
-        major, minor = (int(v) for v in d["compute_capability"])
-        return cls(
-            format=int(d["format"]),
-            component=str(d["component"]),
-            precision=str(d["precision"]),
-            onnx_sha256=str(d["onnx_sha256"]),
-            profile=ProfileSpec.from_dict(d["profile"]),
-            shapes={str(k): tuple(tuple(int(x) for x in s) for s in v) for k, v in d["shapes"].items()},
-            trt_version=str(d["trt_version"]),
-            compute_capability=(major, minor),
-            gpu_name=str(d["gpu_name"]),
-            plan_size=int(d["plan_size"]),
-            created=str(d["created"]),
-        )
-
-
-def plan_problems(meta: PlanMeta, runtime: RuntimeInfo, plan_size: int | None) -> list[str]:
-    """Why a plan must not be deserialized here (empty when it may be).
-
-    A plan only loads in the TensorRT version that built it, on a GPU of the same compute
-    capability; loading anything else can fail deep inside TensorRT, so it is refused up front.
-    """
-    problems = []
-    if meta.format != PLAN_FORMAT:
-        problems.append(f"sidecar format {meta.format}, this sdtrt writes {PLAN_FORMAT}")
-    if meta.trt_version != runtime.trt_version:
-        problems.append(f"built by TensorRT {meta.trt_version}, this is TensorRT {runtime.trt_version}")
-    if meta.compute_capability != runtime.compute_capability:
-        built = "sm{}{}".format(*meta.compute_capability)
-        here = "sm{}{}".format(*runtime.compute_capability)
-        problems.append(f"built for {meta.gpu_name} ({built}), this GPU is {runtime.gpu_name} ({here})")
-    if plan_size is None:
-        problems.append("the plan file is missing")
-    elif plan_size != meta.plan_size:
-        problems.append(f"the plan file has {plan_size} bytes, its sidecar says {meta.plan_size}")
-    return problems
-
-
-def plan_warnings(meta: PlanMeta, runtime: RuntimeInfo) -> list[str]:
-    """Reasons to be wary of a loadable plan: another GPU model of the same compute capability."""
-    if meta.compute_capability == runtime.compute_capability and meta.gpu_name != runtime.gpu_name:
-        return [f"built on {meta.gpu_name}, running on {runtime.gpu_name}: it loads, but may run slower"]
-    return []
-
-
-def select_plan(
-    candidates: Mapping[str, tuple[PlanMeta, int | None]],
-    component: str,
-    precision: str,
-    onnx_sha256: str,
-    runtime: RuntimeInfo,
-) -> tuple[PlanMeta | None, list[str]]:
-    """The newest loadable plan of ``component`` built from this ONNX file at this precision.
-
-    ``candidates`` maps a sidecar's name to its metadata and its plan's size on disk (None when
-    missing). Returns the choice and one line per plan of this network that was passed over.
-    """
-    chosen: PlanMeta | None = None
-    passed_over = []
-    for name, (meta, size) in sorted(candidates.items()):
-        if meta.component != component or meta.precision != precision:
-            continue
-        if meta.onnx_sha256 != onnx_sha256:
-            passed_over.append(f"{name}: built from another export of {component} (the ONNX file changed)")
-            continue
-        if problems := plan_problems(meta, runtime, size):
-            passed_over.append(f"{name}: {'; '.join(problems)}")
-            continue
-        if chosen is None or meta.created > chosen.created:
-            chosen = meta
-    return chosen, passed_over
 
 
 # --- requests against a built profile ---------------------------------------------------------------
@@ -394,10 +222,11 @@ def suggest_profile(manifest: Manifest, component: str, dims: Mapping[str, int],
     height = dims["latent_height"] * f if "latent_height" in dims else dims.get("height", built.height[1])
     width = dims["latent_width"] * f if "latent_width" in dims else dims.get("width", built.width[1])
     batch, cfg = dims.get("batch", built.batch[1]), built.cfg
-    if component == "unet":
+    rule = NETWORKS[component].batch  # the inverse of Network.batch_range
+    if rule == "cfg":
         cfg = cfg and batch % 2 == 0  # an odd UNet batch is a run without guidance
         batch = batch // 2 if cfg else batch
-    elif component in manifest.tokenizers and cfg:
+    elif rule == "prompts" and cfg:
         batch = math.ceil(batch / 2)
     return ProfileSpec((height,) * 3, (width,) * 3, (batch,) * 3, cfg)
 

@@ -23,24 +23,18 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from sdtrt.engine.backends import FP32_FALLBACK
 from sdtrt.engine.errors import BackendUnavailableError, InvalidInputError, SdtrtError
 from sdtrt.engine.fsutil import write_bytes_atomic
-from sdtrt.engine.manifest import COMPONENTS, PRECISIONS, Manifest, load_manifest
-from sdtrt.engine.profiles import (
-    PlanMeta,
-    ProfileSpec,
-    RuntimeInfo,
-    ShapeRange,
-    component_dims,
-    dynamic_profile,
-    input_shapes,
-    plan_dir,
-    plan_problems,
-)
+from sdtrt.engine.manifest import PRECISIONS, Manifest, load_manifest
+from sdtrt.engine.networks import COMPONENTS, NETWORKS
+from sdtrt.engine.profiles import ProfileSpec, ShapeRange, component_dims, dynamic_profile, input_shapes
 from sdtrt.engine.trt_plans import (
     TIMING_CACHE,
+    PlanMeta,
+    RuntimeInfo,
     import_tensorrt,
+    plan_dir,
+    plan_problems,
     read_candidates,
     runtime_info,
     trt_logger,
@@ -79,7 +73,7 @@ def build_engines(
     names = components or [c for c in COMPONENTS if c in manifest.components]
     jobs = [(c, precision) for c in names]
     if precision == "fp16":  # the fp32 twins the NaN fallback runs (engine/backends.py: Fp32Fallback)
-        twins = [c for c in FP32_FALLBACK if c in names and c in manifest.components]
+        twins = [c for c in names if NETWORKS[c].fp32_fallback and c in manifest.components]
         jobs += [(c, "fp32") for c in twins if "fp32" in manifest.components[c].files]
     log.info("building %s for %s: %s", profile.describe(), runtime.describe(), ", ".join(f"{c} {p}" for c, p in jobs))
     paths = []

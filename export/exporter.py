@@ -15,10 +15,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-import sdtrt
 from sdtrt.engine.errors import ExportError
 from sdtrt.engine.fsutil import atomic_dir, sha256_file, sha256_tree
-from sdtrt.engine.manifest import COMPONENTS, PRECISIONS, Component, ComponentFile, Manifest
+from sdtrt.engine.manifest import PRECISIONS, Component, ComponentFile, Manifest
+from sdtrt.engine.networks import COMPONENTS, TEXT_ENCODERS
+from sdtrt.engine.version import VERSION
 from sdtrt.export import networks, single_file
 from sdtrt.export.onnx_export import (
     DEFAULT_OPSET,
@@ -34,7 +35,6 @@ from sdtrt.export.weight_map import map_path
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
-TEXT_ENCODERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}  # network -> its tokenizer folder
 SD_PIPELINES = {
     "StableDiffusionPipeline",
     "StableDiffusionImg2ImgPipeline",
@@ -252,7 +252,7 @@ def _export_folder(
                 for file in onnx_files(fp32_path):
                     file.unlink()
                 map_path(fp32_path).unlink(missing_ok=True)
-            exported[name] = Component(files=files, profile=dict(spec.profile))
+            exported[name] = Component(files=files)
             log.info("exported %s (%s)", name, ", ".join(files))
         for name in encoder_names:
             tokenizer_dir = staging / TEXT_ENCODERS[name]
@@ -262,7 +262,7 @@ def _export_folder(
                     shutil.copy2(source / TEXT_ENCODERS[name] / file, tokenizer_dir / file)
         manifest = Manifest(
             format_version=1,
-            sdtrt_version=sdtrt.__version__,
+            sdtrt_version=VERSION,
             source=record,
             family=family,
             prediction_type=str(scheduler_config.get("prediction_type", "epsilon")),

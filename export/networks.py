@@ -1,8 +1,9 @@
 """The networks of a Stable Diffusion pipeline as exportable torch modules, each with one frozen spec.
 
 A NetworkSpec declares a network's inputs and outputs (names, dtypes, shapes with named dynamic
-dimensions) and its default profile; the ONNX export, the manifest and the engines all read it,
-so the views cannot drift.
+dimensions); the ONNX export, the manifest and the engines all read it, so the views cannot drift.
+The ranges of the dynamic dimensions are the engine's (engine/profiles.py); a spec only holds the
+example sizes the ONNX trace runs at.
 """
 
 from __future__ import annotations
@@ -19,15 +20,14 @@ class NetworkSpec:
     name: str
     inputs: tuple[TensorSpec, ...]  # fp32 dtypes; the fp16 variant converts the float ones but keep_fp32
     outputs: tuple[TensorSpec, ...]
-    profile: dict[str, tuple[int, int, int]]  # dynamic dimension -> (min, opt, max)
+    trace_dims: dict[str, int]  # dynamic dimension -> its size in the example inputs the ONNX trace runs
     keep_fp32: tuple[str, ...] = ()  # inputs that stay float32 in the fp16 variant
 
     def example_inputs(self, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-        """Random inputs at the profile's opt shape (used to trace the export)."""
-        opt = {dim: values[1] for dim, values in self.profile.items()}
+        """Random inputs at the ``trace_dims`` shape (used to trace the export)."""
         tensors = []
         for spec in self.inputs:
-            shape = spec.bind(opt)
+            shape = spec.bind(self.trace_dims)
             if spec.dtype == "int32":  # token ids, noise levels
                 tensors.append(torch.randint(0, 100, shape, dtype=torch.int32, generator=generator))
             elif spec.name == "timestep":
@@ -83,11 +83,10 @@ class Geometry:
         """The UNet's cross-attention width: the text encoders' hidden states side by side."""
         return sum(t.hidden_size for t in self.text_encoders)
 
-    def latent_range(self) -> tuple[int, int, int]:
-        """Latent side (min, opt, max) of the default profile: half to twice the native size."""
-        step = self.size_multiple
-        lo = max(step, (self.default_size // 2) // step * step)
-        return tuple(px // self.vae_scale_factor for px in (lo, self.default_size, 2 * self.default_size))
+    @property
+    def latent_size(self) -> int:
+        """The latent side of the native image size."""
+        return self.default_size // self.vae_scale_factor
 
 
 def text_encoder_spec(g: Geometry, encoder: TextEncoderGeometry) -> NetworkSpec:
@@ -98,13 +97,13 @@ def text_encoder_spec(g: Geometry, encoder: TextEncoderGeometry) -> NetworkSpec:
         name=encoder.name,
         inputs=(TensorSpec("input_ids", "int32", ("batch", g.text_max_length)),),
         outputs=tuple(outputs),
-        profile={"batch": (1, 2, 8)},
+        trace_dims={"batch": 2},
     )
 
 
 def unet_spec(g: Geometry) -> NetworkSpec:
     latent = ("batch", g.latent_channels, "latent_height", "latent_width")
-    side = g.latent_range()
+    side = g.latent_size
     inputs = [
         # latents, then any conditioning channels (mask + masked-image latents, or the low-res image)
         TensorSpec("sample", "float32", ("batch", g.unet_in_channels, "latent_height", "latent_width")),
@@ -124,24 +123,24 @@ def unet_spec(g: Geometry) -> NetworkSpec:
         name="unet",
         inputs=tuple(inputs),
         outputs=(TensorSpec("noise_pred", "float32", latent),),
-        profile={"batch": (1, 2, 8), "latent_height": side, "latent_width": side},  # batch 2 = one CFG pair
+        trace_dims={"batch": 2, "latent_height": side, "latent_width": side},  # batch 2 = one CFG pair
         # fractional timesteps (Euler, LMS) need more than fp16's 0.5 spacing at 999; sizes in time_ids too
         keep_fp32=("timestep", "time_ids"),
     )
 
 
 def vae_decoder_spec(g: Geometry) -> NetworkSpec:
-    side = g.latent_range()
+    side = g.latent_size
     return NetworkSpec(
         name="vae_decoder",
         inputs=(TensorSpec("latent", "float32", ("batch", g.latent_channels, "latent_height", "latent_width")),),
         outputs=(TensorSpec("image", "float32", ("batch", 3, "height", "width")),),
-        profile={"batch": (1, 1, 4), "latent_height": side, "latent_width": side},
+        trace_dims={"batch": 1, "latent_height": side, "latent_width": side},
     )
 
 
 def vae_encoder_spec(g: Geometry) -> NetworkSpec:
-    side = tuple(s * g.vae_scale_factor for s in g.latent_range())
+    side = g.default_size
     return NetworkSpec(
         name="vae_encoder",
         inputs=(TensorSpec("image", "float32", ("batch", 3, "height", "width")),),
@@ -149,7 +148,7 @@ def vae_encoder_spec(g: Geometry) -> NetworkSpec:
         outputs=(
             TensorSpec("latent_moments", "float32", ("batch", 2 * g.latent_channels, "latent_height", "latent_width")),
         ),
-        profile={"batch": (1, 1, 4), "height": side, "width": side},
+        trace_dims={"batch": 1, "height": side, "width": side},
     )
 
 

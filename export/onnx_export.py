@@ -14,9 +14,10 @@ import torch
 from onnx.external_data_helper import convert_model_to_external_data, set_external_data, uses_external_data
 
 from sdtrt.engine.fsutil import sha256_file
+from sdtrt.engine.networks import LORA_NETWORKS
 from sdtrt.engine.weights import load_weight_map
 from sdtrt.export.networks import NetworkSpec
-from sdtrt.export.weight_map import LORA_NETWORKS, map_path, match_weights, relocate_weight_map, write_weight_map
+from sdtrt.export.weight_map import map_path, match_weights, relocate_weight_map, write_weight_map
 
 log = logging.getLogger(__name__)
 

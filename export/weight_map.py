@@ -32,7 +32,6 @@ from sdtrt.engine.weights import MappedWeight, WeightMap
 
 log = logging.getLogger(__name__)
 
-LORA_NETWORKS = ("text_encoder", "text_encoder_2", "unet")  # the networks whose weights LoRA changes
 CHANGEABLE_MODULES = (torch.nn.Linear, torch.nn.Conv2d)  # the modules LoRA adapts
 
 Match = tuple[str, bool, tuple[int, ...]]  # (torch parameter, stored transposed, parameter shape)

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from sdtrt.engine.errors import InvalidInputError
+from sdtrt.engine.networks import LORA_NETWORKS
 from sdtrt.engine.weights import MappedWeight, WeightMap
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,6 @@ SAFETENSORS_DTYPES = {
     "U8": "uint8",
     "BOOL": "bool",
 }
-COMPONENT_PREFIXES = ("unet", "text_encoder", "text_encoder_2")  # diffusers keys: "<component>.<module>..."
 KOHYA_PREFIXES = {  # kohya keys: "<prefix><module with _ for .>..."
     "lora_unet_": "unet",
     "lora_te_": "text_encoder",
@@ -314,7 +314,7 @@ def _parse_key(key: str, modules: Mapping[str, _ModuleIndex]) -> tuple[str, str,
             module = modules[component].by_underscores.get(name)
             return None if role is None or module is None else (component, module, role)
     component, _, rest = key.partition(".")
-    if component not in COMPONENT_PREFIXES or component not in modules:
+    if component not in LORA_NETWORKS or component not in modules:  # diffusers keys: "<component>.<module>..."
         return None
     index = modules[component]
     if processor := PROCESSOR_KEY.match(rest):

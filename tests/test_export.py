@@ -13,7 +13,7 @@ import torch
 
 from sdtrt.engine.errors import ExportError
 from sdtrt.engine.manifest import load_manifest
-from sdtrt.engine.profiles import input_shapes
+from sdtrt.engine.profiles import component_dims, dynamic_profile, input_shapes
 from sdtrt.export import exporter, networks
 from sdtrt.export.onnx_export import onnx_digest
 
@@ -86,6 +86,9 @@ def test_manifest_describes_the_export(tiny_export: Path, tiny_model_dir: Path) 
     assert manifest.source["sha256"] == exporter.source_hash(tiny_model_dir)
     assert sorted(manifest.components) == ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
     assert manifest.tokenizers == {"text_encoder": "tokenizer"}
+    written = json.loads((tiny_export / "manifest.json").read_text(encoding="utf-8"))
+    assert all("profile" not in c for c in written["components"].values())  # the engine's profiles are the only ones
+    profile = dynamic_profile(manifest)
     for name, component in manifest.components.items():
         for precision, file in component.files.items():
             path = tiny_export / file.path
@@ -97,11 +100,11 @@ def test_manifest_describes_the_export(tiny_export: Path, tiny_model_dir: Path) 
             assert [s for *_, s in ours] == [s for *_, s in theirs], name
             assert [o.name for o in file.outputs] == [o.name for o in session.get_outputs()]
             assert precision in ("fp32", "fp16")
-        lo, opt, hi = component.profile["batch"]
+        lo, opt, hi = component_dims(manifest, name, profile)["batch"]
         assert 1 == lo <= opt <= hi
-    unet = manifest.components["unet"]
-    assert unet.profile["latent_height"] == (16, 32, 64)
-    assert input_shapes(unet.files["fp32"].inputs, unet.profile)["sample"] == (
+    unet = component_dims(manifest, "unet", profile)  # the engine's default profile of this model
+    assert unet["latent_height"] == (16, 32, 64)
+    assert input_shapes(manifest.component_file("unet", "fp32").inputs, unet)["sample"] == (
         (1, 4, 16, 16),
         (2, 4, 32, 32),
         (8, 4, 64, 64),

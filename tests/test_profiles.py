@@ -9,34 +9,36 @@ from pathlib import Path
 
 import pytest
 
-from sdtrt.engine.errors import InvalidInputError
-from sdtrt.engine.manifest import Component, ComponentFile, Manifest
+from sdtrt.engine.errors import InvalidInputError, ManifestError
+from sdtrt.engine.manifest import MANIFEST_NAME, Component, ComponentFile, Manifest, load_manifest
 from sdtrt.engine.profiles import (
-    PlanMeta,
     ProfileSpec,
-    RuntimeInfo,
     bound_dims,
     check_in_profile,
     component_dims,
     dynamic_profile,
     input_shapes,
     parse_profile,
-    plan_dir,
-    plan_key,
-    plan_problems,
-    plan_warnings,
-    select_plan,
     static_profile,
     suggest_profile,
 )
 from sdtrt.engine.session import TensorSpec
-from sdtrt.engine.trt_plans import read_candidates
+from sdtrt.engine.trt_plans import (
+    PlanMeta,
+    RuntimeInfo,
+    plan_dir,
+    plan_key,
+    plan_problems,
+    plan_warnings,
+    read_candidates,
+    select_plan,
+)
 
 LATENT = ("batch", 4, "latent_height", "latent_width")
 H100 = RuntimeInfo("10.8.0.43", (9, 0), "NVIDIA H100 80GB HBM3")
 
 
-def _component(inputs, outputs, profile) -> Component:
+def _component(inputs, outputs) -> Component:
     def at(spec: TensorSpec, precision: str) -> TensorSpec:
         half = precision == "fp16" and spec.dtype == "float32" and spec.name != "timestep"
         return TensorSpec(spec.name, "float16" if half else spec.dtype, spec.shape)
@@ -45,18 +47,16 @@ def _component(inputs, outputs, profile) -> Component:
         p: ComponentFile(f"x.{p}.onnx", f"sha-{p}", tuple(at(s, p) for s in inputs), tuple(at(s, p) for s in outputs))
         for p in ("fp32", "fp16")
     }
-    return Component(files=files, profile=profile)
+    return Component(files=files)
 
 
 @pytest.fixture(scope="module")
 def sd15() -> Manifest:
     """A manifest shaped like Stable Diffusion 1.5's export (512 px native, sizes in multiples of 64)."""
-    side = (32, 64, 128)
     components = {
         "text_encoder": _component(
             [TensorSpec("input_ids", "int32", ("batch", 77))],
             [TensorSpec("hidden_states", "float32", ("batch", 77, 768))],
-            {"batch": (1, 2, 8)},
         ),
         "unet": _component(
             [
@@ -65,17 +65,14 @@ def sd15() -> Manifest:
                 TensorSpec("encoder_hidden_states", "float32", ("batch", 77, 768)),
             ],
             [TensorSpec("noise_pred", "float32", LATENT)],
-            {"batch": (1, 2, 8), "latent_height": side, "latent_width": side},
         ),
         "vae_decoder": _component(
             [TensorSpec("latent", "float32", LATENT)],
             [TensorSpec("image", "float32", ("batch", 3, "height", "width"))],
-            {"batch": (1, 1, 4), "latent_height": side, "latent_width": side},
         ),
         "vae_encoder": _component(
             [TensorSpec("image", "float32", ("batch", 3, "height", "width"))],
             [TensorSpec("latent_moments", "float32", ("batch", 8, "latent_height", "latent_width"))],
-            {"batch": (1, 1, 4), "height": (256, 512, 1024), "width": (256, 512, 1024)},
         ),
     }
     return Manifest(
@@ -107,7 +104,11 @@ def test_default_dynamic_profile(sd15: Manifest) -> None:
         "latent_width": (32, 64, 128),
     }
     assert component_dims(sd15, "text_encoder", spec) == {"batch": (1, 1, 8)}
-    assert component_dims(sd15, "vae_decoder", spec)["batch"] == (1, 1, 4)
+    assert component_dims(sd15, "vae_decoder", spec) == {  # its inputs' dimensions, not its output's height
+        "batch": (1, 1, 4),
+        "latent_height": (32, 64, 128),
+        "latent_width": (32, 64, 128),
+    }
     assert component_dims(sd15, "vae_encoder", spec) == {
         "batch": (1, 1, 4),
         "height": (256, 512, 1024),
@@ -133,6 +134,28 @@ def test_static_profile_doubles_the_unet_batch_for_cfg(sd15: Manifest) -> None:
     assert plain.command("d") == "sdtrt build d --static 512x512 --batch 2 --no-cfg"
     assert component_dims(sd15, "unet", plain)["batch"] == (2, 2, 2)
     assert component_dims(sd15, "text_encoder", plain) == {"batch": (1, 2, 2)}
+
+
+def test_the_manifest_names_dimensions_and_holds_no_profile(sd15: Manifest, tmp_path: Path) -> None:
+    saved = sd15.to_dict()
+    assert all(set(c) == {"files"} for c in saved["components"].values())
+    for component in saved["components"].values():  # an older export's profile is ignored
+        component["profile"] = {"batch": [1, 2, 8]}
+    for precision in ("fp32", "fp16"):
+        (tmp_path / f"x.{precision}.onnx").touch()
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(saved), encoding="utf-8")
+    assert load_manifest(tmp_path) == sd15
+
+    saved["components"]["refiner"] = saved["components"]["unet"]  # a network the table does not know
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(saved), encoding="utf-8")
+    with pytest.raises(ManifestError, match=r"unknown networks \['refiner'\]"):
+        load_manifest(tmp_path)
+
+    file = sd15.components["text_encoder"].files["fp32"]
+    odd = dataclasses.replace(file, inputs=(TensorSpec("input_ids", "int32", ("batch", "tokens")),))
+    manifest = dataclasses.replace(sd15, components={"text_encoder": Component(files={"fp32": odd})})
+    with pytest.raises(ManifestError, match="text_encoder: unknown dynamic dimension 'tokens'"):
+        component_dims(manifest, "text_encoder", dynamic_profile(sd15))
 
 
 def test_parse_profile(sd15: Manifest) -> None:
@@ -298,7 +321,6 @@ def sdxl(sd15: Manifest) -> Manifest:
             TensorSpec("hidden_states", "float32", ("batch", 77, 1280)),
             TensorSpec("text_embeds", "float32", ("batch", 1280)),
         ],
-        {"batch": (1, 1, 4)},
     )
     return dataclasses.replace(
         sd15,
