@@ -35,7 +35,7 @@ class SdtrtRunner:
         dims = {"batch": job.batch, "latent_height": job.height // 8, "latent_width": job.width // 8}
         rng = np.random.default_rng(job.seed)
         feeds = {}
-        for spec in pipe.manifest.component_file("unet", pipe.backend.precision).inputs:
+        for spec in pipe.artifact.inputs("unet").values():
             shape = spec.bind(dims)
             if spec.name == "timestep":
                 feeds[spec.name] = np.full(shape, 999, dtype=spec.dtype)

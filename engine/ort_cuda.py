@@ -27,6 +27,7 @@ import numpy as np
 from sdtrt.engine.errors import BackendUnavailableError
 from sdtrt.engine.ort_session import check_weights, import_onnxruntime, ort_tensor_specs, replace_initializers
 from sdtrt.engine.session import check_feeds
+from sdtrt.engine.weights import WeightMap
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class OrtCudaSession:
         device_id: int = 0,
         cuda_graph: bool = True,
         device: str = "cuda",
-        weight_map: str | os.PathLike[str] | None = None,
+        weight_map: WeightMap | None = None,
     ) -> None:
         self._ort = ort = import_onnxruntime()
         self.name = Path(path).name

@@ -11,7 +11,7 @@ import numpy as np
 
 from sdtrt.engine.errors import BackendUnavailableError, InvalidInputError
 from sdtrt.engine.session import TensorSpec, check_feeds
-from sdtrt.engine.weights import load_weight_map
+from sdtrt.engine.weights import WeightMap
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +55,13 @@ def ort_tensor_specs(args: Sequence) -> dict[str, TensorSpec]:
     }
 
 
-def check_weights(weight_map: str | os.PathLike[str] | None, weights: Mapping[str, np.ndarray], owner: str) -> None:
+def check_weights(weight_map: WeightMap | None, weights: Mapping[str, np.ndarray], owner: str) -> None:
     """One clear error unless ``weights`` are changeable initializers of the file with this weight map."""
     if not weights:
         return
     if weight_map is None:
         raise InvalidInputError(f"{owner} has no weight map: its weights cannot be changed")
-    load_weight_map(weight_map).check(weights, owner)
+    weight_map.check(weights, owner)
 
 
 def replace_initializers(options, weights: Mapping[str, np.ndarray]) -> None:
@@ -89,7 +89,7 @@ class OrtCpuSession:
         self,
         path: str | os.PathLike[str],
         threads: int | None = None,
-        weight_map: str | os.PathLike[str] | None = None,
+        weight_map: WeightMap | None = None,
     ) -> None:
         self.name = Path(path).name
         self._path = str(path)

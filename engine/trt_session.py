@@ -25,18 +25,11 @@ import numpy as np
 from sdtrt.engine import cuda
 from sdtrt.engine.errors import BackendUnavailableError
 from sdtrt.engine.manifest import Manifest
-from sdtrt.engine.profiles import (
-    PlanMeta,
-    ProfileSpec,
-    bound_dims,
-    check_in_profile,
-    dynamic_profile,
-    suggest_profile,
-)
+from sdtrt.engine.profiles import ProfileSpec, bound_dims, check_in_profile, dynamic_profile, suggest_profile
 from sdtrt.engine.session import TensorSpec, check_feeds
 from sdtrt.engine.trt_build import ensure_plan
-from sdtrt.engine.trt_plans import find_plan, import_tensorrt, runtime_info, trt_logger
-from sdtrt.engine.weights import WeightMap, load_weight_map
+from sdtrt.engine.trt_plans import PlanMeta, find_plan, import_tensorrt, runtime_info, trt_logger
+from sdtrt.engine.weights import WeightMap
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +41,7 @@ def open_trt_session(
     precision: str,
     scope: cuda.DeviceScope,
     *,
+    weight_map: WeightMap | None = None,
     profile: ProfileSpec | None = None,
     build: bool = True,
 ) -> TensorRTSession:
@@ -69,7 +63,7 @@ def open_trt_session(
             )
         found = ensure_plan(folder, manifest, component, precision, spec, runtime, build=build)
     path, meta = found
-    return TensorRTSession(path, meta, folder, manifest, scope)
+    return TensorRTSession(path, meta, folder, manifest, scope, weight_map)
 
 
 class TensorRTSession:
@@ -82,8 +76,10 @@ class TensorRTSession:
         folder: str | os.PathLike[str],
         manifest: Manifest,
         scope: cuda.DeviceScope,
+        weight_map: WeightMap | None = None,
     ) -> None:
         self.name = meta.component
+        self._weight_map = weight_map  # the plan's refittable weights (None: it has none)
         self._meta = meta
         self._folder = folder
         self._manifest = manifest
@@ -116,9 +112,6 @@ class TensorRTSession:
         self._activations_generation = -1  # pointed at the shared buffer on the first run
 
         declared = self._manifest.component_file(self.name, self._meta.precision)
-        self._weight_map: WeightMap | None = None
-        if declared.weights is not None:
-            self._weight_map = load_weight_map(Path(self._folder) / declared.weights)
         self._refitted: set[str] = set()  # the weights that differ from the export now
         declared_specs = {s.name: s for s in declared.inputs + declared.outputs}
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]

@@ -10,8 +10,9 @@ import pytest
 from onnx import TensorProto, helper
 
 from sdtrt.cli import main
-from sdtrt.engine.backends import Fp32Fallback, Probe, choose_backend, probe, select_backend
+from sdtrt.engine.backends import Probe, choose_backend, probe, select_backend
 from sdtrt.engine.errors import BackendUnavailableError, InvalidInputError, ManifestError
+from sdtrt.engine.fallback import Fp32Fallback
 from sdtrt.engine.manifest import load_manifest
 from sdtrt.engine.ort_cuda import EAGER, OrtCudaSession
 from sdtrt.engine.ort_session import OrtCpuSession

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from sdtrt.engine import fsutil
-from sdtrt.engine.backends import choose_backend, load_session
+from sdtrt.engine.artifact import open_artifact
+from sdtrt.engine.backends import choose_backend
 from sdtrt.engine.errors import InvalidInputError, ManifestError
 from sdtrt.engine.manifest import FORMAT_VERSION, load_manifest
 from sdtrt.engine.session import Session, TensorSpec, check_feeds
@@ -135,8 +136,7 @@ def test_backend_choice() -> None:
 
 
 def test_ort_cpu_session(tiny_export: Path) -> None:
-    manifest = load_manifest(tiny_export)
-    session = load_session(choose_backend("ort-cpu"), tiny_export, manifest, "vae_decoder")
+    session = open_artifact(tiny_export, "ort-cpu").session("vae_decoder")
     assert isinstance(session, Session)
     assert session.inputs["latent"] == TensorSpec("latent", "float32", ("batch", 4, "latent_height", "latent_width"))
     latent = np.zeros((1, 4, 16, 16), np.float32)

@@ -14,7 +14,8 @@ import torch
 from sdtrt.engine.errors import InvalidInputError
 from sdtrt.export import tiny
 from sdtrt.export.exporter import export_model
-from sdtrt.runtime.pipeline import Pipeline, guidance_embedding
+from sdtrt.runtime.conditioning import guidance_embedding
+from sdtrt.runtime.pipeline import Pipeline
 
 PROMPT = "a red circle on a blue background"
 NEGATIVE = "blurry"

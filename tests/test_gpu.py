@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from sdtrt.engine import cuda
-from sdtrt.engine.backends import choose_backend, load_session, probe
+from sdtrt.engine.artifact import open_artifact
+from sdtrt.engine.backends import choose_backend, probe
 from sdtrt.engine.errors import BackendUnavailableError, InvalidInputError
 from sdtrt.engine.manifest import Manifest, load_manifest
 from sdtrt.engine.ort_session import OrtCpuSession
@@ -158,7 +159,7 @@ def test_ort_cuda_graph_replay_equals_eager(ort_cuda: None, tiny_export: Path) -
 @pytest.mark.parametrize("component", ["text_encoder", "unet", "vae_decoder", "vae_encoder"])
 def test_ort_cuda_matches_ort_cpu(ort_cuda: None, tiny_export: Path, component: str) -> None:
     manifest = load_manifest(tiny_export)
-    session = load_session(choose_backend("ort-cuda"), tiny_export, manifest, component)
+    session = open_artifact(tiny_export, "ort-cuda").session(component)
     feeds = _feeds(manifest, component, np.random.default_rng(2))
     _assert_close(session.run(_cast(session, feeds)), _cpu_reference(tiny_export, manifest, component, feeds), FP16_TOL)
     session.close()

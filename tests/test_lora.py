@@ -283,7 +283,7 @@ def test_session_set_weights_restores_the_base(tiny_export: Path, loras: dict[st
         "timestep": np.full(2, 500.0, np.float32),
         "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32),
     }
-    path, weight_map = tiny_export / "unet.onnx", tiny_export / "unet.weights.json"
+    path, weight_map = tiny_export / "unet.onnx", load_weight_map(tiny_export / "unet.weights.json")
     cpu, bound = (
         OrtCpuSession(path, threads=1, weight_map=weight_map),
         OrtCudaSession(path, device="cpu", weight_map=weight_map),

@@ -1,0 +1,85 @@
+"""The engine's one doorway: an artifact folder opened on one backend.
+
+``open_artifact(folder, backend)`` reads and validates the manifest, chooses the backend, and
+returns an Artifact that owns everything the engine decides for the runtime: which ONNX variant
+each network runs at, its weight map (read once, shared by the session and LoRA), and its session
+(opened on first use, closed with the artifact). The runtime asks the artifact for a network's
+inputs, weights and session, and never which backend ran.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from sdtrt.engine.backends import BackendChoice, SessionTarget, choose_backend, component_precision, open_session
+from sdtrt.engine.manifest import ComponentFile, Manifest, load_manifest
+from sdtrt.engine.networks import LORA_NETWORKS
+from sdtrt.engine.session import Session, TensorSpec
+from sdtrt.engine.weights import WeightMap, load_weight_map
+
+log = logging.getLogger(__name__)
+
+
+class Artifact:
+    """An export opened on a backend: manifest, per-network precision, weight maps and sessions."""
+
+    def __init__(self, folder: Path, manifest: Manifest, backend: BackendChoice) -> None:
+        self.folder = folder
+        self.manifest = manifest
+        self.backend = backend
+        self._weight_maps: dict[str, WeightMap | None] = {}
+        self._sessions: dict[str, Session] = {}
+
+    def __contains__(self, network: str) -> bool:
+        return network in self.manifest.components
+
+    def file(self, network: str) -> ComponentFile:
+        """The ONNX file ``network`` runs from on this backend."""
+        return self.manifest.component_file(network, component_precision(self.backend, self.manifest, network))
+
+    def inputs(self, network: str) -> dict[str, TensorSpec]:
+        """The network's inputs as the manifest declares them (no session is opened)."""
+        return {spec.name: spec for spec in self.file(network).inputs}
+
+    def weight_map(self, network: str) -> WeightMap | None:
+        """The changeable weights of ``network`` (LoRA), read once; None where it has none."""
+        if network not in self._weight_maps:
+            file = self.file(network)
+            self._weight_maps[network] = None if file.weights is None else load_weight_map(self.folder / file.weights)
+        return self._weight_maps[network]
+
+    def weight_maps(self) -> dict[str, WeightMap]:
+        """The weight maps of every network of this export that LoRA may change."""
+        maps = {network: self.weight_map(network) for network in LORA_NETWORKS if network in self}
+        return {network: weight_map for network, weight_map in maps.items() if weight_map is not None}
+
+    def session(self, network: str) -> Session:
+        """The session of ``network``, opened on first use."""
+        if network not in self._sessions:
+            precision = component_precision(self.backend, self.manifest, network)
+            target = SessionTarget(self.folder, self.manifest, network, precision, self.weight_map(network))
+            self._sessions[network] = open_session(self.backend, target)
+        return self._sessions[network]
+
+    def is_open(self, network: str) -> bool:
+        return network in self._sessions
+
+    def close(self) -> None:
+        for session in self._sessions.values():
+            session.close()
+        self._sessions.clear()
+
+    def __enter__(self) -> Artifact:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_artifact(folder: str | os.PathLike[str], backend: str = "auto") -> Artifact:
+    """Open an artifact folder written by ``sdtrt export``; ``backend`` is "auto" or a name in BACKENDS."""
+    folder = Path(folder)
+    manifest = load_manifest(folder)
+    return Artifact(folder, manifest, choose_backend(backend))

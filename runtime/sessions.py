@@ -1,0 +1,109 @@
+"""The networks of one opened export as the runtime runs them: sessions from the engine's doorway,
+with the loaded LoRA adapters composed onto the weights of every session that has a weight map.
+
+LoRA lives here, with the sessions, because a session opened after an adapter was loaded must
+start from the same composed weights as those opened before it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from sdtrt.engine.artifact import Artifact
+from sdtrt.engine.errors import InvalidInputError
+from sdtrt.engine.session import Session, TensorSpec
+from sdtrt.runtime.lora import LoraAdapter, compose, read_lora
+
+log = logging.getLogger(__name__)
+
+
+class Networks:
+    """Sessions of an Artifact opened on first use, float32 in and out, LoRA adapters applied."""
+
+    def __init__(self, artifact: Artifact) -> None:
+        self.artifact = artifact
+        self._loras: dict[str, tuple[LoraAdapter, float]] = {}  # name -> (adapter, scale), in loading order
+
+    def session(self, network: str) -> Session:
+        """The session of ``network`` with the loaded adapters' weights."""
+        opened = self.artifact.is_open(network)
+        session = self.artifact.session(network)
+        weight_map = self.artifact.weight_map(network)
+        if not opened and self._loras and weight_map is not None:
+            session.set_weights(compose(weight_map, network, list(self._loras.values())))
+        return session
+
+    def inputs(self, network: str) -> dict[str, TensorSpec]:
+        return self.artifact.inputs(network)
+
+    def run_all(self, network: str, **feeds: np.ndarray) -> dict[str, np.ndarray]:
+        """Run a network, casting inputs to its dtypes and float outputs to float32."""
+        session = self.session(network)
+        cast = {name: array.astype(session.inputs[name].dtype, copy=False) for name, array in feeds.items()}
+        return {name: value.astype(np.float32, copy=False) for name, value in session.run(cast).items()}
+
+    def run(self, network: str, **feeds: np.ndarray) -> np.ndarray:
+        """Run a one-output network."""
+        (output,) = self.run_all(network, **feeds).values()
+        return output
+
+    def close(self) -> None:
+        self.artifact.close()
+
+    # ----------------------------------------------------------------------------------------------
+    # LoRA adapters (documented on Pipeline.load_lora and friends)
+
+    @property
+    def loras(self) -> dict[str, float]:
+        return {name: scale for name, (_, scale) in self._loras.items()}
+
+    def load_lora(self, path: str | os.PathLike[str], name: str | None, scale: float) -> str:
+        name = Path(path).stem if name is None else name
+        if name in self._loras:
+            raise InvalidInputError(f"a LoRA named {name!r} is loaded already: unload it first or pass another name")
+        _check_lora_scale(scale)
+        maps = self.artifact.weight_maps()
+        if not maps:
+            folder = self.artifact.folder
+            source = self.artifact.manifest.source.get("path", "MODEL")
+            raise InvalidInputError(
+                f"{folder} has no weight maps, which LoRA needs: re-export it with this sdtrt "
+                f"(`sdtrt export {source} --out {folder} --overwrite`)"
+            )
+        adapter = read_lora(path, maps)
+        self._set_loras({**self._loras, name: (adapter, float(scale))})
+        log.info("LoRA %s: %d layers at scale %g", name, adapter.size, scale)
+        return name
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        self._check_lora_name(name)
+        _check_lora_scale(scale)
+        self._set_loras({**self._loras, name: (self._loras[name][0], float(scale))})
+
+    def unload_lora(self, name: str | None) -> None:
+        if name is not None:
+            self._check_lora_name(name)
+        self._set_loras({} if name is None else {k: v for k, v in self._loras.items() if k != name})
+
+    def _check_lora_name(self, name: str) -> None:
+        if name not in self._loras:
+            raise InvalidInputError(f"no LoRA named {name!r} is loaded (loaded: {sorted(self._loras) or 'none'})")
+
+    def _set_loras(self, loras: dict[str, tuple[LoraAdapter, float]]) -> None:
+        """Compose the weights of every open session for ``loras`` from the base and hand them over
+        (a session whose weights stay the base ones does nothing)."""
+        adapters = list(loras.values())
+        for network, weight_map in self.artifact.weight_maps().items():
+            if self.artifact.is_open(network):
+                self.artifact.session(network).set_weights(compose(weight_map, network, adapters))
+        self._loras = loras
+
+
+def _check_lora_scale(scale: float) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise InvalidInputError(f"a LoRA scale must be a finite number, got {scale!r}")
