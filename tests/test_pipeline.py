@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sdtrt.engine.artifact import open_artifact
 from sdtrt.engine.errors import InvalidInputError, ManifestError
 from sdtrt.runtime.pipeline import Pipeline
+from sdtrt.runtime.request import Request
 
 PROMPT = "a red circle on a blue background, top left"
 NEGATIVE = "blurry, low quality"
@@ -142,6 +144,33 @@ def test_truncated_prompt_warns(pipe: Pipeline, caplog: pytest.LogCaptureFixture
 def test_bad_requests_are_one_clear_error(pipe: Pipeline, kwargs: dict, message: str) -> None:
     with pytest.raises(InvalidInputError, match=message):
         pipe.txt2img(PROMPT, **{"num_inference_steps": 2, **kwargs})
+
+
+def test_one_request_object_serves_every_task(pipe: Pipeline) -> None:
+    """The keyword API and run(task, Request) are one path: same request, same seed, same image."""
+    options = {"num_inference_steps": 2, "seed": 7, "height": 128, "width": 128}
+    by_keywords = pipe.txt2img(PROMPT, **options)
+    by_request = pipe.run("txt2img", Request(PROMPT, **options))
+    np.testing.assert_array_equal(by_request.latents, by_keywords.latents)
+    assert Request(PROMPT).checked("upscale").num_inference_steps == 75  # each task's own defaults
+    assert Request(PROMPT).checked("txt2img").guidance_scale == 7.5
+    with pytest.raises(InvalidInputError, match=r"txt2img has no option 'strength' \(its own: latents"):
+        pipe.txt2img(PROMPT, strength=0.5)
+    with pytest.raises(InvalidInputError, match="unknown task 'paint'"):
+        pipe.run("paint", Request(PROMPT))
+    with pytest.raises(InvalidInputError, match="upscale takes no height or width"):
+        Request(PROMPT, height=512).checked("upscale")
+
+
+def test_weight_maps_are_read_once(tiny_export: Path) -> None:
+    """The artifact reads each weight map once and hands the same object to its session and to LoRA."""
+    artifact = open_artifact(tiny_export, "ort-cpu")
+    maps = artifact.weight_maps()
+    assert set(maps) == {"text_encoder", "unet"}
+    assert artifact.weight_map("unet") is maps["unet"]
+    assert artifact.session("unet")._weight_map is maps["unet"]
+    assert artifact.weight_map("vae_decoder") is None
+    artifact.close()
 
 
 @pytest.mark.parametrize("prompt", [None, 42, [], ["a", None]])
