@@ -155,14 +155,14 @@ def _sdtrt_availability(backend: str) -> tuple[str | None, str]:
 
     Asks the engine's probes only: nothing is opened on the GPU in this process.
     """
-    from sdtrt.engine.backends import PRECISION, probe, select_backend
+    from sdtrt.engine.backends import BACKENDS, probe, select_backend
     from sdtrt.engine.errors import SdtrtError
 
     try:
         kind, _ = select_backend(backend, probe)
     except SdtrtError as exc:
         return None, str(exc)
-    return PRECISION[kind], ""
+    return BACKENDS[kind].precision, ""
 
 
 def _model_class(model_dir: Path) -> str:

@@ -1,54 +1,63 @@
-"""The sdtrt command line: export, generate / img2img / inpaint / outpaint / upscale, info, build, demo."""
+"""The sdtrt command line: argument parsing and dispatch to one handler per command (the demo is sdtrt/demo.py)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sdtrt.engine.errors import ManifestError, SdtrtError
+from sdtrt.demo import DEMO_GUIDANCE, DEMO_PROMPT, DEMO_ROOT, run_demo
+from sdtrt.engine.errors import SdtrtError
 
-log = logging.getLogger("sdtrt")
+if TYPE_CHECKING:
+    from PIL import Image
 
-DEMO_ROOT = Path("artifacts")
-# The embedded demo model knows one coloured shape on a coloured background (see train/shapes.py).
-DEMO_PROMPT = "a yellow circle on a blue background, top left"
-DEMO_GUIDANCE = 5.0
-DEMO_GRID_PROMPTS = (
-    "a red circle on a blue background",
-    "a yellow square on a black background, top left",
-    "a small green triangle on a white background, bottom right",
-    "a large blue circle on a yellow background, top right",
-    "a white square on a red background, center",
-    "a black triangle on a green background",
-    "a small red triangle on a yellow background, top right",
-    "a large white circle on a black background, bottom left",
-)
+Handler = Callable[[argparse.Namespace], None]
+Lora = tuple[Path, float]  # a LoRA adapter's file and scale
 EXPORT_MODULES = {"torch", "diffusers", "transformers", "onnx", "onnx_graphsurgeon", "accelerate", "safetensors"}
+# a generating command's options by the pipeline's names for them, where these differ
+PIPELINE_NAMES = {"negative": "negative_prompt", "steps": "num_inference_steps", "guidance": "guidance_scale"}
+POSITIONAL_HELP = {
+    "model": "a local diffusers folder, a single-file checkpoint (.safetensors) or a hub id such as org/name",
+    "folder": "an artifact folder written by `sdtrt export`",
+    "image": "the input RGB image",
+    "mask": "a mask of the image's size: white = repaint",
+    "prompt": "what the picture should show",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
-    from sdtrt.engine.backends import BACKENDS
-    from sdtrt.engine.manifest import COMPONENTS, PRECISIONS
-    from sdtrt.runtime.schedulers import SCHEDULERS
+    from sdtrt.engine.manifest import PRECISIONS
+    from sdtrt.engine.networks import COMPONENTS
 
+    common = argparse.ArgumentParser(add_help=False)  # SUPPRESS: -q/-v count before or after the command
+    for flags, text in ((("-q", "--quiet"), "only warnings and errors"), (("-v", "--verbose"), "debug logging")):
+        common.add_argument(*flags, action="store_true", default=argparse.SUPPRESS, help=text)
     parser = argparse.ArgumentParser(
         prog="sdtrt",
+        parents=[common],
         description="Stable Diffusion inference: export a diffusers model to ONNX, then generate images "
         "with a lean NumPy runtime on ONNX Runtime (CPU or CUDA) or TensorRT.",
-        epilog='Start with `sdtrt demo`, then `sdtrt export MODEL --out DIR` and `sdtrt generate DIR "prompt"`.',
+        epilog='Start with `sdtrt demo`, then `sdtrt export MODEL --out DIR` and `sdtrt generate DIR "prompt"`. '
+        "`sdtrt COMMAND --help` describes a command.",
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    export = sub.add_parser("export", help="export a diffusers model or a checkpoint to ONNX + manifest.json")
-    export.add_argument(
-        "model",
-        help="a local diffusers folder, a single-file checkpoint (.safetensors) or a hub id such as org/name",
-    )
+    def command(name: str, func: Handler, summary: str, *positionals: str, more: str = "") -> argparse.ArgumentParser:
+        """A subcommand that runs ``func``; ``more``: what its --help says beyond ``summary``."""
+        about = f"{summary[0].upper()}{summary[1:]}. {more}".strip()
+        cmd = sub.add_parser(name, help=summary, description=about, parents=[common])
+        cmd.set_defaults(func=func)
+        for arg in positionals:
+            cmd.add_argument(arg, type=str if arg in ("model", "prompt") else Path, help=POSITIONAL_HELP[arg])
+        return cmd
+
+    summary = "export a diffusers model or a checkpoint to ONNX + manifest.json"
+    more = "The drawing commands, info and build read the artifact folder it writes."
+    export = command("export", _export, summary, "model", more=more)
     export.add_argument("--out", required=True, type=Path, help="the artifact folder to write")
     export.add_argument(
         "--precision", nargs="+", choices=PRECISIONS, default=["fp32"], help="ONNX variants (default: fp32)"
@@ -78,55 +87,45 @@ def _parser() -> argparse.ArgumentParser:
         "files you trust; better, convert them to .safetensors",
     )
 
-    gen = sub.add_parser("generate", help="text to image")
-    gen.add_argument("folder", type=Path, help="an artifact folder written by `sdtrt export`")
-    gen.add_argument("prompt", help="what to draw")
+    gen = command("generate", _run_task, "draw a prompt: text to image", "folder", "prompt")
     _add_size_options(gen)
-    _add_generation_options(gen, BACKENDS, SCHEDULERS, steps=30)
+    _add_generation_options(gen, "txt2img", ("height", "width"), steps=30)
 
-    img2img = sub.add_parser("img2img", help="transform an image by a prompt")
-    img2img.add_argument("folder", type=Path, help="an artifact folder written by `sdtrt export`")
-    img2img.add_argument("image", type=Path, help="the RGB image to start from")
-    img2img.add_argument("prompt")
+    img2img = command("img2img", _run_task, "transform an image by a prompt", "folder", "image", "prompt")
     img2img.add_argument("--strength", type=float, default=0.8, help="0 keeps the image, 1 ignores it (default 0.8)")
     _add_size_options(img2img, "the image's own size, rounded down")
-    _add_generation_options(img2img, BACKENDS, SCHEDULERS, steps=50)
+    _add_generation_options(img2img, "img2img", ("image", "strength", "height", "width"), steps=50)
 
-    inpaint = sub.add_parser("inpaint", help="repaint the white part of a mask")
-    inpaint.add_argument("folder", type=Path, help="an artifact folder written by `sdtrt export`")
-    inpaint.add_argument("image", type=Path, help="the RGB image")
-    inpaint.add_argument("mask", type=Path, help="a mask of the same size: white = repaint")
-    inpaint.add_argument("prompt")
+    inpaint = command("inpaint", _run_task, "repaint the white part of a mask", "folder", "image", "mask", "prompt")
     inpaint.add_argument("--strength", type=float, default=1.0, help="how far to noise the masked part (default 1)")
     inpaint.add_argument("--mask-blur", type=float, default=0.0, help="feather the paste-back by this many pixels")
     _add_size_options(inpaint, "the image's own size, rounded down")
-    _add_generation_options(inpaint, BACKENDS, SCHEDULERS, steps=50)
+    _add_generation_options(inpaint, "inpaint", ("image", "mask", "strength", "mask_blur", "height", "width"), 50)
 
-    outpaint = sub.add_parser("outpaint", help="extend an image beyond its borders")
-    outpaint.add_argument("folder", type=Path, help="an artifact folder written by `sdtrt export`")
-    outpaint.add_argument("image", type=Path, help="the RGB image")
-    outpaint.add_argument("prompt")
-    for side in ("left", "right", "top", "bottom"):
+    outpaint = command("outpaint", _run_task, "extend an image beyond its borders", "folder", "image", "prompt")
+    sides = ("left", "right", "top", "bottom")
+    for side in sides:
         outpaint.add_argument(f"--{side}", type=int, default=0, help=f"pixels to add on the {side}")
     outpaint.add_argument("--overlap", type=int, default=16, help="pixels of the old image repainted at the seam")
     outpaint.add_argument("--mask-blur", type=float, default=8.0, help="seam feathering in pixels (default 8)")
-    _add_generation_options(outpaint, BACKENDS, SCHEDULERS, steps=50)
+    _add_generation_options(outpaint, "outpaint", ("image", *sides, "overlap", "mask_blur"), steps=50)
 
-    upscale = sub.add_parser("upscale", help="4x super-resolution with an x4-upscaler export")
-    upscale.add_argument("folder", type=Path, help="an artifact folder written by `sdtrt export`")
-    upscale.add_argument("image", type=Path, help="the low-resolution RGB image")
-    upscale.add_argument("prompt")
+    summary = "4x super-resolution with an x4-upscaler export"
+    upscale = command("upscale", _run_task, summary, "folder", "image", "prompt")
     upscale.add_argument("--noise-level", type=int, default=20, help="noise added to the input (default 20)")
     upscale.add_argument("--tile-size", type=int, default=None, help="input pixels per tile (default: native)")
     upscale.add_argument("--tile-overlap", type=int, default=None, help="input pixels tiles overlap (default 16)")
-    upscale.add_argument("--no-tiling", action="store_true", help="refuse inputs larger than one tile")
-    _add_generation_options(upscale, BACKENDS, SCHEDULERS, steps=75, guidance=9.0)
+    upscale.add_argument("--no-tiling", dest="tiling", action="store_false", help="refuse inputs larger than one tile")
+    _add_generation_options(
+        upscale, "upscale", ("image", "noise_level", "tile_size", "tile_overlap", "tiling"), 75, 9.0
+    )
 
-    info = sub.add_parser("info", help="describe an artifact folder")
-    info.add_argument("folder", type=Path, help="an artifact folder written by `sdtrt export`")
+    more = "With fp16 variants (or --engines) also the TensorRT profile that `sdtrt build` builds by default."
+    info = command("info", _info, "describe an artifact folder: model, files and sizes", "folder", more=more)
+    info.add_argument("--engines", action="store_true", help="also print the default TensorRT profile")
 
-    build = sub.add_parser("build", help="build TensorRT engines for an artifact folder (NVIDIA GPU + tensorrt)")
-    build.add_argument("folder", type=Path, help="an artifact folder written by `sdtrt export`")
+    summary = "build TensorRT engines for an artifact folder (NVIDIA GPU + tensorrt)"
+    build = command("build", _build, summary, "folder", more="`--backend trt` then finds the plans in the folder.")
     shape = build.add_mutually_exclusive_group()
     shape.add_argument("--static", metavar="HxW", help="one image size, the fastest engines (e.g. 512x512)")
     shape.add_argument(
@@ -139,14 +138,15 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--workspace", type=float, metavar="GIB", help="cap the builder's scratch GPU memory")
     build.add_argument("--force", action="store_true", help="rebuild plans that are already cached")
 
-    demo = sub.add_parser(
-        "demo", help="export the embedded demo model (a tiny SD 1.x trained on coloured shapes), draw on the CPU"
-    )
+    summary = "export the embedded demo model (a tiny SD 1.x trained on coloured shapes), draw on the CPU"
+    demo = command("demo", _demo, summary, more="Writes ROOT/demo.png; needs no download and no GPU.")
     demo.add_argument("--root", type=Path, default=DEMO_ROOT, help="the demo's folder (default: artifacts)")
     demo.add_argument("--prompt", default=DEMO_PROMPT, help=f'what to draw (default: "{DEMO_PROMPT}")')
-    demo.add_argument("--steps", type=int, default=20)
-    demo.add_argument("--guidance", type=float, default=DEMO_GUIDANCE)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
+    demo.add_argument(
+        "--guidance", type=float, default=DEMO_GUIDANCE, help=f"guidance scale (default: {DEMO_GUIDANCE})"
+    )
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--grid", action="store_true", help="draw a labelled grid of example prompts: demo-grid.png")
     return parser
 
@@ -157,12 +157,14 @@ def _add_size_options(parser: argparse.ArgumentParser, default: str = "the model
 
 
 def _add_generation_options(
-    parser: argparse.ArgumentParser,
-    backends: Sequence[str],
-    schedulers: Sequence[str],
-    steps: int,
-    guidance: float = 7.5,
+    parser: argparse.ArgumentParser, method: str, own: tuple[str, ...], steps: int, guidance: float = 7.5
 ) -> None:
+    """The options of every generating command; ``method``: its pipeline method, ``own``: the command's own options."""
+    from sdtrt.engine.backends import BACKEND_NAMES
+    from sdtrt.runtime.schedulers import SCHEDULERS
+
+    common = ("negative", "steps", "guidance", "seed", "scheduler", "num_images")
+    parser.set_defaults(method=method, options=(*common, *own))
     parser.add_argument("-o", "--out", type=Path, default=Path("out.png"), help="PNG path (default: out.png)")
     parser.add_argument("--negative", default=None, help="negative prompt (used when guidance > 1)")
     parser.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default: {steps})")
@@ -170,10 +172,10 @@ def _add_generation_options(
         "--guidance", type=float, default=guidance, help=f"classifier-free guidance scale (default: {guidance})"
     )
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed)")
-    parser.add_argument("--scheduler", choices=sorted(schedulers), default=None, help="default: the model's own")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="default: the model's own")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt (default: 1)")
     parser.add_argument(
-        "--backend", choices=backends, default="auto", help="default: auto (trt, else ort-cuda, else ort-cpu)"
+        "--backend", choices=BACKEND_NAMES, default="auto", help="default: auto (trt, else ort-cuda, else ort-cpu)"
     )
     parser.add_argument(
         "--lora",
@@ -185,7 +187,7 @@ def _add_generation_options(
     )
 
 
-def _lora_option(text: str) -> tuple[Path, float]:
+def _lora_option(text: str) -> Lora:
     """PATH[:SCALE] -> (path, scale); a colon not followed by a number is part of the path."""
     path, _, scale = text.rpartition(":")
     try:
@@ -194,55 +196,22 @@ def _lora_option(text: str) -> tuple[Path, float]:
         return Path(text), 1.0
 
 
-# The pipeline method behind each generating command, and its options beyond the common ones.
-TASKS = {
-    "generate": ("txt2img", ("height", "width")),
-    "img2img": ("img2img", ("image", "strength", "height", "width")),
-    "inpaint": ("inpaint", ("image", "mask", "strength", "mask_blur", "height", "width")),
-    "outpaint": ("outpaint", ("image", "left", "right", "top", "bottom", "overlap", "mask_blur")),
-    "upscale": ("upscale", ("image", "noise_level", "tile_size", "tile_overlap")),
-}
-
-
-def _task_options(args: argparse.Namespace) -> dict:
-    """The keyword arguments of the pipeline method for a generating command."""
-    _, extra = TASKS[args.command]
-    options = {name: getattr(args, name) for name in extra}
-    if args.command == "upscale":
-        options["tiling"] = not args.no_tiling
-    return {
-        "negative_prompt": args.negative,
-        "num_inference_steps": args.steps,
-        "guidance_scale": args.guidance,
-        "seed": args.seed,
-        "scheduler": args.scheduler,
-        "num_images": args.num_images,
-        **options,
-    }
-
-
 def _image_paths(out: Path, count: int) -> list[Path]:
     if count == 1:
         return [out]
     return [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(count)]
 
 
-def _save_png(image, path: Path) -> None:
+def save_png(image: Image.Image, path: Path) -> None:
+    """Write ``image`` as a PNG at ``path`` atomically: a failed write leaves no partial file."""
     from sdtrt.engine.fsutil import atomic_path
 
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
 
 
-def _generate(
-    task: str,
-    folder: Path,
-    prompt: str,
-    out: Path,
-    quiet: bool,
-    backend: str,
-    loras: Sequence[tuple[Path, float]] = (),
-    **options,
+def generate_images(
+    task: str, folder: Path, prompt: str, out: Path, quiet: bool, backend: str, loras: Sequence[Lora] = (), **options
 ) -> None:
     """Run pipeline method ``task`` with a progress bar, write the PNGs, print seed and stage timings.
 
@@ -267,14 +236,43 @@ def _generate(
         result = getattr(pipe, task)(prompt, progress=advance, **options)
     paths = _image_paths(out, len(result.images))
     for image, path in zip(result.images, paths, strict=True):
-        _save_png(image, path)
+        save_png(image, path)
     print(f"wrote {', '.join(map(str, paths))} (seed {result.seed}, {result.scheduler}, backend {result.backend})")
     print("  ".join(f"{stage} {seconds * 1000:.0f} ms" for stage, seconds in result.timings.items()))
 
 
-def _info(folder: Path) -> None:
-    from sdtrt.engine.manifest import load_manifest
+# --- one handler per command, each taking the parsed arguments -------------------------------------
 
+
+def _export(args: argparse.Namespace) -> None:
+    from sdtrt.export.exporter import export_model
+
+    export_model(
+        args.model,
+        args.out,
+        precisions=args.precision,
+        components=args.components,
+        opset=args.opset,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        config=args.config,
+        prediction_type=args.prediction_type,
+        allow_pickle=args.allow_pickle,
+    )
+    print(f"exported {args.model} to {args.out}")
+
+
+def _run_task(args: argparse.Namespace) -> None:
+    """generate / img2img / inpaint / outpaint / upscale: pipeline method ``args.method``."""
+    options = {PIPELINE_NAMES.get(name, name): getattr(args, name) for name in args.options}
+    generate_images(args.method, args.folder, args.prompt, args.out, args.quiet, args.backend, args.lora, **options)
+
+
+def _info(args: argparse.Namespace) -> None:
+    from sdtrt.engine.manifest import load_manifest
+    from sdtrt.engine.profiles import component_dims, dynamic_profile
+
+    folder = args.folder
     m = load_manifest(folder)
     print(
         f"{folder}: {m.family}, {m.prediction_type}, native {m.default_width}x{m.default_height}, "
@@ -288,8 +286,16 @@ def _info(folder: Path) -> None:
             f"{p}: {f.path} ({sum(x.stat().st_size for x in folder.glob(f.path + '*')) / 2**20:.1f} MiB)"
             for p, f in component.files.items()
         )
-        profile = ", ".join(f"{dim} {lo}/{opt}/{hi}" for dim, (lo, opt, hi) in component.profile.items())
-        print(f"  {name}: {files}; profile min/opt/max {profile}")
+        print(f"  {name}: {files}")
+    fp16 = any("fp16" in component.files for component in m.components.values())
+    if not (fp16 or args.engines):
+        return
+    spec = dynamic_profile(m)
+    build = f"sdtrt build {folder}" + ("" if fp16 else " --precision fp32; no fp16 variants here")
+    print(f"TensorRT default profile ({build}): {spec.describe()}")
+    for name in m.components:
+        dims = ", ".join(f"{dim} {lo}/{opt}/{hi}" for dim, (lo, opt, hi) in component_dims(m, name, spec).items())
+        print(f"  {name}: min/opt/max {dims}")
 
 
 def _build(args: argparse.Namespace) -> None:
@@ -310,104 +316,20 @@ def _build(args: argparse.Namespace) -> None:
     print(f"{len(paths)} TensorRT plans for {profile.describe()} in {paths[0].parent}")
 
 
-def demo_model_dir() -> Path:
-    """The embedded demo model: a diffusers folder shipped in the package (trained by train/tiny.py)."""
-    import sdtrt.export
-
-    return Path(sdtrt.export.__file__).parent / "assets" / "tiny-sd"
-
-
-def _demo(root: Path, prompt: str, steps: int, guidance: float, seed: int, grid: bool, quiet: bool) -> None:
-    from sdtrt.engine.manifest import load_manifest
-    from sdtrt.export.exporter import export_model, source_hash
-
-    model, export_dir = demo_model_dir(), root / "tiny-sd-onnx"
-    try:  # none, another format_version, or from another model: stale
-        current = load_manifest(export_dir).source.get("sha256") == source_hash(model)
-    except ManifestError as exc:
-        log.debug("re-exporting the demo model: %s", exc)
-        current = False
-    if not current:
-        log.info("exporting the embedded demo model to %s", export_dir)
-        export_model(model, export_dir, overwrite=True, progress=not quiet)
-    if grid:
-        _demo_grid(export_dir, root / "demo-grid.png", steps, guidance, seed, quiet)
-        return
-    _generate(
-        "txt2img",
-        export_dir,
-        prompt,
-        root / "demo.png",
-        quiet,
-        backend="ort-cpu",
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        seed=seed,
-    )
-
-
-def _demo_grid(folder: Path, out: Path, steps: int, guidance: float, seed: int, quiet: bool) -> None:
-    """Draw DEMO_GRID_PROMPTS with one seed into one PNG: each picture enlarged 3x, its prompt below it."""
-    import textwrap
-
-    from PIL import Image, ImageDraw
-    from tqdm.auto import tqdm
-
-    from sdtrt.runtime.pipeline import Pipeline
-
-    with Pipeline.load(folder, backend="ort-cpu") as pipe:
-        images = [
-            pipe.txt2img(prompt, num_inference_steps=steps, guidance_scale=guidance, seed=seed).images[0]
-            for prompt in tqdm(DEMO_GRID_PROMPTS, desc="grid", unit="image", disable=quiet)
-        ]
-    columns, side, label = 4, 3 * images[0].width, 30  # label: pixels for two lines of the default font
-    rows = -(-len(images) // columns)
-    sheet = Image.new("RGB", (columns * side, rows * (side + label)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (prompt, image) in enumerate(zip(DEMO_GRID_PROMPTS, images, strict=True)):
-        x, y = i % columns * side, i // columns * (side + label)
-        sheet.paste(image.resize((side, side), Image.Resampling.NEAREST), (x, y))
-        draw.multiline_text((x + 4, y + side + 2), textwrap.fill(prompt, side // 6), fill="black", spacing=1)
-    _save_png(sheet, out)
-    print(f"wrote {out} ({len(images)} prompts, seed {seed}, {steps} steps, guidance {guidance})")
+def _demo(args: argparse.Namespace) -> None:
+    run_demo(args.root, args.prompt, args.steps, args.guidance, args.seed, args.grid, args.quiet)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    for flag in ("quiet", "verbose"):  # absent when given neither before nor after the command
+        vars(args).setdefault(flag, False)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("sdtrt").setLevel(level)
     try:
-        if args.command == "export":
-            from sdtrt.export.exporter import export_model
-
-            export_model(
-                args.model,
-                args.out,
-                precisions=args.precision,
-                components=args.components,
-                opset=args.opset,
-                overwrite=args.overwrite,
-                progress=not args.quiet,
-                config=args.config,
-                prediction_type=args.prediction_type,
-                allow_pickle=args.allow_pickle,
-            )
-            print(f"exported {args.model} to {args.out}")
-        elif args.command in TASKS:
-            task = TASKS[args.command][0]
-            options = _task_options(args)
-            _generate(task, args.folder, args.prompt, args.out, args.quiet, args.backend, args.lora, **options)
-        elif args.command == "info":
-            _info(args.folder)
-        elif args.command == "build":
-            _build(args)
-        elif args.command == "demo":
-            _demo(args.root, args.prompt, args.steps, args.guidance, args.seed, args.grid, args.quiet)
-    except SdtrtError as exc:
-        print(f"sdtrt: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # an output path that cannot be written: a folder, under a file, no permission
+        args.func(args)
+    except (SdtrtError, OSError) as exc:  # OSError: an output path that cannot be written (a folder, no permission)
         print(f"sdtrt: error: {exc}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:

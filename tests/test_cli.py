@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -144,6 +145,86 @@ def test_info(tiny_export: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "sd1" in result.stdout and "multiples of 16" in result.stdout
     assert "unet: fp16: unet.fp16.onnx" in result.stdout and "batch 1/2/8" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "summary"),
+    [
+        ("export", "Export a diffusers model"),
+        ("generate", "Draw a prompt"),
+        ("img2img", "Transform an image"),
+        ("inpaint", "Repaint the white part"),
+        ("outpaint", "Extend an image"),
+        ("upscale", "4x super-resolution"),
+        ("info", "Describe an artifact folder"),
+        ("build", "Build TensorRT engines"),
+        ("demo", "Export the embedded demo model"),
+    ],
+)
+def test_each_command_help_says_what_it_does(command: str, summary: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert summary in text and "--quiet" in text
+    positionals = text.partition("positional arguments:\n")[2].split("\n\n")[0]  # demo: none
+    for line in positionals.splitlines():  # each positional has its help on its line: "  NAME   help"
+        assert len(line.split(maxsplit=1)) == 2, line
+
+
+def test_quiet_and_verbose_before_or_after_the_command(
+    tiny_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    logger = logging.getLogger("sdtrt")
+    for args, level in [
+        (["info", str(tiny_export)], logging.INFO),
+        (["-q", "info", str(tiny_export)], logging.WARNING),
+        (["info", str(tiny_export), "-q"], logging.WARNING),
+        (["info", "--quiet", str(tiny_export)], logging.WARNING),
+        (["-v", "info", str(tiny_export)], logging.DEBUG),
+        (["info", str(tiny_export), "--verbose"], logging.DEBUG),
+        (["-q", "info", str(tiny_export), "-v"], logging.DEBUG),
+    ]:
+        assert main(args) == 0, args
+        assert logger.level == level, args
+    capsys.readouterr()
+    out = tmp_path / "quiet.png"
+    assert main(["generate", str(tiny_export), "a cat", "--steps", "2", "--seed", "1", "-o", str(out), "-q"]) == 0
+    captured = capsys.readouterr()
+    assert out.is_file() and "seed 1" in captured.out
+    assert "denoise" not in captured.err  # no progress bar
+
+
+def test_info_prints_the_default_tensorrt_profile_of_an_fp16_export(
+    tiny_export: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["info", str(tiny_export)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # the tiny model is 256 px: `sdtrt build` defaults to half to twice that, 1-4 images, CFG doubling the UNet batch
+    profile = f"TensorRT default profile (sdtrt build {tiny_export}): dynamic 128-512 x 128-512 px, batch 1-4"
+    assert profile in lines
+    after = lines[lines.index(profile) + 1 :]
+    assert "  unet: min/opt/max batch 1/2/8, latent_height 16/32/64, latent_width 16/32/64" in after
+    assert "  text_encoder: min/opt/max batch 1/1/8" in after
+    assert "  vae_decoder: min/opt/max batch 1/1/4, latent_height 16/32/64, latent_width 16/32/64" in after
+    assert "  vae_encoder: min/opt/max batch 1/1/4, height 128/256/512, width 128/256/512" in after
+
+
+def test_info_of_an_fp32_export_prints_tensorrt_lines_only_with_engines(
+    tiny_upscaler_export: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["info", str(tiny_upscaler_export)]) == 0
+    printed = capsys.readouterr().out
+    assert "upscaler" in printed and "unet: fp32: unet.onnx" in printed
+    assert "TensorRT" not in printed and "min/opt/max" not in printed
+    assert main(["info", str(tiny_upscaler_export), "--engines"]) == 0
+    with_engines = capsys.readouterr().out
+    assert with_engines.startswith(printed)  # the same lines, then the profile
+    assert (
+        f"TensorRT default profile (sdtrt build {tiny_upscaler_export} --precision fp32; no fp16 variants here): "
+        "dynamic 64-256 x 64-256 px, batch 1-4\n  text_encoder: min/opt/max batch 1/1/8\n"
+    ) in with_engines
+    assert "  unet: min/opt/max batch 1/2/8, latent_height 16/32/64, latent_width 16/32/64" in with_engines
 
 
 def test_export_command(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdtrt.cli import DEMO_GRID_PROMPTS, demo_model_dir, main
+from sdtrt.cli import main
+from sdtrt.demo import DEMO_GRID_PROMPTS, demo_model_dir
 from sdtrt.engine.backends import BACKENDS
 from sdtrt.engine.errors import BackendUnavailableError
 from sdtrt.runtime.pipeline import Pipeline
@@ -52,7 +53,7 @@ def trained_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module", params=[b for b in BACKENDS if b != "auto"])
+@pytest.fixture(scope="module", params=list(BACKENDS))
 def pipe(request: pytest.FixtureRequest, trained_export: Path) -> Pipeline:
     try:
         pipeline = Pipeline.load(trained_export, backend=request.param)
