@@ -110,6 +110,10 @@ def _unet(in_channels: int, cross_attention_dim: int = 32, **extra):
     )
 
 
+# SD 1.x / 2.x pipelines without the safety checker (tiny models have none)
+NO_SAFETY_CHECKER = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+
 def _save(pipeline_class, out_dir, overwrite: bool, pads: dict[str, str], **parts) -> Path:
     """Write the tokenizers named in ``pads`` (folder -> pad token), then the pipeline, atomically."""
     from transformers import CLIPTokenizer
@@ -142,9 +146,7 @@ def build_tiny_sd1(
         unet=_unet(9 if inpainting else 4),
         vae=_vae(levels=4, scaling_factor=0.18215, sample_size=256),
         scheduler=PNDMScheduler.from_config(SD1_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        **NO_SAFETY_CHECKER,
     )
 
 
@@ -163,9 +165,7 @@ def build_tiny_sd2(out_dir: str | os.PathLike[str], seed: int = 0, overwrite: bo
         unet=_unet(4, use_linear_projection=True),
         vae=_vae(levels=4, scaling_factor=0.18215, sample_size=256),
         scheduler=DDIMScheduler.from_config(SD2_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        **NO_SAFETY_CHECKER,
     )
 
 
@@ -235,9 +235,7 @@ def build_tiny_lcm(out_dir: str | os.PathLike[str], seed: int = 0, overwrite: bo
         unet=_unet(4, time_cond_proj_dim=32),
         vae=_vae(levels=4, scaling_factor=0.18215, sample_size=256),
         scheduler=LCMScheduler.from_config(SD1_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        **NO_SAFETY_CHECKER,
     )
 
 
