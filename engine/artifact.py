@@ -78,8 +78,9 @@ class Artifact:
         self.close()
 
 
-def open_artifact(folder: str | os.PathLike[str], backend: str = "auto") -> Artifact:
-    """Open an artifact folder written by ``sdtrt export``; ``backend`` is "auto" or a name in BACKENDS."""
+def open_artifact(folder: str | os.PathLike[str], backend: str = "auto", precision: str | None = None) -> Artifact:
+    """Open an artifact folder written by ``sdtrt export``; ``backend`` is "auto" or a name in BACKENDS,
+    ``precision`` the arithmetic precision where the backend offers a choice (openvino: "bf16" or "fp32")."""
     folder = Path(folder)
     manifest = load_manifest(folder)
-    return Artifact(folder, manifest, choose_backend(backend))
+    return Artifact(folder, manifest, choose_backend(backend, compute=precision))

@@ -1,18 +1,21 @@
 """Which backend runs the networks, and opening one network's session on it.
 
-Each backend is one record: its name, what it needs on this machine, the ONNX variant it runs and
-how it opens a session. "trt" (TensorRT plans, CUDA graphs), "ort-cuda" (ONNX Runtime's CUDA
-provider, CUDA graphs), "ort-cpu". "auto" takes the first of them whose needs are met: TensorRT
-when it imports and a GPU is present (plans that do not exist yet are built on first load), else
-ONNX Runtime CUDA when its provider is there and a GPU is present, else ONNX Runtime on the CPU.
-The choice and the reason are logged. The GPU backends run the fp16 export; a network with an fp32
-fallback (engine/networks.py) has its fp16 output checked and recomputed at fp32 when it overflowed.
+Each backend is one record: its name, what it needs on this machine, the ONNX variant it runs, the
+arithmetic precisions a user may choose, and how it opens a session. "trt" (TensorRT plans, CUDA
+graphs), "ort-cuda" (ONNX Runtime's CUDA provider, CUDA graphs), "openvino" (OpenVINO on the CPU,
+bf16 where the CPU has it), "ort-cpu". "auto" takes the first whose needs are met: TensorRT when
+it imports and a GPU is present (plans that do not exist yet are built on first load), else ONNX
+Runtime CUDA when its provider is there and a GPU is present, else OpenVINO when it is installed,
+else ONNX Runtime on the CPU. The choice and the reason are logged. The GPU backends run the fp16
+export; a network with an fp32 fallback (engine/networks.py) has its fp16 output checked and
+recomputed at fp32 when it overflowed.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,9 +38,12 @@ class BackendChoice:
     kind: str  # a backend's name
     precision: str  # which ONNX variant it runs: "fp32" | "fp16"
     reason: str  # why this one, for the log and the result
+    compute: str = ""  # the precision its arithmetic runs at: "fp16", "fp32" or "bf16" (default: the ONNX variant's)
     scope: cuda.DeviceScope | None = field(default=None, compare=False, repr=False)  # TensorRT: stream + memory
 
     def __post_init__(self) -> None:
+        if not self.compute:
+            object.__setattr__(self, "compute", self.precision)
         if self.kind == "trt" and self.scope is None:  # one stream and one activation buffer per choice
             object.__setattr__(self, "scope", cuda.DeviceScope())
 
@@ -91,6 +97,34 @@ def _open_ort_cpu(choice: BackendChoice, target: SessionTarget) -> Session:
     return OrtCpuSession(target.path, weight_map=target.weight_map)
 
 
+def _open_openvino(choice: BackendChoice, target: SessionTarget) -> Session:
+    from sdtrt.engine.openvino_session import OpenVinoSession
+
+    file = target.file
+    return OpenVinoSession(
+        target.path,
+        file.inputs,
+        file.outputs,
+        precision=choice.compute,
+        cache_dir=openvino_cache_dir(target.folder),
+        weight_map=target.weight_map,
+    )
+
+
+def openvino_cache_dir(folder: Path) -> Path | None:
+    """Where OpenVINO caches compiled models: SDTRT_OPENVINO_CACHE ("" turns it off), else the artifact
+    folder's openvino/ where the folder is writable (beside TensorRT's trt/), else none."""
+    if (env := os.environ.get("SDTRT_OPENVINO_CACHE")) is not None:
+        return Path(env) if env else None
+    return folder / "openvino" if os.access(folder, os.W_OK) else None
+
+
+def _openvino_compute() -> str:
+    from sdtrt.engine.openvino_session import default_compute
+
+    return default_compute()
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
@@ -98,6 +132,20 @@ class Backend:
     precision: str  # the ONNX variant it runs
     open: Opener
     strict_precision: bool = False  # True: only that variant (the CPU has no fp16 kernels worth running)
+    computes: tuple[str, ...] = ()  # the arithmetic precisions a user may choose (default: the variant's only)
+    default_compute: Callable[[], str] | None = None  # the choice when the user makes none
+
+    def compute(self, requested: str | None) -> str:
+        """The arithmetic precision to run at: ``requested``, or this backend's default."""
+        allowed = self.computes or (self.precision,)
+        if requested is None:
+            return self.default_compute() if self.default_compute else allowed[0]
+        if requested not in allowed:
+            raise InvalidInputError(
+                f"backend {self.name} runs at {' or '.join(allowed)}, not {requested!r}"
+                + ("" if requested != "bf16" else " (bf16 is the openvino backend's: pip install 'sdtrt[cpu]')")
+            )
+        return requested
 
 
 # in the order "auto" tries them
@@ -106,6 +154,15 @@ BACKENDS: dict[str, Backend] = {
     for backend in (
         Backend("trt", ("tensorrt", "gpu"), "fp16", _open_trt),
         Backend("ort-cuda", ("ort-cuda", "gpu"), "fp16", _open_ort_cuda),
+        Backend(
+            "openvino",
+            ("openvino",),
+            "fp32",
+            _open_openvino,
+            strict_precision=True,
+            computes=("bf16", "fp32"),
+            default_compute=_openvino_compute,
+        ),
         Backend("ort-cpu", ("ort-cpu",), "fp32", _open_ort_cpu, strict_precision=True),
     )
 }
@@ -147,8 +204,13 @@ def select_backend(requested: str, probe: Callable[[str], Probe]) -> tuple[str, 
 
 
 def probe(need: str) -> Probe:
-    """Check one need of a backend on this machine: "tensorrt", "gpu", "ort-cuda" or "ort-cpu"."""
+    """Check one need of a backend on this machine: "tensorrt", "gpu", "ort-cuda", "ort-cpu" or "openvino"."""
     try:
+        if need == "openvino":
+            from sdtrt.engine.openvino_session import import_openvino, native_bf16
+
+            bf16 = "native bf16" if native_bf16() else "no native bf16"
+            return Probe(True, f"OpenVINO {import_openvino().__version__.split('-')[0]} CPU, {bf16}")
         if need == "tensorrt":
             from sdtrt.engine.trt_plans import import_tensorrt
 
@@ -168,8 +230,13 @@ def probe(need: str) -> Probe:
         return Probe(False, f"no usable CUDA GPU ({exc})")
 
 
-def choose_backend(requested: str = "auto", probe: Callable[[str], Probe] = probe) -> BackendChoice:
-    """Resolve ``requested`` to a concrete backend; an unavailable explicit request is a clear error."""
+def choose_backend(
+    requested: str = "auto", probe: Callable[[str], Probe] = probe, compute: str | None = None
+) -> BackendChoice:
+    """Resolve ``requested`` to a concrete backend; an unavailable explicit request is a clear error.
+
+    ``compute`` asks for an arithmetic precision ("bf16" or "fp32" on openvino); default: the backend's own.
+    """
     results: dict[str, Probe] = {}
 
     def cached(need: str) -> Probe:
@@ -178,8 +245,9 @@ def choose_backend(requested: str = "auto", probe: Callable[[str], Probe] = prob
         return results[need]
 
     kind, reason = select_backend(requested, cached)
-    choice = BackendChoice(kind, BACKENDS[kind].precision, reason)
-    log.info("backend %s (%s): %s", choice.kind, choice.precision, choice.reason)
+    backend = BACKENDS[kind]
+    choice = BackendChoice(kind, backend.precision, reason, compute=backend.compute(compute))
+    log.info("backend %s (%s ONNX, %s compute): %s", choice.kind, choice.precision, choice.compute, choice.reason)
     return choice
 
 

@@ -53,9 +53,11 @@ class Pipeline:
         )
 
     @classmethod
-    def load(cls, folder: str | os.PathLike[str], backend: str = "auto") -> Pipeline:
-        """Open an artifact folder written by ``sdtrt export``; ``backend`` is "auto" or a backend's name."""
-        pipe = cls(open_artifact(folder, backend))
+    def load(cls, folder: str | os.PathLike[str], backend: str = "auto", precision: str | None = None) -> Pipeline:
+        """Open an artifact folder written by ``sdtrt export``; ``backend`` is "auto" or a backend's name;
+        ``precision`` the arithmetic precision where the backend offers a choice (openvino: "bf16", the
+        default where the CPU has native bf16, or "fp32")."""
+        pipe = cls(open_artifact(folder, backend, precision))
         for network in (*pipe.artifact.manifest.tokenizers, "unet", "vae_decoder"):  # what every task runs
             pipe.networks.session(network)
         return pipe

@@ -175,7 +175,17 @@ def _add_generation_options(
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="default: the model's own")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt (default: 1)")
     parser.add_argument(
-        "--backend", choices=BACKEND_NAMES, default="auto", help="default: auto (trt, else ort-cuda, else ort-cpu)"
+        "--backend",
+        choices=BACKEND_NAMES,
+        default="auto",
+        help="default: auto (trt, else ort-cuda, else openvino, else ort-cpu)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("bf16", "fp32"),
+        default=None,
+        help="arithmetic precision where the backend offers a choice: openvino runs bf16 (default where the "
+        "CPU has native bf16) or fp32",
     )
     parser.add_argument(
         "--lora",
@@ -211,7 +221,15 @@ def save_png(image: Image.Image, path: Path) -> None:
 
 
 def generate_images(
-    task: str, folder: Path, prompt: str, out: Path, quiet: bool, backend: str, loras: Sequence[Lora] = (), **options
+    task: str,
+    folder: Path,
+    prompt: str,
+    out: Path,
+    quiet: bool,
+    backend: str,
+    loras: Sequence[Lora] = (),
+    precision: str | None = None,
+    **options,
 ) -> None:
     """Run pipeline method ``task`` with a progress bar, write the PNGs, print seed and stage timings.
 
@@ -223,7 +241,7 @@ def generate_images(
 
     steps = options["num_inference_steps"]
     with (
-        Pipeline.load(folder, backend=backend) as pipe,
+        Pipeline.load(folder, backend=backend, precision=precision) as pipe,
         tqdm(total=steps, desc="denoise", unit="step", disable=quiet) as bar,
     ):
         for path, scale in loras:
@@ -265,7 +283,9 @@ def _export(args: argparse.Namespace) -> None:
 def _run_task(args: argparse.Namespace) -> None:
     """generate / img2img / inpaint / outpaint / upscale: pipeline method ``args.method``."""
     options = {PIPELINE_NAMES.get(name, name): getattr(args, name) for name in args.options}
-    generate_images(args.method, args.folder, args.prompt, args.out, args.quiet, args.backend, args.lora, **options)
+    generate_images(
+        args.method, args.folder, args.prompt, args.out, args.quiet, args.backend, args.lora, args.precision, **options
+    )
 
 
 def _info(args: argparse.Namespace) -> None:

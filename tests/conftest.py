@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
+
+# The CPU backends the parity suites run on, each with its exact arithmetic (openvino's bf16 has its
+# own quality gate in tests/test_openvino.py): (backend, precision)
+CPU_BACKENDS = [("ort-cpu", None), ("openvino", "fp32")]
+
+
+@pytest.fixture(scope="session", params=CPU_BACKENDS, ids=[backend for backend, _ in CPU_BACKENDS])
+def cpu_backend(request: pytest.FixtureRequest) -> dict[str, str | None]:
+    """Pipeline.load's backend and precision, for each CPU backend installed here."""
+    backend, precision = request.param
+    if backend == "openvino" and importlib.util.find_spec("openvino") is None:
+        pytest.skip("openvino is not installed (pip install 'sdtrt[cpu]')")
+    return {"backend": backend, "precision": precision}
 
 
 @pytest.fixture(scope="session")

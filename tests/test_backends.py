@@ -10,10 +10,11 @@ import pytest
 from onnx import TensorProto, helper
 
 from sdtrt.cli import main
-from sdtrt.engine.backends import Probe, choose_backend, probe, select_backend
+from sdtrt.engine.backends import BACKENDS, Probe, choose_backend, probe, select_backend
 from sdtrt.engine.errors import BackendUnavailableError, InvalidInputError, ManifestError
 from sdtrt.engine.fallback import Fp32Fallback
 from sdtrt.engine.manifest import load_manifest
+from sdtrt.engine.openvino_session import default_compute
 from sdtrt.engine.ort_cuda import EAGER, OrtCudaSession
 from sdtrt.engine.ort_session import OrtCpuSession
 
@@ -22,7 +23,9 @@ FOUND = {
     "gpu": Probe(True, "NVIDIA H100 80GB HBM3 (sm90)"),
     "ort-cuda": Probe(True, "ONNX Runtime 1.31.1 CUDA"),
     "ort-cpu": Probe(True, "ONNX Runtime 1.31.1 CPU"),
+    "openvino": Probe(True, "OpenVINO 2026.4.1 CPU, native bf16"),
 }
+NO_OPENVINO = Probe(False, "openvino is not installed: pip install 'sdtrt[cpu]'")
 NO_TRT = Probe(False, "tensorrt is not installed: pip install 'sdtrt[gpu]'")
 NO_GPU = Probe(False, "no CUDA GPU found")
 NO_ORT_CUDA = Probe(False, "onnxruntime has no CUDA provider: pip install 'sdtrt[gpu]' (onnxruntime-gpu)")
@@ -41,18 +44,38 @@ def _machine(**missing: Probe):
     return probe
 
 
-def test_auto_prefers_tensorrt_then_ort_cuda_then_cpu() -> None:
+def test_auto_prefers_tensorrt_then_ort_cuda_then_openvino_then_ort_cpu() -> None:
     assert select_backend("auto", _machine()) == ("trt", "TensorRT 10.8.0.43, NVIDIA H100 80GB HBM3 (sm90)")
     kind, reason = select_backend("auto", _machine(tensorrt=NO_TRT))
     assert kind == "ort-cuda"
     assert reason == f"ONNX Runtime 1.31.1 CUDA, NVIDIA H100 80GB HBM3 (sm90); trt skipped: {NO_TRT.detail}"
     kind, reason = select_backend("auto", _machine(gpu=NO_GPU))
+    assert kind == "openvino"
+    assert reason == (
+        "OpenVINO 2026.4.1 CPU, native bf16; trt skipped: no CUDA GPU found; ort-cuda skipped: no CUDA GPU found"
+    )
+    kind, reason = select_backend("auto", _machine(gpu=NO_GPU, openvino=NO_OPENVINO))
     assert kind == "ort-cpu"
-    assert reason == "ONNX Runtime 1.31.1 CPU; trt skipped: no CUDA GPU found; ort-cuda skipped: no CUDA GPU found"
-    kind, reason = select_backend("auto", _machine(tensorrt=NO_TRT, ort_cuda=NO_ORT_CUDA))
+    assert (
+        reason.startswith("ONNX Runtime 1.31.1 CPU; trt skipped")
+        and f"openvino skipped: {NO_OPENVINO.detail}" in reason
+    )
+    kind, reason = select_backend("auto", _machine(tensorrt=NO_TRT, ort_cuda=NO_ORT_CUDA, openvino=NO_OPENVINO))
     assert kind == "ort-cpu" and "ort-cuda skipped: onnxruntime has no CUDA provider" in reason
     with pytest.raises(BackendUnavailableError, match="no backend is available"):
-        select_backend("auto", _machine(tensorrt=NO_TRT, gpu=NO_GPU, ort_cpu=Probe(False, "onnxruntime is missing")))
+        missing = {"ort_cpu": Probe(False, "onnxruntime is missing"), "openvino": NO_OPENVINO}
+        select_backend("auto", _machine(tensorrt=NO_TRT, gpu=NO_GPU, **missing))
+
+
+def test_compute_precision_is_the_backends_choice() -> None:
+    """openvino offers bf16 and fp32; the others run at their ONNX variant's precision only."""
+    openvino, ort_cpu = BACKENDS["openvino"], BACKENDS["ort-cpu"]
+    assert openvino.compute("fp32") == "fp32" and openvino.compute("bf16") == "bf16"
+    assert ort_cpu.compute(None) == "fp32" and BACKENDS["trt"].compute(None) == "fp16"
+    with pytest.raises(InvalidInputError, match="backend ort-cpu runs at fp32, not 'bf16'"):
+        ort_cpu.compute("bf16")
+    with pytest.raises(InvalidInputError, match="backend openvino runs at bf16 or fp32, not 'fp16'"):
+        openvino.compute("fp16")
 
 
 def test_explicit_backend_names_what_is_missing() -> None:
@@ -85,9 +108,10 @@ def test_choice_on_this_machine(caplog: pytest.LogCaptureFixture) -> None:
         pytest.skip("this machine has a GPU: tests/test_gpu.py covers it")
     with caplog.at_level(logging.INFO, logger="sdtrt.engine.backends"):
         choice = choose_backend("auto")
-    assert (choice.kind, choice.precision) == ("ort-cpu", "fp32")
+    expected = ("openvino", "fp32", default_compute()) if probe("openvino").ok else ("ort-cpu", "fp32", "fp32")
+    assert (choice.kind, choice.precision, choice.compute) == expected
     assert "trt skipped" in choice.reason and "ort-cuda skipped" in choice.reason
-    assert f"backend ort-cpu (fp32): {choice.reason}" in caplog.text
+    assert f"backend {choice.kind} (fp32 ONNX, {choice.compute} compute): {choice.reason}" in caplog.text
     with pytest.raises(BackendUnavailableError, match="backend 'ort-cuda' is unavailable"):
         choose_backend("ort-cuda")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -129,7 +130,7 @@ def test_atomic_dir_replaces_only_when_complete(tmp_path: Path) -> None:
 
 
 def test_backend_choice() -> None:
-    assert choose_backend("auto").kind == "ort-cpu"
+    assert choose_backend("auto").kind == ("openvino" if importlib.util.find_spec("openvino") else "ort-cpu")
     assert choose_backend("ort-cpu").reason == "requested"
     with pytest.raises(InvalidInputError, match="unknown backend 'cuda'"):
         choose_backend("cuda")

@@ -87,8 +87,8 @@ def _both_outputs(run):
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_export: Path) -> Pipeline:
-    with Pipeline.load(tiny_export, backend="ort-cpu") as pipeline:
+def pipe(tiny_export: Path, cpu_backend: dict) -> Pipeline:
+    with Pipeline.load(tiny_export, **cpu_backend) as pipeline:
         yield pipeline
 
 

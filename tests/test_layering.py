@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SUBPACKAGES = ("engine", "export", "runtime")  # top-level folders = sdtrt.<name>
 FACE = "the face"  # sdtrt itself and its own modules (sdtrt.cli, ...), standing on everything
 FRAMEWORKS = ("torch", "diffusers", "transformers")
-ACCELERATORS = ("onnxruntime", "tensorrt", "cuda")  # cuda: cuda-bindings
+ACCELERATORS = ("onnxruntime", "openvino", "tensorrt", "cuda")  # cuda: cuda-bindings
 PRINT_MODULES = "import json, sys; print(json.dumps(sorted(sys.modules)))"
 
 

@@ -16,6 +16,7 @@ from onnx import numpy_helper
 from safetensors.torch import save_file
 
 from sdtrt.cli import main
+from sdtrt.engine.artifact import open_artifact
 from sdtrt.engine.errors import InvalidInputError
 from sdtrt.engine.manifest import load_manifest
 from sdtrt.engine.ort_cuda import OrtCudaSession
@@ -220,13 +221,15 @@ def test_weight_map_tells_equal_weights_apart_and_reports_what_it_cannot_map(tmp
 
 
 @pytest.mark.parametrize("style", ["a", "a_kohya"])
-def test_lora_matches_diffusers(tiny_model_dir: Path, tiny_export: Path, loras: dict[str, Path], style: str) -> None:
+def test_lora_matches_diffusers(
+    tiny_model_dir: Path, tiny_export: Path, loras: dict[str, Path], style: str, cpu_backend: dict
+) -> None:
     reference = _reference(tiny_model_dir)
     base = _theirs(reference)
     reference.load_lora_weights(str(loras[style]), adapter_name="a")
     expected = _theirs(reference)
     assert _relative(expected, base) > 1e-2  # the LoRA matters far beyond the tolerance
-    with Pipeline.load(tiny_export, backend="ort-cpu") as pipe:
+    with Pipeline.load(tiny_export, **cpu_backend) as pipe:
         assert pipe.load_lora(loras[style]) == style
         assert _relative(_ours(pipe), expected) < LORA_TOLERANCE
 
@@ -245,8 +248,8 @@ def test_two_adapters_with_scales_match_diffusers(tiny_model_dir: Path, tiny_exp
         assert _relative(_ours(pipe), expected) < LORA_TOLERANCE
 
 
-def test_swapping_adapters_leaves_no_residue(tiny_export: Path, loras: dict[str, Path]) -> None:
-    with Pipeline.load(tiny_export, backend="ort-cpu") as pipe:
+def test_swapping_adapters_leaves_no_residue(tiny_export: Path, loras: dict[str, Path], cpu_backend: dict) -> None:
+    with Pipeline.load(tiny_export, **cpu_backend) as pipe:
         base = _ours(pipe)
         pipe.load_lora(loras["b"])
         only_b = _ours(pipe)
@@ -265,7 +268,8 @@ def test_swapping_adapters_leaves_no_residue(tiny_export: Path, loras: dict[str,
         # the sessions' initializers are the base ones again: a fresh session answers the same, bit for bit
         maps = _maps(tiny_export)
         feeds = {"input_ids": np.full((1, 77), 49407, np.int32)}
-        fresh = OrtCpuSession(tiny_export / "text_encoder.onnx").run(feeds)
+        with open_artifact(tiny_export, **cpu_backend) as fresh_artifact:  # the same backend, never adapted
+            fresh = fresh_artifact.session("text_encoder").run(feeds)
         np.testing.assert_array_equal(pipe.session("text_encoder").run(feeds)["hidden_states"], fresh["hidden_states"])
     adapter = read_lora(loras["a"], maps)
     weights = compose(maps["unet"], "unet", [(adapter, 1.0)])

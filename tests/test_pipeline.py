@@ -35,8 +35,8 @@ PIXELS_OFF_BY_ONE = 1e-3  # largest share of values that may differ at all
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_export: Path) -> Pipeline:
-    with Pipeline.load(tiny_export, backend="ort-cpu") as pipeline:
+def pipe(tiny_export: Path, cpu_backend: dict) -> Pipeline:
+    with Pipeline.load(tiny_export, **cpu_backend) as pipeline:
         yield pipeline
 
 

@@ -1,0 +1,164 @@
+"""OpenVINO sessions on the CPU: our ONNX export compiled per input shape, in bf16 where the CPU has it.
+
+Each new set of input shapes reads the ONNX file, pins its dynamic dimensions to those shapes and
+compiles it for the CPU plugin at the chosen inference precision ("bf16" runs the matrix work in
+bfloat16 on CPUs with native bf16 instructions; "fp32" matches ONNX Runtime's fp32 within
+rounding). The source model is dropped once compiled, so its fp32 weights are not kept beside the
+compiled copy. OpenVINO's model cache (``cache_dir``) makes a second start load the compiled
+model instead of compiling it again.
+
+LoRA: the export keeps every weight-mapped initializer as a constant of its own, which OpenVINO
+names after the initializer; set_weights replaces those constants in the models compiled next.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+from sdtrt.engine.errors import BackendUnavailableError, InvalidInputError
+from sdtrt.engine.ort_session import check_weights, default_cpu_threads
+from sdtrt.engine.session import TensorSpec, check_feeds
+from sdtrt.engine.weights import WeightMap
+
+log = logging.getLogger(__name__)
+
+OPENVINO_PRECISIONS = {"bf16": "bf16", "fp32": "f32"}  # ours -> OpenVINO's INFERENCE_PRECISION_HINT
+MAX_COMPILED_SHAPES = 2  # compiled models kept per network (each holds its own weights): least recently used go
+
+
+def import_openvino() -> ModuleType:
+    try:
+        import openvino
+    except ImportError:
+        raise BackendUnavailableError("openvino is not installed: pip install 'sdtrt[cpu]'") from None
+    return openvino
+
+
+def native_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin runs bf16 natively here (AVX-512 BF16 or AMX)."""
+    return "BF16" in import_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def default_compute() -> str:
+    """bf16 where the CPU has native bf16, else fp32."""
+    return "bf16" if native_bf16() else "fp32"
+
+
+class OpenVinoSession:
+    """One ONNX model on OpenVINO's CPU plugin, compiled once per input shape."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        inputs: Sequence[TensorSpec],
+        outputs: Sequence[TensorSpec],
+        *,
+        precision: str = "fp32",
+        threads: int | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        weight_map: WeightMap | None = None,
+    ) -> None:
+        if precision not in OPENVINO_PRECISIONS:
+            raise InvalidInputError(
+                f"unknown OpenVINO precision {precision!r} (choose from {', '.join(OPENVINO_PRECISIONS)})"
+            )
+        ov = import_openvino()
+        self.name = Path(path).name
+        self.inputs = {spec.name: spec for spec in inputs}
+        self.outputs = {spec.name: spec for spec in outputs}
+        self.precision = precision
+        self._path = str(path)
+        self._weight_map = weight_map
+        self._weights: Mapping[str, np.ndarray] = {}  # constants that hold other values than the file's
+        self._core = ov.Core()
+        self._config = {
+            "INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision],
+            "INFERENCE_NUM_THREADS": threads or default_cpu_threads(),
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        # one cache folder per precision: OpenVINO 2026.4 loads a model compiled at f32 for a bf16 request
+        # from a shared one (its key misses the precision), which then computes NaN
+        self._cache_dir = None if cache_dir is None else Path(cache_dir) / precision
+        self._compiled: dict[tuple, object] = {}  # input shapes -> infer request, most recently used last
+        self._lock = threading.Lock()  # one infer request per shape: one call at a time
+        log.debug("opened %s on OpenVINO %s (%s)", self.name, ov.__version__, precision)
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feeds(self.name, self.inputs, feeds)
+        key = tuple(feeds[name].shape for name in self.inputs)
+        with self._lock:
+            request = self._request(key)
+            results = request.infer({name: np.ascontiguousarray(feeds[name]) for name in self.inputs})
+            outputs = {port.get_any_name(): value for port, value in results.items()}
+            return {name: np.array(outputs[name], dtype=self.outputs[name].dtype) for name in self.outputs}
+
+    def _request(self, key: tuple):
+        """The infer request compiled for these input shapes (compiled on first use)."""
+        if key in self._compiled:
+            self._compiled[key] = self._compiled.pop(key)  # most recently used
+            return self._compiled[key]
+        while len(self._compiled) >= MAX_COMPILED_SHAPES:
+            del self._compiled[next(iter(self._compiled))]
+        model = self._core.read_model(self._path)
+        if self._weights:
+            _replace_constants(model, self._weights)
+        if self.precision == "bf16":
+            _compress_to_fp16(model)
+        model.reshape({name: list(shape) for name, shape in zip(self.inputs, key, strict=True)})
+        config = dict(self._config)
+        if self._cache_dir is not None and not self._weights:  # LoRA variants are not cached: each is a model
+            config["CACHE_DIR"] = str(self._cache_dir)
+        try:
+            compiled = self._core.compile_model(model, "CPU", config)
+        except RuntimeError as exc:  # OpenVINO's own errors: out of memory, an unsupported shape
+            raise BackendUnavailableError(f"OpenVINO could not compile {self.name} for shapes {key}: {exc}") from None
+        del model  # the source weights: only the compiled copy stays
+        log.debug("%s: compiled for %s at %s", self.name, key, self.precision)
+        self._compiled[key] = compiled.create_infer_request()
+        return self._compiled[key]
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        check_weights(self._weight_map, weights, self.name)
+        if not weights and not self._weights:
+            return  # the base weights already
+        with self._lock:
+            self._weights = dict(weights)
+            self._compiled.clear()  # compiled with the old weights: recompiled on next use
+        log.debug("%s: %d weights changed, recompiling on next use", self.name, len(weights))
+
+    def close(self) -> None:
+        with self._lock:
+            self._compiled.clear()
+
+
+def _compress_to_fp16(model) -> None:
+    """Store the model's fp32 constants as fp16 before a bf16 compile: the compiled model keeps its source
+    constants beside its own bf16 copy, so fp16 ones halve that (SD-1.5 UNet: 5.5 -> 3.4 GiB resident).
+    bf16 keeps fewer mantissa bits than fp16, so the arithmetic is not changed by it. OpenVINO's own
+    transformation (what save_model(compress_to_fp16=True) runs); skipped where a release lacks it."""
+    try:
+        from openvino._offline_transformations import compress_model_transformation
+    except ImportError:
+        log.debug("this OpenVINO has no compress_model_transformation: fp32 constants kept")
+        return
+    compress_model_transformation(model)
+
+
+def _replace_constants(model, weights: Mapping[str, np.ndarray]) -> None:
+    """Give the model's constants named after these initializers the new values."""
+    from openvino import opset13
+
+    constants = {op.get_friendly_name(): op for op in model.get_ops() if op.get_type_name() == "Constant"}
+    if missing := sorted(set(weights) - set(constants)):
+        raise InvalidInputError(f"OpenVINO names no constant {', '.join(missing[:3])}: re-export the model")
+    for name, array in weights.items():
+        new = opset13.constant(np.ascontiguousarray(array))
+        new.set_friendly_name(name)
+        constants[name].output(0).replace(new.output(0))
