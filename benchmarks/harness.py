@@ -19,8 +19,18 @@ import numpy as np
 
 from benchmarks.measure import device_used_mib, peak_rss_mib, summarize_ms
 
-SDTRT_BACKENDS = ("trt", "ort-cuda", "ort-cpu")
-TORCH_BACKENDS = ("torch", "torch-graph", "torch-compile")  # the diffusers peers: every row's ratios are to these
+# sdtrt's benchmark backends: name -> (the engine's backend, the arithmetic precision asked of it; None: its
+# default). Pipeline.load takes both; the ONNX variant exported for it is the engine backend's own.
+SDTRT_BACKENDS: dict[str, tuple[str, str | None]] = {
+    "trt": ("trt", None),
+    "ort-cuda": ("ort-cuda", None),
+    "openvino": ("openvino", None),  # bf16 where the CPU has native bf16, else fp32
+    "openvino-fp32": ("openvino", "fp32"),
+    "ort-cpu": ("ort-cpu", None),
+}
+# the diffusers peers: every row's ratios are to these. "torch" is eager (fp32 on the CPU, fp16 on the GPU),
+# "torch-bf16" eager bf16 on the CPU
+TORCH_BACKENDS = ("torch", "torch-bf16", "torch-graph", "torch-compile")
 GPU_BACKENDS = ("trt", "ort-cuda", "torch-graph", "torch-compile")
 PROMPT = "a photograph of an astronaut riding a horse"
 GUIDANCE = 7.5

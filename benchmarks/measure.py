@@ -15,7 +15,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
-LIBRARIES = ("sdtrt", "numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt", "torch", "diffusers", "transformers")
+LIBRARIES = (
+    "sdtrt",
+    "numpy",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "openvino",
+    "tensorrt",
+    "torch",
+    "diffusers",
+    "transformers",
+)
 
 
 def library_versions() -> dict[str, str]:

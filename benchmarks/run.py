@@ -1,6 +1,6 @@
 """The benchmark runner: sdtrt's backends and the diffusers peers, measured in one invocation.
 
-    python -m benchmarks.run --model sd15 --backend ort-cpu torch --height 256 --width 256 --batch 2
+    python -m benchmarks.run --model sd15 --backend openvino ort-cpu torch torch-bf16 --height 256 --width 256
 
 Each backend runs in a worker process of its own (so its peak memory is its own); every row is
 appended to a JSONL file and carries its ratio to each peer measured in the same run. A markdown
@@ -28,11 +28,13 @@ from typing import Any
 from benchmarks.harness import GPU_BACKENDS, SDTRT_BACKENDS, TORCH_BACKENDS, Job
 from benchmarks.measure import cpu_cores, cpu_name, gpu_name, library_versions
 from benchmarks.presets import PRESETS
-from benchmarks.report import markdown, write_report
+from benchmarks.report import markdown, row_shape, write_report
 
 log = logging.getLogger("benchmarks")
 
-BACKENDS = SDTRT_BACKENDS + TORCH_BACKENDS
+BACKENDS = (*SDTRT_BACKENDS, *TORCH_BACKENDS)
+GPU_DEFAULT = ("trt", "ort-cuda", "torch", "torch-graph", "torch-compile")
+CPU_DEFAULT = ("openvino", "openvino-fp32", "ort-cpu", "torch", "torch-bf16")
 SWEEP = [(size, batch) for size in (512, 768, 1024) for batch in (1, 2, 4)]
 SCHEMA = 1
 REPO = Path(__file__).resolve().parents[1]  # on the workers' PYTHONPATH: benchmarks is not installed
@@ -51,8 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=BACKENDS,
         default=None,
-        help="backends to measure (default: trt ort-cuda torch torch-graph torch-compile with a GPU, "
-        "ort-cpu torch without)",
+        help=f"backends to measure (default: {' '.join(GPU_DEFAULT)} with a GPU, {' '.join(CPU_DEFAULT)} without)",
     )
     p.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
     p.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
@@ -151,15 +152,19 @@ def _run_workers(requests: Sequence[dict[str, Any]], threads: int, interleave: b
 
 
 def _sdtrt_availability(backend: str) -> tuple[str | None, str]:
-    """(precision, "") for a backend this machine can run, else (None, the one-line reason).
+    """(the ONNX variant it runs, "") for an sdtrt benchmark backend this machine can run, else (None, the
+    one-line reason).
 
     Asks the engine's probes only: nothing is opened on the GPU in this process.
     """
     from sdtrt.engine.backends import BACKENDS, probe, select_backend
     from sdtrt.engine.errors import SdtrtError
 
+    engine_backend, precision = SDTRT_BACKENDS[backend]
     try:
-        kind, _ = select_backend(backend, probe)
+        kind, _ = select_backend(engine_backend, probe)
+        if precision is not None:
+            BACKENDS[kind].compute(precision)  # an arithmetic precision the backend does not offer
     except SdtrtError as exc:
         return None, str(exc)
     return BACKENDS[kind].precision, ""
@@ -195,7 +200,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
     for row in measured:
         row["vs"] = {}
         for peer in measured:
-            if peer is row or peer["backend"] not in TORCH_BACKENDS or _shape(peer) != _shape(row):
+            if peer is row or peer["backend"] not in TORCH_BACKENDS or row_shape(peer) != row_shape(row):
                 continue
             ratio = {
                 "unet_speedup": peer["unet_ms_median"] / row["unet_ms_median"],
@@ -208,16 +213,12 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
             row["vs"][peer["backend"]] = ratio
 
 
-def _shape(row: dict[str, Any]) -> tuple:
-    return row["model"], row["height"], row["width"], row["batch"], row["steps"], row["scheduler"]
-
-
 class BenchmarkError(RuntimeError):
     """A run that cannot start (the model cannot be built or found); one line for the user."""
 
 
 def _plan(backends: Sequence[str], device: str, gpu: str | None) -> tuple[dict[str, str], dict[str, str]]:
-    """Which backends can run here: ({sdtrt backend: the precision it runs}, {backend: why it is skipped})."""
+    """Which backends can run here: ({sdtrt backend: the ONNX variant it runs}, {backend: why it is skipped})."""
     precisions: dict[str, str] = {}
     skipped: dict[str, str] = {}
     for backend in backends:
@@ -256,7 +257,7 @@ def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     gpu = gpu_name()
     device = ("cuda" if gpu else "cpu") if args.device == "auto" else args.device
     threads = args.threads or cpu_cores()
-    backends = args.backend or (["trt", "ort-cuda", *TORCH_BACKENDS] if device == "cuda" else ["ort-cpu", "torch"])
+    backends = args.backend or list(GPU_DEFAULT if device == "cuda" else CPU_DEFAULT)
     precisions, skipped = _plan(backends, device, gpu)
 
     needed = sorted(set(precisions.values()))

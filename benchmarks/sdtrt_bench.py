@@ -1,4 +1,4 @@
-"""sdtrt's backends (ort-cpu, ort-cuda, trt) through the public runtime: Pipeline.load and txt2img.
+"""sdtrt's backends (ort-cpu, openvino, ort-cuda, trt) through the public runtime: Pipeline.load and txt2img.
 
 Imports no torch: the worker's peak RSS is the runtime's own.
 """
@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from benchmarks.harness import PROMPT, Job, StageTimes
+from benchmarks.harness import PROMPT, SDTRT_BACKENDS, Job, StageTimes
 from sdtrt.runtime.pipeline import Pipeline
 
 
@@ -24,8 +24,9 @@ class SdtrtRunner:
         self.precision = ""
 
     def load(self) -> None:
-        self.pipe = Pipeline.load(self.job.export_dir, backend=self.job.backend)
-        self.precision = self.pipe.backend.precision
+        backend, precision = SDTRT_BACKENDS[self.job.backend]
+        self.pipe = Pipeline.load(self.job.export_dir, backend=backend, precision=precision)
+        self.precision = self.pipe.backend.compute  # the arithmetic's precision, not the ONNX variant's
 
     def unet_step(self) -> Callable[[], None]:
         """session.run on random inputs in the manifest's dtypes: sample (batch, C, H/8, W/8), timestep (batch,),

@@ -1,7 +1,8 @@
 """The diffusers peers: PyTorch eager (CPU or CUDA), eager under a CUDA graph, and torch.compile under a CUDA graph.
 
-fp16 on the GPU, fp32 on the CPU. The UNet step is called exactly as diffusers' pipelines call it, so
-the graph (and the compiled code) made by the step benchmark is the one the end-to-end run replays.
+fp16 on the GPU, fp32 on the CPU ("torch-bf16": eager bf16 on the CPU). The UNet step is called exactly as
+diffusers' pipelines call it, so the graph (and the compiled code) made by the step benchmark is the one the
+end-to-end run replays.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 
 from benchmarks.harness import PROMPT, Job, StageTimes
 
-MODES = {"torch": "eager", "torch-graph": "graph", "torch-compile": "compile"}
+MODES = {"torch": "eager", "torch-bf16": "eager", "torch-graph": "graph", "torch-compile": "compile"}
 
 
 class CudaGraphed:
@@ -90,7 +91,7 @@ class TorchRunner:
         self.job = job
         self.mode = MODES[job.backend]
         self.cuda = job.device == "cuda"
-        self.precision = "fp16" if self.cuda else "fp32"
+        self.precision = "fp16" if self.cuda else "bf16" if job.backend == "torch-bf16" else "fp32"
         self.compiles = self.mode != "eager"  # torch.compile and/or CUDA graph capture on the first step
         self.clock = _Clock(self.cuda)
         self.pipe: Any = None
@@ -100,7 +101,7 @@ class TorchRunner:
         import torch
 
         torch.set_num_threads(self.job.threads)
-        dtype = torch.float16 if self.cuda else torch.float32
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[self.precision]
         options: dict[str, Any] = {"torch_dtype": dtype}
         index = json.loads((Path(self.job.model_dir) / "model_index.json").read_text())
         # sdtrt runs no safety checker and draws no watermark: neither should its peer

@@ -42,12 +42,12 @@ def prepare(request: dict[str, Any]) -> dict[str, Any]:
 
 def measure(request: dict[str, Any]) -> dict[str, Any]:
     """One backend's row; with "turn_fds" (grant, done) each unit of work waits for the parent's turn."""
-    from benchmarks.harness import Job
+    from benchmarks.harness import TORCH_BACKENDS, Job
     from benchmarks.harness import measure as run_measurement
 
     job = Job(**request["job"])
     turn = contextlib.nullcontext if request.get("turn_fds") is None else functools.partial(_turn, *request["turn_fds"])
-    if job.backend.startswith("torch"):
+    if job.backend in TORCH_BACKENDS:
         from benchmarks.torch_bench import TorchRunner
 
         return run_measurement(job, TorchRunner(job), turn)

@@ -1,17 +1,24 @@
-"""The benchmark runner: well-formed rows for the tiny model on ORT CPU and torch CPU, ratios, the report."""
+"""The benchmark runner: well-formed rows for the tiny model on the CPU backends (ORT CPU, OpenVINO bf16 and
+fp32, diffusers fp32 and bf16), ratios, the targets, the report."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
+from benchmarks.harness import GPU_BACKENDS, SDTRT_BACKENDS, TORCH_BACKENDS, Job
 from benchmarks.presets import PRESET_CONFIGS, build_networks
 from benchmarks.report import load_rows, markdown, targets, write_report
-from benchmarks.run import add_ratios, run
+from benchmarks.run import BACKENDS, CPU_DEFAULT, add_ratios, run
 
-ALL_BACKENDS = ["ort-cpu", "torch", "trt", "ort-cuda", "torch-graph", "torch-compile"]
+CPU_BACKENDS = ["openvino", "openvino-fp32", "ort-cpu", "torch", "torch-bf16"]
+ALL_BACKENDS = [*CPU_BACKENDS, "trt", "ort-cuda", "torch-graph", "torch-compile"]
+HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 TIMINGS = ("unet_ms_median", "unet_ms_p90", "unet_cpu_ms_median", "it_per_s", "text_encoder_ms", "vae_decode_ms")
 TIMINGS += ("e2e_ms", "loop_ms", "step_ms")
 
@@ -31,12 +38,20 @@ def test_rows_are_well_formed(tiny_run: Path) -> None:
     assert [r["backend"] for r in rows] == ALL_BACKENDS
     assert len({r["run_id"] for r in rows}) == 1
     by_backend = {r["backend"]: r for r in rows}
-    for backend in ("ort-cpu", "torch"):
+    precisions = {"ort-cpu": "fp32", "torch": "fp32", "torch-bf16": "bf16", "openvino-fp32": "fp32"}
+    if HAS_OPENVINO:
+        from sdtrt.engine.openvino_session import default_compute
+
+        precisions["openvino"] = default_compute()  # bf16 where the CPU has it: the arithmetic's, not the ONNX's
+    else:
+        for backend in ("openvino", "openvino-fp32"):
+            assert by_backend[backend]["status"] == "skipped" and "openvino" in by_backend[backend]["reason"]
+    for backend, precision in precisions.items():
         row = by_backend[backend]
         assert row["status"] == "ok", row.get("reason")
         assert (row["device"], row["precision"], row["height"], row["width"], row["batch"]) == (
             "cpu",
-            "fp32",
+            precision,
             128,
             128,
             2,
@@ -54,6 +69,8 @@ def test_rows_are_well_formed(tiny_run: Path) -> None:
         assert row["interleaved"]  # the CPU backends took turns, step by step
     assert "onnxruntime" in by_backend["ort-cpu"]["versions"] and "torch" in by_backend["torch"]["versions"]
     assert by_backend["ort-cpu"]["export_cached"] is True  # the given export: no export time measured here
+    if HAS_OPENVINO:
+        assert "openvino" in by_backend["openvino"]["versions"]
     for backend in ("trt", "ort-cuda", "torch-graph", "torch-compile"):
         row = by_backend[backend]
         assert row["status"] in ("ok", "skipped")
@@ -63,13 +80,17 @@ def test_rows_are_well_formed(tiny_run: Path) -> None:
 
 def test_every_row_has_its_ratio_to_each_peer(tiny_run: Path) -> None:
     rows = {r["backend"]: r for r in load_rows(tiny_run)}
-    ours, peer = rows["ort-cpu"], rows["torch"]
-    ratio = ours["vs"]["torch"]
-    assert ratio["unet_speedup"] == pytest.approx(peer["unet_ms_median"] / ours["unet_ms_median"])
-    assert ratio["e2e_speedup"] == pytest.approx(peer["e2e_ms"] / ours["e2e_ms"])
-    assert ratio["unet_cpu_speedup"] == pytest.approx(peer["unet_cpu_ms_median"] / ours["unet_cpu_ms_median"])
-    assert ratio["memory_ratio"] == pytest.approx(ours["peak_rss_mib"] / peer["peak_rss_mib"])
-    assert "torch" not in peer["vs"]  # never against itself
+    for name in ("torch", "torch-bf16"):  # diffusers fp32 and bf16
+        ours, peer = rows["ort-cpu"], rows[name]
+        ratio = ours["vs"][name]
+        assert ratio["unet_speedup"] == pytest.approx(peer["unet_ms_median"] / ours["unet_ms_median"])
+        assert ratio["e2e_speedup"] == pytest.approx(peer["e2e_ms"] / ours["e2e_ms"])
+        assert ratio["unet_cpu_speedup"] == pytest.approx(peer["unet_cpu_ms_median"] / ours["unet_cpu_ms_median"])
+        assert ratio["memory_ratio"] == pytest.approx(ours["peak_rss_mib"] / peer["peak_rss_mib"])
+        assert name not in peer["vs"]  # never against itself
+    assert set(rows["torch"]["vs"]) == {"torch-bf16"} and set(rows["torch-bf16"]["vs"]) == {"torch"}
+    for backend in ("openvino", "openvino-fp32") if HAS_OPENVINO else ():
+        assert set(rows[backend]["vs"]) == {"torch", "torch-bf16"}
 
 
 def test_report_writes_table_and_plot(tiny_run: Path, tmp_path: Path) -> None:
@@ -77,7 +98,9 @@ def test_report_writes_table_and_plot(tiny_run: Path, tmp_path: Path) -> None:
     md, png = write_report(rows, tmp_path / "report.md", tmp_path / "report.png")
     text = md.read_text()
     assert "| ort-cpu (cpu) | fp32 | 128×128 | 2 (CFG) |" in text
-    assert "vs torch" in text and "CPU: ORT CPU" in text
+    assert "| torch-bf16 (cpu) | bf16 | 128×128 | 2 (CFG) |" in text
+    assert "| vs torch | vs torch-bf16 |" in text and "CPU: best sdtrt CPU backend ≥ 2× diffusers fp32" in text
+    assert "issue's figure" not in text and "ORT CPU ≥" not in text  # no figure from elsewhere shown as measured
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     statuses = {target: status for target, _, status in targets(rows)}
     assert all(s in ("met", "not met") or s.startswith("not measurable here") for s in statuses.values())
@@ -132,10 +155,110 @@ def test_ratios_are_peer_time_over_row_time() -> None:
     ours["unet_cpu_ms_median"], peer["unet_cpu_ms_median"] = 40.0, 100.0
     other_shape = {**peer, "batch": 4}
     ours["peak_memory_mib"], peer["peak_memory_mib"], other_shape["peak_memory_mib"] = 1000.0, 4000.0, 1.0
-    add_ratios([ours, peer, other_shape])
+    bf16 = {**peer, "backend": "torch-bf16", "unet_ms_median": 75.0, "unet_cpu_ms_median": 60.0, "e2e_ms": 500.0}
+    bf16["peak_memory_mib"] = 2000.0
+    add_ratios([ours, peer, other_shape, bf16])
     assert ours["vs"] == {
-        "torch": {"unet_speedup": 2.0, "e2e_speedup": 1.5, "unet_cpu_speedup": 2.5, "memory_ratio": 0.25}
+        "torch": {"unet_speedup": 2.0, "e2e_speedup": 1.5, "unet_cpu_speedup": 2.5, "memory_ratio": 0.25},
+        "torch-bf16": {"unet_speedup": 1.5, "e2e_speedup": 1.25, "unet_cpu_speedup": 1.5, "memory_ratio": 0.5},
     }
+    assert set(peer["vs"]) == {"torch-bf16"} and set(bf16["vs"]) == {"torch"}  # the peers against each other
+
+
+def test_torch_bf16_is_a_cpu_peer() -> None:
+    """diffusers bf16 is a peer of every row, runs on the CPU, and is measured by default without a GPU."""
+    assert "torch-bf16" in TORCH_BACKENDS and "torch-bf16" not in GPU_BACKENDS
+    assert CPU_DEFAULT == ("openvino", "openvino-fp32", "ort-cpu", "torch", "torch-bf16")
+    assert set(CPU_DEFAULT) <= set(BACKENDS) and not set(CPU_DEFAULT) & set(GPU_BACKENDS)
+
+
+def test_sdtrt_backends_map_to_the_engines_backend_and_precision() -> None:
+    """Each benchmark name is one of the engine's backends at a precision that backend offers."""
+    from sdtrt.engine.backends import BACKENDS as ENGINE_BACKENDS
+
+    assert SDTRT_BACKENDS["openvino"] == ("openvino", None)  # its default: bf16 where the CPU has it
+    assert SDTRT_BACKENDS["openvino-fp32"] == ("openvino", "fp32")
+    assert SDTRT_BACKENDS["ort-cpu"] == ("ort-cpu", None)
+    for engine, precision in SDTRT_BACKENDS.values():
+        backend = ENGINE_BACKENDS[engine]
+        assert precision is None or precision in (backend.computes or (backend.precision,))
+
+
+@pytest.mark.parametrize(
+    ("name", "backend", "precision"), [("openvino-fp32", "openvino", "fp32"), ("ort-cpu", "ort-cpu", None)]
+)
+def test_sdtrt_runner_loads_the_mapped_backend(
+    name: str, backend: str, precision: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pipeline.load gets the engine's backend and precision; the row's precision is the arithmetic's."""
+    from benchmarks import sdtrt_bench
+
+    calls = []
+
+    def load(folder: str, backend: str, precision: str | None) -> Any:
+        calls.append((folder, backend, precision))
+        return SimpleNamespace(backend=SimpleNamespace(precision="fp32", compute="bf16"))
+
+    monkeypatch.setattr(sdtrt_bench.Pipeline, "load", load)
+    job = Job(name, "model", "export", 64, 64, 2, 2, None, 0, 1, 1, 1, "cpu")
+    runner = sdtrt_bench.SdtrtRunner(job)
+    runner.load()
+    assert calls == [("export", backend, precision)] and runner.precision == "bf16"
+
+
+def test_availability_names_the_onnx_variant(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plan asks the engine about the mapped backend and exports the ONNX variant it reads (fp32 on the CPU)."""
+    from benchmarks import run as runner
+    from sdtrt.engine import backends
+    from sdtrt.engine.backends import Probe
+
+    monkeypatch.setattr(backends, "probe", lambda need: Probe(need != "gpu", "found" if need != "gpu" else "no GPU"))
+    variants, skipped = runner._plan([*CPU_BACKENDS, "trt", "torch-graph"], "cpu", None)
+    assert variants == {"openvino": "fp32", "openvino-fp32": "fp32", "ort-cpu": "fp32"}
+    assert set(skipped) == {"trt", "torch-graph"}
+
+
+def _cpu_row(backend: str, unet_ms: float, e2e_ms: float, memory: float, **shape: Any) -> dict[str, Any]:
+    row = {"model": "sd15", "height": 256, "width": 256, "batch": 2, "steps": 10, "scheduler": "pndm", "threads": 1}
+    row.update(shape, backend=backend, status="ok", device="cpu", unet_ms_median=unet_ms, e2e_ms=e2e_ms)
+    row.update(unet_cpu_ms_median=unet_ms, peak_memory_mib=memory)
+    return row
+
+
+def test_cpu_targets_judge_the_best_sdtrt_cpu_backend() -> None:
+    """The fastest sdtrt CPU row is judged against diffusers fp32 and bf16, step and end to end, and on memory."""
+    rows = [
+        _cpu_row("openvino", 1000.0, 10_000.0, 1500.0),
+        _cpu_row("openvino-fp32", 1800.0, 19_000.0, 2500.0),
+        _cpu_row("ort-cpu", 2500.0, 24_000.0, 4800.0),
+        _cpu_row("torch", 2100.0, 25_000.0, 4800.0),  # fp32: 2.1× per step, 2.5× end to end
+        _cpu_row("torch-bf16", 1300.0, 11_000.0, 2400.0),  # bf16: 1.3× per step but 1.1× end to end
+    ]
+    add_ratios(rows)
+    cpu = {target: (measured, status) for target, measured, status in targets(rows) if target.startswith("CPU")}
+    assert list(cpu) == [
+        "CPU: best sdtrt CPU backend ≥ 2× diffusers fp32 per UNet step and end to end",
+        "CPU: best sdtrt CPU backend ≥ 1.2× diffusers bf16 per UNet step and end to end",
+        "CPU: peak RSS of the best sdtrt CPU backend ≤ 0.5× diffusers fp32",
+    ]
+    fp32, bf16, memory = cpu.values()
+    assert fp32[0].startswith("2.10× per step") and "2.50× end to end" in fp32[0] and "(openvino;" in fp32[0]
+    assert fp32[1] == "met"
+    assert bf16[0].startswith("1.30× per step") and "1.10× end to end" in bf16[0] and bf16[1] == "not met"
+    assert memory == ("0.31× (openvino; sd15 256×256 batch 2, 1 thread(s))", "met")
+
+
+def test_cpu_targets_not_measurable_without_their_rows() -> None:
+    only_fp32 = [_cpu_row("ort-cpu", 1000.0, 10_000.0, 4000.0), _cpu_row("torch", 2500.0, 30_000.0, 4000.0)]
+    add_ratios(only_fp32)
+    fp32, bf16, memory = (t for t in targets(only_fp32) if t[0].startswith("CPU"))
+    assert fp32[2] == "met" and "(ort-cpu;" in fp32[1]
+    assert bf16[1:] == ("–", "not measurable here: no torch-bf16 row on the CPU in this run")
+    assert memory[2] == "not met"
+    no_sdtrt = [_cpu_row("torch", 2500.0, 30_000.0, 4000.0)]
+    add_ratios(no_sdtrt)
+    statuses = [status for target, _, status in targets(no_sdtrt) if target.startswith("CPU")]
+    assert statuses == ["not measurable here: no row of an sdtrt CPU backend in this run"] * 3
 
 
 def test_presets_have_the_real_models_sizes() -> None:
