@@ -3,9 +3,10 @@
 Each new set of input shapes reads the ONNX file, pins its dynamic dimensions to those shapes and
 compiles it for the CPU plugin at the chosen inference precision ("bf16" runs the matrix work in
 bfloat16 on CPUs with native bf16 instructions; "fp32" matches ONNX Runtime's fp32 within
-rounding). The source model is dropped once compiled, so its fp32 weights are not kept beside the
-compiled copy. OpenVINO's model cache (``cache_dir``) makes a second start load the compiled
-model instead of compiling it again.
+rounding). OpenVINO's compiled model keeps the source constants beside its own copy of the
+weights, so under bf16 they are stored as fp16 first (half the memory, no change to the
+arithmetic). OpenVINO's model cache (``cache_dir``) makes a second start load the compiled model
+instead of compiling it again (base weights only: a LoRA's weights are compiled afresh).
 
 LoRA: the export keeps every weight-mapped initializer as a constant of its own, which OpenVINO
 names after the initializer; set_weights replaces those constants in the models compiled next.
@@ -119,7 +120,6 @@ class OpenVinoSession:
             compiled = self._core.compile_model(model, "CPU", config)
         except RuntimeError as exc:  # OpenVINO's own errors: out of memory, an unsupported shape
             raise BackendUnavailableError(f"OpenVINO could not compile {self.name} for shapes {key}: {exc}") from None
-        del model  # the source weights: only the compiled copy stays
         log.debug("%s: compiled for %s at %s", self.name, key, self.precision)
         self._compiled[key] = compiled.create_infer_request()
         return self._compiled[key]
