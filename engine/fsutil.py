@@ -1,16 +1,39 @@
-"""Atomic file and folder writes: nothing half written is ever left under the final name."""
+"""Atomic file and folder writes: nothing half written is ever left under the final name.
+
+A folder is built in a staging folder beside its final name, ``.NAME.XXXXXXXX.partial``, that holds
+an owner lock (LOCK_NAME): its process keeps an exclusive ``flock`` on that file for as long as it
+runs, and the kernel drops the lock when the process ends, however it ends (``kill -9`` too). The
+next atomic_dir for the same name removes staging folders whose lock is free. The file also records
+the owner's PID and host, for people and log lines only: a PID can be reused by another process
+after the owner died, a lock cannot outlive it, so the lock is what decides.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
+import socket
+import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no owner locks, so stale staging folders are left alone
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
+
+STAGING_SUFFIX = ".partial"
+LOCK_NAME = ".sdtrt-owner.lock"  # in a staging folder; removed before the folder takes its final name
 
 
 @contextlib.contextmanager
@@ -23,16 +46,41 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file ordinary permissions
+        give_ordinary_permissions(tmp)  # mkstemp creates 0600
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process's umask, read without changing it where Linux says it (other threads may be creating files)."""
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o077)  # for this instant the strictest mask: a file created meanwhile is private, never open
     os.umask(mask)
     return mask
+
+
+def give_ordinary_permissions(path: str | os.PathLike[str]) -> None:
+    """Give ``path`` the permissions the umask gives a new file or folder (e.g. 0644 / 0755 under umask 022).
+
+    Temporary files (mkstemp, mkdtemp, ONNX's external data writer) are created 0600 / 0700, unreadable by
+    anyone else. Executable files stay executable; symbolic links are left alone.
+    """
+    mode = os.lstat(path).st_mode
+    if stat.S_ISLNK(mode):
+        return
+    full = 0o777 if stat.S_ISDIR(mode) or mode & stat.S_IXUSR else 0o666
+    os.chmod(path, full & ~_umask())
+
+
+def _give_tree_ordinary_permissions(root: Path) -> None:
+    give_ordinary_permissions(root)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            give_ordinary_permissions(Path(folder) / name)
 
 
 def write_bytes_atomic(final: str | os.PathLike[str], data: bytes) -> None:
@@ -44,32 +92,174 @@ def write_json_atomic(final: str | os.PathLike[str], obj: Any) -> None:
     write_bytes_atomic(final, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
-@contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
-    """Yield a staging folder beside ``final``; on success it becomes ``final``, else it is removed.
+def replace_refusal(
+    final: str | os.PathLike[str], overwrite: bool, replaceable: Callable[[Path], str | None] | None = None
+) -> str | None:
+    """Why a new folder may not take the place of ``final`` (one line naming it), or None when it may.
 
-    With ``overwrite`` an existing ``final`` is replaced only once the new one is complete.
+    Nothing or an empty folder may always be written; a non-empty folder only with ``overwrite`` and, where
+    ``replaceable`` is given, only when it returns None for it (else it says why not); a file, never.
     """
     final = Path(final)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} already exists (pass overwrite to replace it)")
-    if final.exists() and not final.is_dir():
-        raise FileExistsError(f"{final} exists and is not a folder (overwrite replaces a folder only)")
+    if final.is_symlink():
+        return f"refusing to overwrite {final}: it is a symbolic link (give the folder it points to)"
+    if not final.exists():
+        return None
+    if not final.is_dir():
+        return f"refusing to overwrite {final}: it is not a folder"
+    if next(final.iterdir(), None) is None:
+        return None
+    if not overwrite:
+        return f"{final} already exists (use --overwrite to replace it)"
+    why = None if replaceable is None else replaceable(final)
+    return None if why is None else f"refusing to overwrite {final}: {why}"
+
+
+@contextlib.contextmanager
+def atomic_dir(
+    final: str | os.PathLike[str],
+    overwrite: bool = False,
+    replaceable: Callable[[Path], str | None] | None = None,
+) -> Iterator[Path]:
+    """Yield a staging folder beside ``final``; on success it becomes ``final``, else it is removed.
+
+    What may be at ``final`` is replace_refusal's to say, asked before staging and again just before the
+    swap (the work in between may take long). An existing folder is replaced only once the new one is
+    complete. Every file and folder of the result gets the umask's permissions. Staging folders that
+    earlier runs for the same name left behind when they were killed are removed first.
+    """
+    final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    remove_stale_staging(final)
+    if (why := replace_refusal(final, overwrite, replaceable)) is not None:
+        raise FileExistsError(why)
+    staging, lock = _new_staging(final)
     try:
         yield staging
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp creates 0700
-        if final.exists():
-            retired = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, retired)
-            os.replace(staging, final)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, final)
+        _give_tree_ordinary_permissions(staging)
+        if (why := replace_refusal(final, overwrite, replaceable)) is not None:
+            raise FileExistsError(why)
+        (staging / LOCK_NAME).unlink(missing_ok=True)  # still held through ``lock`` until the folder is renamed
+        _swap_in(staging, final)
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        _release(lock)
+
+
+def _swap_in(staging: Path, final: Path) -> None:
+    """Rename ``staging`` to ``final``; a folder there moves aside into a locked staging folder first."""
+    if not final.is_dir() or next(final.iterdir(), None) is None:
+        try:  # nothing there, or an empty folder, which rename replaces in one step
+            os.replace(staging, final)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise FileExistsError(f"refusing to overwrite {final}: files appeared in it meanwhile") from None
+        return
+    retired, lock = _new_staging(final)  # should this process die now, the next run removes it
+    try:
+        os.replace(final, retired / "old")
+        try:
+            os.replace(staging, final)
+        except OSError:
+            os.replace(retired / "old", final)
+            raise
+    finally:
+        shutil.rmtree(retired, ignore_errors=True)
+        _release(lock)
+
+
+def _new_staging(final: Path) -> tuple[Path, int | None]:
+    """A new staging folder beside ``final`` and its owner lock's descriptor (held until _release)."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=STAGING_SUFFIX, dir=final.parent))
+    if fcntl is None:
+        return staging, None
+    lock = staging / LOCK_NAME
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:  # a file system without locks: without a lock file the folder is never taken as stale
+        log.debug("no owner lock for %s (%s)", staging, exc)
+        os.close(fd)
+        lock.unlink()
+        return staging, None
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+    return staging, fd
+
+
+def _release(lock: int | None) -> None:
+    if lock is not None:
+        os.close(lock)  # closing drops the flock
+
+
+def remove_stale_staging(final: str | os.PathLike[str]) -> list[Path]:
+    """Remove the staging folders beside ``final`` whose owner is gone; returns those removed.
+
+    A folder is stale when nobody holds its owner lock (see the module's docstring). Folders without a lock
+    file (an older sdtrt's, or one being created or renamed this instant) and those whose lock cannot be
+    tried are left alone.
+    """
+    final = Path(final)
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.[a-z0-9_]{{8}}{re.escape(STAGING_SUFFIX)}")
+    try:
+        candidates = sorted(p for p in final.parent.iterdir() if pattern.fullmatch(p.name))
+    except OSError:
+        return []
+    removed = []
+    for folder in candidates:
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        if fcntl is None or not (folder / LOCK_NAME).exists():
+            log.warning("leaving %s alone: no owner recorded (remove it if no export is writing it)", folder)
+            continue
+        if _remove_if_unowned(folder):
+            removed.append(folder)
+    return removed
+
+
+def _remove_if_unowned(folder: Path) -> bool:
+    lock = folder / LOCK_NAME
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW)
+    except OSError as exc:  # gone this instant (renamed into place), or not ours to open
+        log.debug("leaving %s alone: %s", folder, exc)
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: its export is running (or locks do not work here)
+            log.debug("leaving %s alone: its export is running", folder)
+            return False
+        if not _still_at(fd, lock):  # unlinked: its owner finished and renamed the folder into place
+            return False
+        shutil.rmtree(folder, ignore_errors=True)
+        log.info("removed %s, left by an export that no longer runs (%s)", folder.name, _owner(fd))
+        return True
+    finally:
+        os.close(fd)
+
+
+def _owner(fd: int) -> str:
+    """Who wrote the lock file ``fd``, for people: "pid 1234 on host"."""
+    try:
+        owner = json.loads(os.pread(fd, 4096, 0))
+        return f"pid {int(owner['pid'])} on {owner['host']}"
+    except (OSError, ValueError, TypeError, KeyError):
+        return "owner unknown"
+
+
+def _still_at(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is still the file at ``path``."""
+    held = os.fstat(fd)
+    try:
+        current = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return held.st_nlink > 0 and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino)
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:

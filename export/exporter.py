@@ -12,12 +12,13 @@ import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
-from sdtrt.engine.errors import ExportError
-from sdtrt.engine.fsutil import atomic_dir, sha256_file, sha256_tree
-from sdtrt.engine.manifest import PRECISIONS, Component, ComponentFile, Manifest
+from sdtrt.engine.errors import ExportError, SdtrtError
+from sdtrt.engine.fsutil import atomic_dir, replace_refusal, sha256_file, sha256_tree
+from sdtrt.engine.manifest import MANIFEST_NAME, PRECISIONS, Component, ComponentFile, Manifest
 from sdtrt.engine.networks import COMPONENTS, TEXT_ENCODERS
 from sdtrt.engine.version import VERSION
 from sdtrt.export import networks, single_file
@@ -32,6 +33,9 @@ from sdtrt.export.onnx_export import (
 )
 from sdtrt.export.weight_map import map_path
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
@@ -44,6 +48,9 @@ SD_PIPELINES = {
 SDXL_PIPELINES = {"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"}
 UPSCALER_PIPELINE = "StableDiffusionUpscalePipeline"
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# what an earlier export may hold: the files it wrote, its tokenizers, and the engines' caches (trt/, openvino/)
+EXPORT_ENTRIES = re.compile(r"manifest\.json|.+\.onnx|.+\.onnx\.data|.+\.weights\.json|tokenizer(_2)?|trt|openvino")
+MANIFEST_KEYS = {"format_version", "family", "components"}  # in every sdtrt manifest, whatever its version
 # the model folders an export reads (their contents make up the source hash)
 SOURCE_PARTS = (
     "model_index.json",
@@ -137,10 +144,8 @@ def export_model(
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset {opset} is not supported (use an ONNX opset from {MIN_OPSET} to {MAX_OPSET})")
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise ExportError(f"{out_dir} already exists (use --overwrite to replace it)")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"{out_dir} is not a folder (--overwrite replaces an export folder only)")
+    if (why := replace_refusal(out_dir, overwrite, export_refusal)) is not None:
+        raise ExportError(why)
     if Path(model).is_file():
         resolved = single_file.converted_checkpoint(
             model, out_dir, config=config, prediction_type=prediction_type, allow_pickle=allow_pickle
@@ -152,6 +157,27 @@ def export_model(
         resolved = contextlib.nullcontext((folder, {"path": str(Path(model)), "sha256": source_hash(folder)}))
     with resolved as (source, record):
         return _export_folder(source, record, out_dir, precisions, components, opset, overwrite, progress)
+
+
+def export_refusal(folder: Path) -> str | None:
+    """Why ``--overwrite`` may not replace the non-empty ``folder``, or None for an earlier sdtrt export.
+
+    Only sdtrt's own files may go: a folder without an sdtrt manifest.json, or an export beside which the user
+    keeps files of their own, is left as it is.
+    """
+    try:
+        manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"it is not empty and not an sdtrt export (no {MANIFEST_NAME})"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"its {MANIFEST_NAME} is not an sdtrt manifest ({type(exc).__name__})"
+    if not isinstance(manifest, dict) or not manifest.keys() >= MANIFEST_KEYS:
+        return f"its {MANIFEST_NAME} is not an sdtrt manifest"
+    foreign = sorted(entry.name for entry in folder.iterdir() if not EXPORT_ENTRIES.fullmatch(entry.name))
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        return f"it is an sdtrt export but also holds files sdtrt did not write ({listed}); move them out first"
+    return None
 
 
 def _export_folder(
@@ -166,7 +192,6 @@ def _export_folder(
 ) -> Manifest:
     """Export the diffusers folder ``source``; ``record`` is the manifest's note of where it came from."""
     import diffusers
-    import torch
     import transformers
 
     model_index = _read_json(source / "model_index.json")
@@ -189,6 +214,7 @@ def _export_folder(
             hidden_size=int(config["hidden_size"]),
             # SDXL reads the penultimate layer of both encoders, and the second one's pooled projection
             hidden_layer="penultimate" if family == "sdxl" else "last",
+            vocab_size=int(config.get("vocab_size", 49408)),  # the trace's ids stay below it; CLIPTextConfig's default
             pooled_size=int(config["projection_dim"]) if family == "sdxl" and name == "text_encoder_2" else None,
         )
         for name, config in text_configs.items()
@@ -201,7 +227,7 @@ def _export_folder(
         size_multiple=vae_scale * 2 ** (len(unet_config["block_out_channels"]) - 1),
         default_size=int(unet_config["sample_size"]) * vae_scale,
         unet_in_channels=int(unet_config.get("in_channels", 4)),
-        unet_class_labels=family == "upscaler",
+        unet_class_labels=int(unet_config["num_class_embeds"]) if family == "upscaler" else None,
         time_ids=(5 if model_index.get("requires_aesthetics_score") else 6) if family == "sdxl" else 0,
         time_cond_size=unet_config.get("time_cond_proj_dim"),
     )
@@ -234,24 +260,16 @@ def _export_folder(
     if missing:
         raise ExportError(f"{source} has no {', '.join(missing)} to export")
     exported: dict[str, Component] = {}
-    steps = tqdm(components, desc="export", unit="network", disable=not progress)
-    with atomic_dir(out_dir, overwrite=overwrite) as staging:  # export_fp32 traces under no_grad
+    with atomic_dir(out_dir, overwrite=overwrite, replaceable=export_refusal) as staging:
+        steps = tqdm(components, desc="export", unit="network", disable=not progress)
         for name in steps:
             steps.set_postfix_str(name)
-            spec = specs[name]
-            fp32_path = staging / f"{name}.onnx"
-            export_fp32(load(name).float(), spec, fp32_path, opset=opset)
-            files: dict[str, ComponentFile] = {}
-            if "fp16" in precisions:
-                fp16_path = staging / f"{name}.fp16.onnx"
-                convert_fp16(fp32_path, spec, fp16_path)
-                files["fp16"] = _component_file(fp16_path, spec, "fp16")
-            if "fp32" in precisions:
-                files["fp32"] = _component_file(fp32_path, spec, "fp32")
-            else:
-                for file in onnx_files(fp32_path):
-                    file.unlink()
-                map_path(fp32_path).unlink(missing_ok=True)
+            try:
+                files = _export_network(load(name), specs[name], staging, precisions, opset)
+            except (SdtrtError, ModuleNotFoundError):  # already one line; a missing package is the CLI's to explain
+                raise
+            except Exception as exc:  # torch, diffusers, onnx: a long message and a deep traceback (see --debug)
+                raise ExportError(f"exporting {name} failed: {_one_line(exc)}") from exc
             exported[name] = Component(files=files)
             log.info("exported %s (%s)", name, ", ".join(files))
         for name in encoder_names:
@@ -285,6 +303,33 @@ def _export_folder(
     return manifest
 
 
+def _export_network(
+    module: torch.nn.Module, spec: networks.NetworkSpec, staging: Path, precisions: Sequence[str], opset: int
+) -> dict[str, ComponentFile]:
+    """Write one network's ONNX files at ``precisions`` into ``staging``; returns them by precision."""
+    fp32_path = staging / f"{spec.name}.onnx"
+    export_fp32(module.float(), spec, fp32_path, opset=opset)  # traces under no_grad
+    files: dict[str, ComponentFile] = {}
+    if "fp16" in precisions:
+        fp16_path = staging / f"{spec.name}.fp16.onnx"
+        convert_fp16(fp32_path, spec, fp16_path)
+        files["fp16"] = _component_file(fp16_path, spec, "fp16")
+    if "fp32" in precisions:
+        files["fp32"] = _component_file(fp32_path, spec, "fp32")
+    else:
+        for file in onnx_files(fp32_path):
+            file.unlink()
+        map_path(fp32_path).unlink(missing_ok=True)
+    return files
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """``exc`` as one short line: its type and the first line of its message."""
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def source_hash(source: Path) -> str:
     """One hash over the parts of a diffusers folder that an export reads."""
     digest = hashlib.sha256()
@@ -300,10 +345,13 @@ def source_hash(source: Path) -> str:
 def _component_file(path: Path, spec: networks.NetworkSpec, precision: str) -> ComponentFile:
     inputs, outputs = spec.io_specs(precision)
     weights = map_path(path)  # networks LoRA changes have one (export/weight_map.py)
+    sizes = [file.stat().st_size for file in onnx_files(path)]  # the .onnx, then its external data if any
     return ComponentFile(
         path=path.name,
         sha256=onnx_digest(path),
         inputs=inputs,
         outputs=outputs,
         weights=weights.name if weights.is_file() else None,
+        size=sizes[0],
+        data_size=sizes[1] if len(sizes) > 1 else None,
     )

@@ -8,7 +8,7 @@ example sizes the ONNX trace runs at.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,14 +22,18 @@ class NetworkSpec:
     outputs: tuple[TensorSpec, ...]
     trace_dims: dict[str, int]  # dynamic dimension -> its size in the example inputs the ONNX trace runs
     keep_fp32: tuple[str, ...] = ()  # inputs that stay float32 in the fp16 variant
+    # int32 input -> how many values it may take (the size of the table it indexes: the text encoder's
+    # vocabulary, the upscaler's noise-level classes), from the model's config: the trace stays below it
+    id_counts: dict[str, int] = field(default_factory=dict)
 
     def example_inputs(self, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-        """Random inputs at the ``trace_dims`` shape (used to trace the export)."""
+        """Random inputs at the ``trace_dims`` shape (used to trace the export); ids below ``id_counts``."""
         tensors = []
         for spec in self.inputs:
             shape = spec.bind(self.trace_dims)
             if spec.dtype == "int32":  # token ids, noise levels
-                tensors.append(torch.randint(0, 100, shape, dtype=torch.int32, generator=generator))
+                high = self.id_counts[spec.name]
+                tensors.append(torch.randint(0, high, shape, dtype=torch.int32, generator=generator))
             elif spec.name == "timestep":
                 tensors.append(torch.full(shape, 981.0))
             else:
@@ -60,6 +64,7 @@ class TextEncoderGeometry:
     name: str  # "text_encoder" | "text_encoder_2"
     hidden_size: int
     hidden_layer: str  # "last" (SD 1.x/2.x: final layer, layer-normed) | "penultimate" (SDXL)
+    vocab_size: int  # token ids run from 0 to vocab_size - 1 (CLIP's 49408; custom tokenizers fewer)
     pooled_size: int | None = None  # SDXL's text_encoder_2: the projected pooled embedding
 
 
@@ -74,7 +79,8 @@ class Geometry:
     size_multiple: int  # image height/width must be multiples of this
     default_size: int  # pixels, per side
     unet_in_channels: int = 4  # 4; 9 for inpainting models (+ mask + masked image); 7 for the x4 upscaler
-    unet_class_labels: bool = False  # the x4 upscaler's UNet takes the noise level as a class label
+    # the x4 upscaler's UNet takes the noise level as a class label: how many classes it embeds (else None)
+    unet_class_labels: int | None = None
     time_ids: int = 0  # SDXL: 6 micro-conditioning numbers (sizes and crop), 5 for the refiner
     time_cond_size: int | None = None  # LCM-distilled UNets: the guidance-scale embedding's width
 
@@ -98,6 +104,7 @@ def text_encoder_spec(g: Geometry, encoder: TextEncoderGeometry) -> NetworkSpec:
         inputs=(TensorSpec("input_ids", "int32", ("batch", g.text_max_length)),),
         outputs=tuple(outputs),
         trace_dims={"batch": 2},
+        id_counts={"input_ids": encoder.vocab_size},
     )
 
 
@@ -117,7 +124,7 @@ def unet_spec(g: Geometry) -> NetworkSpec:
         inputs.append(TensorSpec("time_ids", "float32", ("batch", g.time_ids)))
     if g.time_cond_size is not None:
         inputs.append(TensorSpec("timestep_cond", "float32", ("batch", g.time_cond_size)))
-    if g.unet_class_labels:
+    if g.unet_class_labels is not None:
         inputs.append(TensorSpec("noise_level", "int32", ("batch",)))
     return NetworkSpec(
         name="unet",
@@ -126,6 +133,7 @@ def unet_spec(g: Geometry) -> NetworkSpec:
         trace_dims={"batch": 2, "latent_height": side, "latent_width": side},  # batch 2 = one CFG pair
         # fractional timesteps (Euler, LMS) need more than fp16's 0.5 spacing at 999; sizes in time_ids too
         keep_fp32=("timestep", "time_ids"),
+        id_counts={} if g.unet_class_labels is None else {"noise_level": g.unet_class_labels},
     )
 
 

@@ -13,7 +13,7 @@ import onnx
 import torch
 from onnx.external_data_helper import convert_model_to_external_data, set_external_data, uses_external_data
 
-from sdtrt.engine.fsutil import sha256_file
+from sdtrt.engine.fsutil import give_ordinary_permissions, sha256_file
 from sdtrt.engine.networks import LORA_NETWORKS
 from sdtrt.engine.weights import load_weight_map
 from sdtrt.export.networks import NetworkSpec
@@ -47,6 +47,7 @@ def save_onnx(model: onnx.ModelProto, path: Path, external: Collection[str] = ()
         if init.name in external and not uses_external_data(init):
             set_external_data(init, location)
     onnx.save_model(model, str(path))
+    give_ordinary_permissions(path.with_name(location))  # onnx creates it 0600, unreadable by anyone else
 
 
 def onnx_files(path: Path) -> list[Path]:

@@ -6,11 +6,12 @@ same export path serves them and real models. They prove the machinery, not the 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
-from sdtrt.engine.fsutil import atomic_dir
-from sdtrt.export.clip_vocab import EOS, write_clip_tokenizer
+from sdtrt.engine.fsutil import atomic_dir, write_bytes_atomic, write_json_atomic
+from sdtrt.export.clip_vocab import BOS, EOS, write_clip_tokenizer
 
 TEXT_MAX_LENGTH = 77
 CLIP_VOCAB_SIZE = 49408
@@ -55,12 +56,12 @@ SD2_SCHEDULER = {**SD1_SCHEDULER, "prediction_type": "v_prediction"}
 SDXL_SCHEDULER = {**SD1_SCHEDULER, "interpolation_type": "linear", "timestep_spacing": "leading"}
 
 
-def _text_encoder(hidden_act: str, projection: bool = False):
+def _text_encoder(hidden_act: str, projection: bool = False, vocab_size: int = CLIP_VOCAB_SIZE):
     """A 2-layer CLIP text encoder; ``projection`` adds the pooled projection (SDXL's second encoder)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE,
+        vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -68,9 +69,9 @@ def _text_encoder(hidden_act: str, projection: bool = False):
         max_position_embeddings=TEXT_MAX_LENGTH,
         hidden_act=hidden_act,  # quick_gelu: OpenAI CLIP (SD 1.x); gelu: OpenCLIP (SD 2.x, SDXL's second, upscaler)
         projection_dim=32,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
     )
     return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
 
@@ -114,24 +115,46 @@ def _unet(in_channels: int, cross_attention_dim: int = 32, **extra):
 NO_SAFETY_CHECKER = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
 
-def _save(pipeline_class, out_dir, overwrite: bool, pads: dict[str, str], **parts) -> Path:
+def _save(
+    pipeline_class, out_dir, overwrite: bool, pads: dict[str, str], vocab_size: int = CLIP_VOCAB_SIZE, **parts
+) -> Path:
     """Write the tokenizers named in ``pads`` (folder -> pad token), then the pipeline, atomically."""
     from transformers import CLIPTokenizer
 
     with atomic_dir(out_dir, overwrite=overwrite) as staging:
         for folder, pad in pads.items():
             write_clip_tokenizer(staging / folder, TEXT_MAX_LENGTH, pad_token=pad)
+            if vocab_size != CLIP_VOCAB_SIZE:
+                _shrink_tokenizer(staging / folder, vocab_size)
             parts[folder] = CLIPTokenizer.from_pretrained(staging / folder)
         pipeline_class(**parts).save_pretrained(staging, safe_serialization=True)
     return Path(out_dir)
 
 
+def _shrink_tokenizer(folder: Path, vocab_size: int) -> None:
+    """Cut a CLIP tokenizer to ``vocab_size`` ids, as a custom tokenizer: its first ids (byte symbols, then
+    merges), then <|startoftext|> and <|endoftext|>; text outside it becomes the unknown token."""
+    if not 2 < vocab_size < CLIP_VOCAB_SIZE:
+        raise ValueError(f"a cut CLIP tokenizer has from 3 to {CLIP_VOCAB_SIZE - 1} ids, not {vocab_size}")
+    merges = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()  # a version line, then merges
+    kept = merges[1 : max(1, vocab_size - 512 - 2 + 1)]  # the merge of id 512 + i is line 1 + i
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    tokens = [*sorted(vocab, key=vocab.__getitem__)[: vocab_size - 2], BOS, EOS]
+    write_json_atomic(folder / "vocab.json", {token: i for i, token in enumerate(tokens)})
+    write_bytes_atomic(folder / "merges.txt", ("\n".join([merges[0], *kept]) + "\n").encode())
+
+
 def build_tiny_sd1(
-    out_dir: str | os.PathLike[str], seed: int = 0, overwrite: bool = False, inpainting: bool = False
+    out_dir: str | os.PathLike[str],
+    seed: int = 0,
+    overwrite: bool = False,
+    inpainting: bool = False,
+    vocab_size: int = CLIP_VOCAB_SIZE,
 ) -> Path:
     """A tiny SD 1.x pipeline: CLIP text encoder, UNet, 8x VAE, PNDM, CLIP BPE tokenizer; 256x256 native.
 
-    ``inpainting`` gives the UNet 9 input channels (latents + mask + masked-image latents).
+    ``inpainting`` gives the UNet 9 input channels (latents + mask + masked-image latents). A ``vocab_size``
+    below CLIP's 49408 makes a model with a custom tokenizer: CLIP's, cut to that many ids.
     """
     import torch
     from diffusers import PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline
@@ -142,7 +165,8 @@ def build_tiny_sd1(
         out_dir,
         overwrite,
         {"tokenizer": EOS},
-        text_encoder=_text_encoder("quick_gelu"),
+        vocab_size,
+        text_encoder=_text_encoder("quick_gelu", vocab_size=vocab_size),
         unet=_unet(9 if inpainting else 4),
         vae=_vae(levels=4, scaling_factor=0.18215, sample_size=256),
         scheduler=PNDMScheduler.from_config(SD1_SCHEDULER),

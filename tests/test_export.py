@@ -31,7 +31,7 @@ def torch_nets(tiny_model_dir: Path) -> dict[str, torch.nn.Module]:
     return {
         "text_encoder": networks.TextEncoderNet(
             CLIPTextModel.from_pretrained(tiny_model_dir / "text_encoder"),
-            networks.TextEncoderGeometry("text_encoder", hidden_size=32, hidden_layer="last"),
+            networks.TextEncoderGeometry("text_encoder", hidden_size=32, hidden_layer="last", vocab_size=49408),
         ),
         "unet": networks.UNetNet(UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")),
         "vae_decoder": networks.VaeDecoderNet(vae),
@@ -129,16 +129,65 @@ def test_failed_export_leaves_nothing(tiny_model_dir: Path, tmp_path: Path, monk
 
     monkeypatch.setattr(exporter, "export_fp32", fail_on_second)
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError, match="simulated"):
+    with pytest.raises(ExportError, match=r"^exporting unet failed: RuntimeError: simulated failure") as caught:
         exporter.export_model(tiny_model_dir, out, progress=False)
+    assert isinstance(caught.value.__cause__, RuntimeError)
     assert not out.exists()
     assert _leftovers(tmp_path) == []
 
 
+def test_a_failure_inside_torch_is_one_line(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def out_of_range(*args, **kwargs):
+        raise IndexError("index out of range in self\n\nthe TorchScript frames that led here, many lines of them")
+
+    monkeypatch.setattr(torch.onnx, "export", out_of_range)
+    with pytest.raises(ExportError) as caught:
+        exporter.export_model(tiny_model_dir, tmp_path / "out", components=("text_encoder",), progress=False)
+    assert str(caught.value) == "exporting text_encoder failed: IndexError: index out of range in self"
+    assert isinstance(caught.value.__cause__, IndexError)  # the whole story, for --debug
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_trace_inputs_come_from_the_config() -> None:
+    encoder = networks.TextEncoderGeometry("text_encoder", hidden_size=32, hidden_layer="last", vocab_size=64)
+    geometry = networks.Geometry(77, (encoder,), 4, 4, 8, 128, unet_in_channels=7, unet_class_labels=5)
+    generator = torch.Generator().manual_seed(0)
+    (ids,) = networks.text_encoder_spec(geometry, encoder).example_inputs(generator)
+    assert ids.shape == (2, 77) and 0 <= int(ids.min()) <= int(ids.max()) < 64
+    noise_level = networks.unet_spec(geometry).example_inputs(generator)[-1]
+    assert noise_level.dtype == torch.int32 and int(noise_level.max()) < 5
+
+
 def test_export_refuses_existing_folder(tiny_model_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("the user's")
     with pytest.raises(ExportError, match="already exists"):
         exporter.export_model(tiny_model_dir, tmp_path / "out", progress=False)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["mine.txt"]
+
+
+def test_only_an_sdtrt_export_may_be_overwritten(tiny_export: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    assert exporter.export_refusal(folder) == "it is not empty and not an sdtrt export (no manifest.json)"
+    (folder / "manifest.json").write_text('{"name": "my web app", "version": 3}')
+    assert exporter.export_refusal(folder) == "its manifest.json is not an sdtrt manifest"
+    (folder / "manifest.json").write_text("{ not JSON")
+    assert exporter.export_refusal(folder) == "its manifest.json is not an sdtrt manifest (JSONDecodeError)"
+    (folder / "notes.txt").unlink()
+    shutil.copy(tiny_export / "manifest.json", folder / "manifest.json")
+    for name in ("unet.onnx", "unet.onnx.data", "unet.weights.json", "unet.fp16.onnx", "tokenizer", "trt", "openvino"):
+        (folder / name).mkdir()  # what an export writes, and the engines' caches beside it
+    assert exporter.export_refusal(folder) is None
+    for name in ("notes.txt", "photos", "b", "c"):
+        (folder / name).touch()
+    assert exporter.export_refusal(folder) == (
+        "it is an sdtrt export but also holds files sdtrt did not write (b, c, notes.txt and 1 more); "
+        "move them out first"
+    )
 
 
 def test_export_refuses_what_it_cannot_read(tiny_model_dir: Path, tmp_path: Path) -> None:
