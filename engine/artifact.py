@@ -1,10 +1,12 @@
 """The engine's one doorway: an artifact folder opened on one backend.
 
-``open_artifact(folder, backend)`` reads and validates the manifest, chooses the backend, and
-returns an Artifact that owns everything the engine decides for the runtime: which ONNX variant
-each network runs at, its weight map (read once, shared by the session and LoRA), and its session
-(opened on first use, closed with the artifact). The runtime asks the artifact for a network's
-inputs, weights and session, and never which backend ran.
+``open_artifact(folder, backend)`` reads and validates the manifest, takes a cheap look at the files
+it names (sizes, ONNX headers), chooses the backend, and returns an Artifact that owns everything
+the engine decides for the runtime: which ONNX variant each network runs at, its weight map (read
+once, shared by the session and LoRA), and its session (opened on first use, its inputs and outputs
+checked against the manifest's, closed with the artifact). The runtime asks the artifact for a
+network's inputs, weights and session, and never which backend ran. Whatever fails to load is one
+ManifestError naming the file and the command that rebuilds the export.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 from pathlib import Path
 
 from sdtrt.engine.backends import BackendChoice, SessionTarget, choose_backend, component_precision, open_session
+from sdtrt.engine.errors import ManifestError
 from sdtrt.engine.manifest import ComponentFile, Manifest, load_manifest
 from sdtrt.engine.networks import LORA_NETWORKS
 from sdtrt.engine.session import Session, TensorSpec
@@ -47,7 +50,11 @@ class Artifact:
         """The changeable weights of ``network`` (LoRA), read once; None where it has none."""
         if network not in self._weight_maps:
             file = self.file(network)
-            self._weight_maps[network] = None if file.weights is None else load_weight_map(self.folder / file.weights)
+            try:
+                weights = None if file.weights is None else load_weight_map(self.folder / file.weights)
+            except ManifestError as exc:  # missing or corrupt: say how to rebuild the export
+                raise self.manifest.damaged(self.folder, str(exc)) from exc
+            self._weight_maps[network] = weights
         return self._weight_maps[network]
 
     def weight_maps(self) -> dict[str, WeightMap]:

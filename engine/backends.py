@@ -16,12 +16,13 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sdtrt.engine import cuda
-from sdtrt.engine.errors import BackendUnavailableError, InvalidInputError
+from sdtrt.engine.errors import BackendUnavailableError, InvalidInputError, ManifestError, SdtrtError
 from sdtrt.engine.fallback import Fp32Fallback
 from sdtrt.engine.manifest import ComponentFile, Manifest
 from sdtrt.engine.networks import NETWORKS
@@ -31,6 +32,9 @@ from sdtrt.engine.session import Session
 from sdtrt.engine.weights import WeightMap
 
 log = logging.getLogger(__name__)
+
+# how ONNX Runtime, OpenVINO and CUDA say that an allocation failed
+OUT_OF_MEMORY = re.compile(r"bad[_ ]alloc|fail\w* to allocate|out of memory|cannot allocate", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,10 @@ class SessionTarget:
     @property
     def path(self) -> Path:
         return self.folder / self.file.path
+
+    def damaged(self, problem: str) -> ManifestError:
+        """The one error for a file of this export that cannot serve: ``problem``, then how to rebuild it."""
+        return self.manifest.damaged(self.folder, problem)
 
 
 Opener = Callable[[BackendChoice, SessionTarget], Session]
@@ -263,14 +271,52 @@ def component_precision(choice: BackendChoice, manifest: Manifest, component: st
 
 
 def open_session(choice: BackendChoice, target: SessionTarget) -> Session:
-    """Open ``target`` on the chosen backend; an fp16 network with an fp32 fallback gets its guard."""
+    """Open ``target`` on the chosen backend; an fp16 network with an fp32 fallback gets its guard.
+
+    A file the backend cannot load, or whose inputs and outputs are not the manifest's, is one
+    ManifestError naming the file and the command that rebuilds the export (an allocation that
+    fails is one SdtrtError: the file may be fine).
+    """
     backend = BACKENDS[choice.kind]
-    session = backend.open(choice, target)
+    session = _open_checked(backend, choice, target)
     if target.precision == "fp16" and NETWORKS[target.component].fp32_fallback:
         open_fp32 = None
         if "fp32" in target.manifest.components[target.component].files:
             profile = getattr(session, "profile", None)  # TensorRT: the fp16 plan's own profile
             fp32 = replace(target, precision="fp32", weight_map=None, profile=profile)
-            open_fp32 = functools.partial(backend.open, choice, fp32)
+            open_fp32 = functools.partial(_open_checked, backend, choice, fp32)
         session = Fp32Fallback(session, open_fp32, target.component)
     return session
+
+
+def _open_checked(backend: Backend, choice: BackendChoice, target: SessionTarget) -> Session:
+    try:
+        session = backend.open(choice, target)
+    except SdtrtError:
+        raise
+    except Exception as exc:
+        if not _cannot_load(exc):
+            raise
+        if OUT_OF_MEMORY.search(str(exc)):  # the file may be fine: rebuilding it would not help
+            raise SdtrtError(f"not enough memory to load {target.path} on {backend.name}: {_last_line(exc)}") from exc
+        raise target.damaged(f"{backend.name} cannot load {target.path}: {_last_line(exc)}") from exc
+    file = target.file
+    for kind, found, declared in (("inputs", session.inputs, file.inputs), ("outputs", session.outputs, file.outputs)):
+        if sorted(found) != sorted(spec.name for spec in declared):
+            session.close()
+            names = sorted(spec.name for spec in declared)
+            problem = f"{target.path} has {kind} {sorted(found)}, the manifest's {target.component} has {names}"
+            raise target.damaged(f"{problem} (another network's file?)")
+    return session
+
+
+def _cannot_load(exc: Exception) -> bool:
+    """Whether ``exc`` is how a backend refuses a file: ONNX Runtime's own exception types (none of them a
+    RuntimeError), OpenVINO's and TensorRT's RuntimeError, an OSError reading it."""
+    return isinstance(exc, (RuntimeError, OSError)) or type(exc).__module__.startswith(("onnxruntime", "openvino"))
+
+
+def _last_line(exc: Exception) -> str:
+    """The backend's message on one line: its last non-empty line (OpenVINO's first lines are source locations)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__

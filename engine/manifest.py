@@ -6,7 +6,9 @@ The manifest is versioned and validated on load; a mismatch is a clear error, ne
 from __future__ import annotations
 
 import json
+import math
 import os
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,19 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 FAMILIES = ("sd1", "sd2", "sdxl", "upscaler")
 PRECISIONS = ("fp32", "fp16")
+# A serialized ONNX ModelProto starts with its field 1, ir_version: tag byte 0x08, then a small varint
+# (protobuf writers put fields in number order; every .onnx an export writes starts 0x08 0x08).
+ONNX_TAG = 0x08
+# the manifest's sizes that must be positive integers
+POSITIVE_SIZES = (
+    "vae_scale_factor",
+    "size_multiple",
+    "latent_channels",
+    "default_height",
+    "default_width",
+    "text_max_length",
+    "unet_in_channels",
+)
 
 
 @dataclass(frozen=True)
@@ -33,11 +48,31 @@ class ComponentFile:
     outputs: tuple[TensorSpec, ...]
     # networks LoRA may change (UNet, text encoders): their weight map (engine/weights.py), relative path
     weights: str | None = None
+    # bytes of the .onnx file and of its external data (None: it has none); older manifests record
+    # neither (size None), and loading them skips the size check
+    size: int | None = None
+    data_size: int | None = None
+
+    @property
+    def data_path(self) -> str:
+        """Where the export keeps this file's external data (weights), relative, when it has any."""
+        return self.path + ".data"
+
+    def expected_files(self) -> dict[str, int | None]:
+        """The files this entry needs, relative, with their recorded sizes (None: not recorded)."""
+        files: dict[str, int | None] = {self.path: self.size}
+        if self.data_size is not None:
+            files[self.data_path] = self.data_size
+        if self.weights is not None:
+            files[self.weights] = None
+        return files
 
     def to_dict(self) -> dict:
         return {
             "path": self.path,
             "sha256": self.sha256,
+            "size": self.size,
+            "data_size": self.data_size,
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
             "weights": self.weights,
@@ -51,6 +86,8 @@ class ComponentFile:
             inputs=tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
             outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
             weights=None if d.get("weights") is None else str(d["weights"]),
+            size=None if d.get("size") is None else int(d["size"]),
+            data_size=None if d.get("data_size") is None else int(d["data_size"]),
         )
 
 
@@ -161,9 +198,69 @@ class Manifest:
     def save(self, folder: str | os.PathLike[str]) -> None:
         write_json_atomic(Path(folder) / MANIFEST_NAME, self.to_dict())
 
+    def damaged(self, folder: str | os.PathLike[str], problem: str) -> ManifestError:
+        """The one error for a problem with this export in ``folder``: it names the command that rebuilds it."""
+        return damaged_export(folder, self.source.get("path"), problem)
 
-def load_manifest(folder: str | os.PathLike[str]) -> Manifest:
-    """Read and validate ``folder/manifest.json``; any problem is one ManifestError line."""
+    def size_problem(self) -> str | None:
+        """What is wrong with the manifest's numbers (sizes, factors, tensor shapes), or None."""
+        for name in POSITIVE_SIZES:
+            if (value := getattr(self, name)) <= 0:
+                return f"{name} is {value}, not a positive number"
+        if self.size_multiple % self.vae_scale_factor:
+            return f"size_multiple {self.size_multiple} is not a multiple of vae_scale_factor {self.vae_scale_factor}"
+        for name in ("default_height", "default_width"):
+            if (value := getattr(self, name)) % self.vae_scale_factor:
+                return f"{name} {value} is not a multiple of vae_scale_factor {self.vae_scale_factor}"
+        if not (math.isfinite(self.vae_scaling_factor) and self.vae_scaling_factor > 0):
+            return f"vae_scaling_factor is {self.vae_scaling_factor}, not a positive number"
+        if self.max_noise_level is not None and self.max_noise_level < 0:
+            return f"max_noise_level is {self.max_noise_level}, not >= 0"
+        for name, component in self.components.items():
+            for file in component.files.values():
+                for spec in (*file.inputs, *file.outputs):
+                    if not all(isinstance(d, str) or (type(d) is int and d > 0) for d in spec.shape):
+                        return f"{name}: {spec.name} has shape {list(spec.shape)} (sizes must be positive integers)"
+        return None
+
+
+def rebuild_command(folder: str | os.PathLike[str], source: str | None = None) -> str:
+    """The command that writes the export in ``folder`` again from its model (MODEL where none is known)."""
+    return f"sdtrt export {shlex.quote(source or 'MODEL')} --out {shlex.quote(str(folder))} --overwrite"
+
+
+def damaged_export(folder: str | os.PathLike[str], source: str | None, problem: str) -> ManifestError:
+    """One ManifestError line: ``problem`` (naming the file), then the command that rebuilds the export."""
+    return ManifestError(f"{problem}; rebuild the export with: {rebuild_command(folder, source)}")
+
+
+def file_problems(folder: Path, file: ComponentFile) -> list[str]:
+    """What a cheap look finds wrong with the files of ``file`` in ``folder`` (stat and a few bytes, no hash):
+    missing, empty, another size than recorded, an .onnx that does not start as ONNX. One line each."""
+    problems = []
+    for named, size in file.expected_files().items():
+        path = folder / named
+        if not path.is_file():
+            problems.append(f"{path} named in the manifest is missing")
+        elif (actual := path.stat().st_size) == 0:
+            problems.append(f"{path} is empty")
+        elif size is not None and actual != size:
+            problems.append(f"{path} is {actual} bytes, not the {size} the export wrote (truncated or replaced)")
+        elif named == file.path and not _onnx_header(path):
+            problems.append(f"{path} is not an ONNX model (it does not start as one)")
+    return problems
+
+
+def _onnx_header(path: Path) -> bool:
+    """Whether ``path`` starts as a serialized ONNX model: ir_version first (see ONNX_TAG)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == ONNX_TAG and 0 < head[1] < 0x80
+
+
+def read_manifest(folder: str | os.PathLike[str]) -> Manifest:
+    """Read and validate ``folder/manifest.json`` (its keys, version, family and numbers), not the files it names;
+    any problem is one ManifestError line."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ManifestError(f"no artifact folder at {folder} (create one with: sdtrt export MODEL --out {folder})")
@@ -173,28 +270,36 @@ def load_manifest(folder: str | os.PathLike[str]) -> Manifest:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"corrupt manifest {path}: {exc}") from None
+        raise damaged_export(folder, None, f"corrupt manifest {path}: {exc}") from exc
     if not isinstance(raw, dict):
-        raise ManifestError(f"corrupt manifest {path}: expected a JSON object")
+        raise damaged_export(folder, None, f"corrupt manifest {path}: expected a JSON object")
+    source = raw.get("source", {}).get("path") if isinstance(raw.get("source"), dict) else None
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
-        raise ManifestError(
-            f"{path} has format_version {version!r}; this sdtrt reads version {FORMAT_VERSION}: "
-            "re-export the model with this version"
-        )
+        problem = f"{path} has format_version {version!r}, this sdtrt reads version {FORMAT_VERSION}"
+        raise damaged_export(folder, source, problem)
     try:
         manifest = Manifest.from_dict(raw)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         detail = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
-        raise ManifestError(f"corrupt manifest {path}: {detail}") from None
+        raise damaged_export(folder, source, f"corrupt manifest {path}: {detail}") from exc
     if manifest.family not in FAMILIES:
         raise ManifestError(f"{path}: model family {manifest.family!r} is not supported (known: {FAMILIES})")
     unknown = sorted(set(manifest.components) - set(COMPONENTS))
     if unknown:  # each network's batch rule, LoRA and fallback facts come from engine/networks.py
         raise ManifestError(f"{path}: unknown networks {unknown} (known: {', '.join(COMPONENTS)})")
+    if problem := manifest.size_problem():
+        raise manifest.damaged(folder, f"{path}: {problem}")
+    return manifest
+
+
+def load_manifest(folder: str | os.PathLike[str]) -> Manifest:
+    """Read and validate ``folder/manifest.json`` and take a cheap look at every file it names (file_problems);
+    any problem is one ManifestError line naming the file and the command that rebuilds the export."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
     for component in manifest.components.values():
         for file in component.files.values():
-            for named in (file.path, file.weights):
-                if named is not None and not (folder / named).is_file():
-                    raise ManifestError(f"{folder}: {named} named in the manifest is missing")
+            if problems := file_problems(folder, file):
+                raise manifest.damaged(folder, problems[0])
     return manifest

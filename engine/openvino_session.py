@@ -89,6 +89,12 @@ class OpenVinoSession:
         self._cache_dir = None if cache_dir is None else Path(cache_dir) / precision
         self._compiled: dict[tuple, object] = {}  # input shapes -> infer request, most recently used last
         self._lock = threading.Lock()  # one infer request per shape: one call at a time
+        # Read now, so that a file OpenVINO cannot load fails here (open_session makes its RuntimeError one
+        # line), not at the first step; the model's own names are the session's inputs and outputs (open_session
+        # checks them against the manifest's), and the first compile takes this model instead of reading it again.
+        self._unread = self._core.read_model(self._path)
+        self.inputs = _port_specs(self._unread.inputs, inputs)
+        self.outputs = _port_specs(self._unread.outputs, outputs)
         log.debug("opened %s on OpenVINO %s (%s)", self.name, ov.__version__, precision)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -107,7 +113,8 @@ class OpenVinoSession:
             return self._compiled[key]
         while len(self._compiled) >= MAX_COMPILED_SHAPES:
             del self._compiled[next(iter(self._compiled))]
-        model = self._core.read_model(self._path)
+        model = self._unread if self._unread is not None else self._core.read_model(self._path)
+        self._unread = None
         if self._weights:
             _replace_constants(model, self._weights)
         if self.precision == "bf16":
@@ -136,6 +143,18 @@ class OpenVinoSession:
     def close(self) -> None:
         with self._lock:
             self._compiled.clear()
+
+
+def _port_specs(ports: Sequence, declared: Sequence[TensorSpec]) -> dict[str, TensorSpec]:
+    """A model's inputs or outputs by its own names: the declared spec of each (with its named dimensions),
+    else one read from the port."""
+    by_name = {spec.name: spec for spec in declared}
+    specs = {}
+    for port in ports:
+        name = port.get_any_name()
+        shape = tuple(d.get_length() if d.is_static else "?" for d in port.get_partial_shape())
+        specs[name] = by_name.get(name) or TensorSpec(name, np.dtype(port.get_element_type().to_dtype()).name, shape)
+    return specs
 
 
 def _compress_to_fp16(model) -> None:

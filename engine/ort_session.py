@@ -109,7 +109,9 @@ class OrtCpuSession:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3  # errors only
+        # fatal only: an error reaches the caller as an exception (a file that cannot load: open_session
+        # makes it one line), not also as a log line on stderr
+        options.log_severity_level = 4
         replace_initializers(options, weights)
         return ort.InferenceSession(self._path, sess_options=options, providers=["CPUExecutionProvider"])
 

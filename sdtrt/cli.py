@@ -5,18 +5,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sdtrt.demo import DEMO_GUIDANCE, DEMO_PROMPT, DEMO_ROOT, run_demo
 from sdtrt.engine.errors import SdtrtError
+from sdtrt.generate import Lora, generate_images
 
-if TYPE_CHECKING:
-    from PIL import Image
-
-Handler = Callable[[argparse.Namespace], None]
-Lora = tuple[Path, float]  # a LoRA adapter's file and scale
+Handler = Callable[[argparse.Namespace], int | None]  # None: success; else the exit code
+GLOBAL_FLAGS = ("quiet", "verbose", "debug")  # accepted before or after the command
 EXPORT_MODULES = {"torch", "diffusers", "transformers", "onnx", "onnx_graphsurgeon", "accelerate", "safetensors"}
 # a generating command's options by the pipeline's names for them, where these differ
 PIPELINE_NAMES = {"negative": "negative_prompt", "steps": "num_inference_steps", "guidance": "guidance_scale"}
@@ -33,8 +31,12 @@ def _parser() -> argparse.ArgumentParser:
     from sdtrt.engine.manifest import PRECISIONS
     from sdtrt.engine.networks import COMPONENTS
 
-    common = argparse.ArgumentParser(add_help=False)  # SUPPRESS: -q/-v count before or after the command
-    for flags, text in ((("-q", "--quiet"), "only warnings and errors"), (("-v", "--verbose"), "debug logging")):
+    common = argparse.ArgumentParser(add_help=False)  # SUPPRESS: -q/-v/--debug count before or after the command
+    for flags, text in (
+        (("-q", "--quiet"), "only warnings and errors"),
+        (("-v", "--verbose"), "debug logging"),
+        (("--debug",), "on an error, also print its traceback (with the exceptions that caused it)"),
+    ):
         common.add_argument(*flags, action="store_true", default=argparse.SUPPRESS, help=text)
     parser = argparse.ArgumentParser(
         prog="sdtrt",
@@ -124,6 +126,10 @@ def _parser() -> argparse.ArgumentParser:
     info = command("info", _info, "describe an artifact folder: model, files and sizes", "folder", more=more)
     info.add_argument("--engines", action="store_true", help="also print the default TensorRT profile")
 
+    summary = "check an artifact folder's files against the sizes and sha256 its manifest records"
+    more = "Reads every file in full; prints FOLDER: ok, or one line per problem and exits 2."
+    command("verify", _verify, summary, "folder", more=more)
+
     summary = "build TensorRT engines for an artifact folder (NVIDIA GPU + tensorrt)"
     build = command("build", _build, summary, "folder", more="`--backend trt` then finds the plans in the folder.")
     shape = build.add_mutually_exclusive_group()
@@ -206,59 +212,6 @@ def _lora_option(text: str) -> Lora:
         return Path(text), 1.0
 
 
-def _image_paths(out: Path, count: int) -> list[Path]:
-    if count == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(count)]
-
-
-def save_png(image: Image.Image, path: Path) -> None:
-    """Write ``image`` as a PNG at ``path`` atomically: a failed write leaves no partial file."""
-    from sdtrt.engine.fsutil import atomic_path
-
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
-
-
-def generate_images(
-    task: str,
-    folder: Path,
-    prompt: str,
-    out: Path,
-    quiet: bool,
-    backend: str,
-    loras: Sequence[Lora] = (),
-    precision: str | None = None,
-    **options,
-) -> None:
-    """Run pipeline method ``task`` with a progress bar, write the PNGs, print seed and stage timings.
-
-    ``loras``: (path, scale) of the LoRA adapters to apply first.
-    """
-    from tqdm.auto import tqdm
-
-    from sdtrt.runtime.pipeline import Pipeline
-
-    steps = options["num_inference_steps"]
-    with (
-        Pipeline.load(folder, backend=backend, precision=precision) as pipe,
-        tqdm(total=steps, desc="denoise", unit="step", disable=quiet) as bar,
-    ):
-        for path, scale in loras:
-            pipe.load_lora(path, name=str(path), scale=scale)
-
-        def advance(done: int, total: int) -> None:
-            bar.total = total  # a scheduler may take more UNet steps than asked (PNDM: one more)
-            bar.update(done - bar.n)
-
-        result = getattr(pipe, task)(prompt, progress=advance, **options)
-    paths = _image_paths(out, len(result.images))
-    for image, path in zip(result.images, paths, strict=True):
-        save_png(image, path)
-    print(f"wrote {', '.join(map(str, paths))} (seed {result.seed}, {result.scheduler}, backend {result.backend})")
-    print("  ".join(f"{stage} {seconds * 1000:.0f} ms" for stage, seconds in result.timings.items()))
-
-
 # --- one handler per command, each taking the parsed arguments -------------------------------------
 
 
@@ -318,6 +271,18 @@ def _info(args: argparse.Namespace) -> None:
         print(f"  {name}: min/opt/max {dims}")
 
 
+def _verify(args: argparse.Namespace) -> int | None:
+    from sdtrt.engine.verify import verify_export
+
+    result = verify_export(args.folder)
+    if result.ok:
+        print(f"{args.folder}: ok ({result.files} files)")
+        return None
+    for problem in result.problems:
+        print(f"sdtrt: error: {problem}", file=sys.stderr)
+    return 2
+
+
 def _build(args: argparse.Namespace) -> None:
     from sdtrt.engine.manifest import load_manifest
     from sdtrt.engine.profiles import parse_profile
@@ -342,24 +307,30 @@ def _demo(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    for flag in ("quiet", "verbose"):  # absent when given neither before nor after the command
+    for flag in GLOBAL_FLAGS:  # absent when given neither before nor after the command
         vars(args).setdefault(flag, False)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("sdtrt").setLevel(level)
     try:
-        args.func(args)
-    except (SdtrtError, OSError) as exc:  # OSError: an output path that cannot be written (a folder, no permission)
-        print(f"sdtrt: error: {exc}", file=sys.stderr)
-        return 2
-    except ModuleNotFoundError as exc:
-        if exc.name not in EXPORT_MODULES:
-            raise
-        print(
-            f"sdtrt: error: {exc.name} is not installed; exporting needs: pip install 'sdtrt[export]'", file=sys.stderr
-        )
-        return 2
+        return args.func(args) or 0
     except KeyboardInterrupt:
         print("sdtrt: interrupted", file=sys.stderr)
         return 130
-    return 0
+    except Exception as exc:
+        code, message = _error_line(exc)
+        print(f"sdtrt: error: {message}", file=sys.stderr)
+        if args.debug:  # the chain too: an ExportError raised from torch's exception shows both
+            traceback.print_exception(exc)
+        return code
+
+
+def _error_line(exc: Exception) -> tuple[int, str]:
+    """The exit code and the one line a user sees for ``exc``: 2 for what the user can fix, 1 for a bug."""
+    if isinstance(exc, (SdtrtError, OSError)):  # OSError: a file that cannot be read or written
+        code, message = 2, str(exc)
+    elif isinstance(exc, ModuleNotFoundError) and exc.name in EXPORT_MODULES:
+        code, message = 2, f"{exc.name} is not installed; exporting needs: pip install 'sdtrt[export]'"
+    else:
+        code, message = 1, f"unexpected {type(exc).__name__}: {exc} (a bug in sdtrt: run with --debug for details)"
+    return code, " ".join(message.splitlines())

@@ -37,10 +37,12 @@ def run_demo(root: Path, prompt: str, steps: int, guidance: float, seed: int, gr
 
     Writes ROOT/demo.png, or with ``grid`` ROOT/demo-grid.png (DEMO_GRID_PROMPTS, one seed).
     """
-    from sdtrt.cli import generate_images
     from sdtrt.engine.manifest import load_manifest
     from sdtrt.export.exporter import export_model, source_hash
+    from sdtrt.generate import check_output, generate_images
 
+    out = root / ("demo-grid.png" if grid else "demo.png")
+    check_output(out)  # before the export and the drawing, not after them
     model, export_dir = demo_model_dir(), root / "tiny-sd-onnx"
     try:  # none, another format_version, or from another model: stale
         current = load_manifest(export_dir).source.get("sha256") == source_hash(model)
@@ -51,13 +53,13 @@ def run_demo(root: Path, prompt: str, steps: int, guidance: float, seed: int, gr
         log.info("exporting the embedded demo model to %s", export_dir)
         export_model(model, export_dir, overwrite=True, progress=not quiet)
     if grid:
-        _demo_grid(export_dir, root / "demo-grid.png", steps, guidance, seed, quiet)
+        _demo_grid(export_dir, out, steps, guidance, seed, quiet)
         return
     generate_images(
         "txt2img",
         export_dir,
         prompt,
-        root / "demo.png",
+        out,
         quiet,
         backend="ort-cpu",
         num_inference_steps=steps,
@@ -73,7 +75,7 @@ def _demo_grid(folder: Path, out: Path, steps: int, guidance: float, seed: int, 
     from PIL import Image, ImageDraw
     from tqdm.auto import tqdm
 
-    from sdtrt.cli import save_png
+    from sdtrt.generate import save_png
     from sdtrt.runtime.pipeline import Pipeline
 
     with Pipeline.load(folder, backend="ort-cpu") as pipe:

@@ -21,8 +21,9 @@ def _sdtrt(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 def test_help_names_every_command() -> None:
     result = _sdtrt("--help")
     assert result.returncode == 0
-    for command in ("export", "generate", "info", "demo"):
+    for command in ("export", "generate", "info", "verify", "demo"):
         assert command in result.stdout
+    assert "--debug" in result.stdout
     generate_help = _sdtrt("generate", "--help").stdout
     for option in ("--steps", "--seed", "--scheduler", "--guidance", "--negative", "--height", "--num-images"):
         assert option in generate_help
@@ -157,6 +158,7 @@ def test_info(tiny_export: Path) -> None:
         ("outpaint", "Extend an image"),
         ("upscale", "4x super-resolution"),
         ("info", "Describe an artifact folder"),
+        ("verify", "Check an artifact folder's files"),
         ("build", "Build TensorRT engines"),
         ("demo", "Export the embedded demo model"),
     ],
@@ -166,7 +168,7 @@ def test_each_command_help_says_what_it_does(command: str, summary: str, capsys:
         main([command, "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    assert summary in text and "--quiet" in text
+    assert summary in text and "--quiet" in text and "--debug" in text
     positionals = text.partition("positional arguments:\n")[2].split("\n\n")[0]  # demo: none
     for line in positionals.splitlines():  # each positional has its help on its line: "  NAME   help"
         assert len(line.split(maxsplit=1)) == 2, line
@@ -271,9 +273,9 @@ def test_image_commands(tiny_export: Path, tiny_upscaler_export: Path, tmp_path:
 
 
 def test_image_command_errors(tiny_export: Path, tmp_path: Path) -> None:
-    rgba = _picture(tmp_path / "rgba.png", mode="RGBA")
-    result = _sdtrt("img2img", str(tiny_export), str(rgba), "a cat", "-o", str(tmp_path / "x.png"))
-    assert result.returncode == 2 and "has mode RGBA, not RGB" in result.stderr
+    small = _picture(tmp_path / "small.png", size=(8, 8))  # (RGBA is drawn: composited over white)
+    result = _sdtrt("img2img", str(tiny_export), str(small), "a cat", "-o", str(tmp_path / "x.png"))
+    assert result.returncode == 2 and "image 8x8 is smaller than this model's size step" in result.stderr
     result = _sdtrt("img2img", str(tiny_export), str(tmp_path / "missing.png"), "a cat")
     assert result.returncode == 2 and "cannot read image" in result.stderr
     result = _sdtrt("outpaint", str(tiny_export), str(_picture(tmp_path / "in.png")), "a cat")
@@ -301,7 +303,36 @@ def test_demo_re_exports_a_manifest_of_another_format(tmp_path: Path) -> None:
 
     export_dir = tmp_path / "demo" / "tiny-sd-onnx"
     export_dir.mkdir(parents=True)
-    (export_dir / "manifest.json").write_text('{"format_version": 999}')
+    # an sdtrt manifest (--overwrite replaces only those) of a format this sdtrt does not read
+    (export_dir / "manifest.json").write_text('{"format_version": 999, "family": "sd1", "components": {}}')
     assert main(["-q", "demo", "--root", str(tmp_path / "demo"), "--steps", "2"]) == 0
     assert load_manifest(export_dir).components  # the current format again
     assert (tmp_path / "demo" / "demo.png").is_file()
+
+
+def test_an_unexpected_error_is_one_line_and_debug_adds_its_traceback(
+    tiny_export: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    def broken(folder: object) -> None:
+        try:
+            {}["key"]
+        except KeyError as exc:
+            raise RuntimeError("something inside broke") from exc
+
+    monkeypatch.setattr("sdtrt.engine.manifest.load_manifest", broken)
+    assert main(["info", str(tiny_export)]) == 1
+    err = capsys.readouterr().err
+    bug = "(a bug in sdtrt: run with --debug for details)"
+    assert err == f"sdtrt: error: unexpected RuntimeError: something inside broke {bug}\n"
+    for args in (["--debug", "info", str(tiny_export)], ["info", str(tiny_export), "--debug"]):
+        assert main(args) == 1
+        first, *traceback = capsys.readouterr().err.splitlines()
+        assert first == err.strip()
+        assert traceback[0] == "Traceback (most recent call last):" and "KeyError: 'key'" in traceback
+        assert "The above exception was the direct cause of the following exception:" in traceback
+        assert traceback[-1] == "RuntimeError: something inside broke"
+
+
+def test_verify_and_debug_in_process(tiny_export: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["verify", str(tiny_export), "--debug"]) == 0
+    assert capsys.readouterr().out == f"{tiny_export}: ok (12 files)\n"

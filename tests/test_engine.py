@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -14,8 +16,9 @@ from sdtrt.engine import fsutil
 from sdtrt.engine.artifact import open_artifact
 from sdtrt.engine.backends import choose_backend
 from sdtrt.engine.errors import InvalidInputError, ManifestError
-from sdtrt.engine.manifest import FORMAT_VERSION, load_manifest
+from sdtrt.engine.manifest import FORMAT_VERSION, ComponentFile, load_manifest
 from sdtrt.engine.session import Session, TensorSpec, check_feeds
+from sdtrt.engine.verify import onnx_digest, onnx_paths, verify_export
 
 
 @pytest.fixture
@@ -56,7 +59,7 @@ def test_manifest_missing_key(export_copy: Path) -> None:
 
 def test_unsupported_format_version(export_copy: Path) -> None:
     _edit_manifest(export_copy, lambda d: d.update(format_version=FORMAT_VERSION + 1))
-    with pytest.raises(ManifestError, match=f"format_version {FORMAT_VERSION + 1}.*re-export"):
+    with pytest.raises(ManifestError, match=f"format_version {FORMAT_VERSION + 1}.*rebuild the export with"):
         load_manifest(export_copy)
 
 
@@ -156,4 +159,124 @@ def test_atomic_dir_refuses_to_overwrite_a_file(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match="is not a folder"), fsutil.atomic_dir(final, overwrite=True):
         pytest.fail("atomic_dir yielded for a file")
     assert final.read_text() == "a file"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no hidden .out.old-PID or staging folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no hidden staging folder
+
+
+def test_replace_refusal(tmp_path: Path) -> None:
+    final = tmp_path / "out"
+    assert fsutil.replace_refusal(final, overwrite=False) is None  # nothing there
+    final.mkdir()
+    assert fsutil.replace_refusal(final, overwrite=False) is None  # an empty folder is written into
+    (final / "mine.txt").write_text("the user's")
+    assert fsutil.replace_refusal(final, overwrite=False) == f"{final} already exists (use --overwrite to replace it)"
+    assert fsutil.replace_refusal(final, overwrite=True) is None  # no judge of what is there: any folder
+    judged = fsutil.replace_refusal(final, overwrite=True, replaceable=lambda folder: f"{folder.name} is the user's")
+    assert judged == f"refusing to overwrite {final}: out is the user's"
+    (tmp_path / "file").write_text("a file")
+    assert (
+        fsutil.replace_refusal(tmp_path / "file", overwrite=True)
+        == f"refusing to overwrite {tmp_path / 'file'}: it is not a folder"
+    )
+    (tmp_path / "link").symlink_to(final)
+    assert "it is a symbolic link" in fsutil.replace_refusal(tmp_path / "link", overwrite=True)
+
+
+def test_atomic_dir_writes_into_an_empty_folder(tmp_path: Path) -> None:
+    final = tmp_path / "out"
+    final.mkdir()
+    with fsutil.atomic_dir(final) as staging:  # no overwrite needed: nothing is lost
+        (staging / "a").write_text("new")
+    assert (final / "a").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_atomic_dir_asks_again_before_the_swap(tmp_path: Path) -> None:
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "old").write_text("an earlier export")
+
+    def replaceable(folder: Path) -> str | None:
+        return "it holds mine.txt" if (folder / "mine.txt").exists() else None
+
+    refused = pytest.raises(FileExistsError, match=r"it holds mine\.txt")
+    with refused, fsutil.atomic_dir(final, overwrite=True, replaceable=replaceable) as staging:
+        (staging / "new").write_text("unfinished")
+        (final / "mine.txt").write_text("written while the export ran")
+    assert sorted(p.name for p in final.iterdir()) == ["mine.txt", "old"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_atomic_dir_gives_every_file_the_umask_permissions(tmp_path: Path) -> None:
+    previous = os.umask(0o027)
+    try:
+        (tmp_path / "plain-file").touch()
+        (tmp_path / "plain-folder").mkdir()
+        with fsutil.atomic_dir(tmp_path / "out") as staging:
+            os.close(os.open(staging / "data", os.O_CREAT | os.O_WRONLY, 0o600))  # as onnx writes external data
+            (staging / "sub").mkdir(mode=0o700)
+            os.close(os.open(staging / "sub" / "tool", os.O_CREAT | os.O_WRONLY, 0o700))
+        fsutil.write_bytes_atomic(tmp_path / "atomic-file", b"x")  # mkstemp's 0600
+    finally:
+        os.umask(previous)
+
+    def mode(path: Path) -> int:
+        return path.stat().st_mode & 0o777
+
+    file_mode, folder_mode = mode(tmp_path / "plain-file"), mode(tmp_path / "plain-folder")
+    assert (file_mode, folder_mode) == (0o640, 0o750)
+    out = tmp_path / "out"
+    assert {p.name: mode(p) for p in out.rglob("*")} == {"data": file_mode, "sub": folder_mode, "tool": folder_mode}
+    assert mode(out) == folder_mode and mode(tmp_path / "atomic-file") == file_mode
+
+
+def test_stale_staging_folders_are_removed_live_ones_kept(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    final = tmp_path / "out"
+    dead, lock = fsutil._new_staging(final)
+    fsutil._release(lock)  # as when its process dies, however: the kernel drops the lock
+    (dead / "unet.onnx").write_bytes(b"half")
+    reused, lock = fsutil._new_staging(final)  # records this (running) process's PID, but nobody holds its lock:
+    fsutil._release(lock)  # a PID reused by another process does not keep a dead export's folder
+    live, live_lock = fsutil._new_staging(final)
+    unowned = tmp_path / ".out.abcd1234.partial"  # an older sdtrt's, or one created this instant: no lock file
+    unowned.mkdir()
+    others = [tmp_path / ".out.b.abcd1234.partial", tmp_path / ".other.abcd1234.partial", tmp_path / ".out.x.tmp"]
+    for other in others:  # another export's (out.b, other), or no staging folder at all
+        other.mkdir()
+    assert json.loads((live / fsutil.LOCK_NAME).read_text())["pid"] == os.getpid()
+    try:
+        with caplog.at_level(logging.INFO, logger="sdtrt.engine.fsutil"):
+            assert fsutil.remove_stale_staging(final) == sorted([dead, reused])
+        assert live.is_dir() and unowned.is_dir() and all(other.is_dir() for other in others)
+        assert f"leaving {unowned} alone" in caplog.text
+        assert f"removed {reused.name}, left by an export that no longer runs (pid {os.getpid()} on " in caplog.text
+        with fsutil.atomic_dir(final) as staging:  # and atomic_dir cleans up first
+            (staging / "a").write_text("done")
+        assert live.is_dir()
+    finally:
+        fsutil._release(live_lock)
+    assert fsutil.remove_stale_staging(final) == [live]
+    assert not (final / fsutil.LOCK_NAME).exists() and (final / "a").read_text() == "done"
+
+
+def test_the_manifest_records_file_sizes(tiny_export: Path) -> None:
+    manifest = load_manifest(tiny_export)
+    for component in manifest.components.values():
+        for file in component.files.values():
+            assert file.size == (tiny_export / file.path).stat().st_size
+            data = tiny_export / file.data_path
+            assert file.data_size == (data.stat().st_size if data.exists() else None)
+    unet = manifest.components["unet"].files["fp32"]
+    assert unet.expected_files() == {
+        "unet.onnx": unet.size,
+        "unet.onnx.data": unet.data_size,
+        "unet.weights.json": None,
+    }
+    older = {key: value for key, value in unet.to_dict().items() if key not in ("size", "data_size")}
+    assert ComponentFile.from_dict(older).expected_files() == {"unet.onnx": None, "unet.weights.json": None}
+
+
+def test_verify_export_reads_every_file(tiny_export: Path) -> None:
+    result = verify_export(tiny_export)
+    assert result.ok and result.problems == () and result.files == 12
+    unet = load_manifest(tiny_export).components["unet"].files["fp32"]
+    assert onnx_digest(onnx_paths(tiny_export, unet)) == unet.sha256  # the exporter's digest, recomputed

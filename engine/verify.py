@@ -1,0 +1,63 @@
+"""`sdtrt verify`: every file of an export read in full against the sha256 and sizes its manifest records.
+
+Loading takes only a cheap look (engine/manifest.py: file_problems); this reads every byte, so it
+also finds a file changed in place: a flipped bit, a partial copy padded to the right size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdtrt.engine.fsutil import sha256_file
+from sdtrt.engine.manifest import ComponentFile, file_problems, read_manifest
+
+
+@dataclass(frozen=True)
+class Verification:
+    folder: Path
+    files: int  # files read in full: each .onnx and its external data
+    problems: tuple[str, ...]  # one line each, naming the file and the command that rebuilds the export
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def onnx_paths(folder: Path, file: ComponentFile) -> list[Path]:
+    """The files ComponentFile.sha256 covers, in its order: the .onnx, then its external data where there is one."""
+    data = folder / file.data_path
+    return [folder / file.path, data] if data.exists() else [folder / file.path]
+
+
+def onnx_digest(paths: list[Path]) -> str:
+    """ComponentFile.sha256 as the export computes it: sha256 over the hex sha256 of each file, in order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def verify_export(folder: str | os.PathLike[str]) -> Verification:
+    """Check every file the manifest in ``folder`` names: present, of its recorded size, of its recorded sha256.
+
+    A manifest that cannot be read is a ManifestError; a file that fails is a problem in the result.
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    problems: list[str] = []
+    count = 0
+    for component in manifest.components.values():
+        for file in component.files.values():
+            if found := file_problems(folder, file):  # missing, empty or of another size: no hash to compare
+                problems.extend(found)
+                continue
+            paths = onnx_paths(folder, file)
+            count += len(paths)
+            if onnx_digest(paths) != file.sha256:
+                which = " or ".join(map(str, paths))  # one sha256 covers both: either may have changed
+                its = "their" if len(paths) > 1 else "its"
+                problems.append(f"{which} changed since the export ({its} sha256 is not the manifest's)")
+    return Verification(folder, count, tuple(str(manifest.damaged(folder, problem)) for problem in problems))
