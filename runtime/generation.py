@@ -21,7 +21,7 @@ from sdtrt.engine.errors import InvalidInputError
 from sdtrt.engine.manifest import Manifest
 from sdtrt.runtime import image as imageio
 from sdtrt.runtime.conditioning import Conditioner
-from sdtrt.runtime.request import Request
+from sdtrt.runtime.request import Limits, Request
 from sdtrt.runtime.schedulers import Scheduler, make_scheduler
 from sdtrt.runtime.sessions import Networks
 
@@ -53,14 +53,18 @@ class Generation:
         networks: Networks,
         conditioner: Conditioner,
         request: Request,
-        rng: NormalSource | None = None,
-        progress: ProgressCallback | None = None,
+        rng: NormalSource | None,
+        progress: ProgressCallback | None,
+        limits: Limits,
     ) -> None:
         self.start = time.perf_counter()
         self.networks = networks
         self.conditioner = conditioner
         self.manifest: Manifest = networks.artifact.manifest
         self.request = request  # checked: every default filled in
+        self.limits = limits  # the request was checked against them; sizes found later (an image's) are too
+        if progress is not None and not callable(progress):
+            raise InvalidInputError(f"progress must be a callable progress(done, total), got {progress!r}")
         self.progress = progress
         self.timings: dict[str, float] = {}
         seed = request.seed
@@ -70,6 +74,11 @@ class Generation:
             rng = np.random.default_rng(seed)
         elif seed is not None:
             raise InvalidInputError("pass a seed or an rng, not both")
+        elif not callable(getattr(rng, "standard_normal", None)):
+            raise InvalidInputError(
+                f"rng must have NumPy's standard_normal(size, dtype), as numpy.random.default_rng() does; "
+                f"got {type(rng).__name__}"
+            )
         self.rng, self.seed = rng, seed
         # diffusers' rule: guidance 1 (or less) is the plain conditional model; LCM-distilled UNets take the
         # guidance scale as an input instead (timestep_cond) and never double the batch
@@ -84,14 +93,35 @@ class Generation:
         return self.batch, self.manifest.latent_channels, height // f, width // f
 
     def normal(self, shape: tuple[int, ...]) -> np.ndarray:
-        return np.asarray(self.rng.standard_normal(shape, dtype=np.float32), dtype=np.float32)
+        """Standard normal float32 noise of ``shape`` from the seed or the caller's rng (checked: a bad rng is
+        one clear error, not a broken image)."""
+        try:
+            noise = np.asarray(self.rng.standard_normal(shape, dtype=np.float32))
+        except (TypeError, ValueError) as exc:
+            raise InvalidInputError(f"rng.standard_normal({shape}, dtype=float32) failed: {exc}") from None
+        problem = None
+        if noise.shape != tuple(shape) or noise.dtype.kind != "f":
+            problem = f"returned {noise.dtype} {noise.shape}"
+        elif not np.isfinite(noise).all():
+            problem = "returned NaN or inf"
+        if problem:
+            raise InvalidInputError(
+                f"rng.standard_normal({shape}, dtype=float32) {problem}: it must return finite floats of that shape"
+            )
+        return noise.astype(np.float32, copy=False)
 
     def add_time(self, stage: str, seconds: float) -> None:
         self.timings[stage] = self.timings.get(stage, 0.0) + seconds
 
     def scheduler(self) -> Scheduler:
         """The request's scheduler (default: the model's own), configured from the model and set to its steps."""
-        sched = make_scheduler(self.request.scheduler, self.manifest.scheduler)
+        name = self.request.scheduler
+        if name == "lcm" and not self.conditioner.guidance_embedded:
+            raise InvalidInputError(
+                "scheduler 'lcm' needs an LCM-distilled model, whose UNet takes the guidance scale as its "
+                "timestep_cond input; this model's UNet has none: pick another scheduler"
+            )
+        sched = make_scheduler(name, self.manifest.scheduler)
         sched.set_timesteps(self.request.num_inference_steps)
         return sched
 

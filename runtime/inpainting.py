@@ -16,8 +16,9 @@ from sdtrt.engine.errors import InvalidInputError
 from sdtrt.runtime import canvas
 from sdtrt.runtime import image as imageio
 from sdtrt.runtime.generation import Generation, GenerationResult
+from sdtrt.runtime.request import is_integer, is_real
 from sdtrt.runtime.schedulers import Scheduler
-from sdtrt.runtime.tasks import check_size, check_strength, require
+from sdtrt.runtime.tasks import check_size, check_strength, default_size, require
 
 
 def inpaint(
@@ -28,18 +29,29 @@ def inpaint(
     mask_blur: float = 0.0,
 ) -> GenerationResult:
     """Pipeline.inpaint."""
-    require(gen, "inpaint", needs=("vae_encoder",))
-    check_strength(strength)
-    _check_mask_blur(mask_blur)
     source, mask_image = imageio.load_rgb(image), imageio.load_mask(mask)
+    return _inpaint(gen, source, mask_image, strength, mask_blur, default_size(gen, source))
+
+
+def _inpaint(
+    gen: Generation,
+    source: Image.Image,
+    mask_image: Image.Image,
+    strength: float,
+    mask_blur: float,
+    size: tuple[int, int],
+) -> GenerationResult:
+    """Repaint ``mask_image``'s white part of ``source`` at ``size`` (height, width)."""
+    require(gen, "inpaint", needs=("vae_encoder",))
+    strength, mask_blur = check_strength(strength), _checked_mask_blur(mask_blur)
     if mask_image.size != source.size:
         raise InvalidInputError(
             f"mask is {mask_image.width}x{mask_image.height} but the image is {source.width}x{source.height}: "
             "they must be the same size"
         )
     m = gen.manifest
-    height, width = imageio.fit_size(source, gen.request.height, gen.request.width, m.size_multiple)
-    check_size(m, height, width)
+    height, width = size
+    check_size(gen, height, width)
     sched = gen.scheduler()
     steps = gen.request.num_inference_steps
     start = sched.strength_start(steps, strength)
@@ -100,7 +112,7 @@ def outpaint(
     limit = min(m.default_height, m.default_width) // 2
     sides = {"left": left, "right": right, "top": top, "bottom": bottom}
     for side, pixels in sides.items():
-        if not isinstance(pixels, int) or pixels < 0:
+        if not is_integer(pixels) or pixels < 0:
             raise InvalidInputError(f"{side} must be an integer >= 0, got {pixels!r}")
         if pixels > limit:
             raise InvalidInputError(
@@ -109,8 +121,9 @@ def outpaint(
             )
     if not any(sides.values()):
         raise InvalidInputError("outpaint needs an extension > 0 on at least one side (left/right/top/bottom)")
-    if not isinstance(overlap, int) or overlap < 0:
+    if not is_integer(overlap) or overlap < 0:
         raise InvalidInputError(f"overlap must be an integer >= 0, got {overlap!r}")
+    left, right, top, bottom, overlap = (int(n) for n in (left, right, top, bottom, overlap))
     multiple = m.size_multiple
     for side, size, low, high in (("height", source.height, top, bottom), ("width", source.width, left, right)):
         # the canvas also grows (bottom/right) to the size multiple: that side's mask takes the overlap too
@@ -120,17 +133,17 @@ def outpaint(
                 f"pass an overlap of at most {size}"
             )
     painted, mask = canvas.outpaint_canvas(np.asarray(source), left, right, top, bottom, overlap, multiple)
-    return inpaint(gen, Image.fromarray(painted), Image.fromarray(mask), strength=strength, mask_blur=mask_blur)
+    painted_image = Image.fromarray(painted)
+    r = gen.request  # the canvas is drawn at its own size (the ceiling permitting), or as asked
+    own = r.height is None and r.width is None
+    size = (painted_image.height, painted_image.width) if own else default_size(gen, painted_image)
+    return _inpaint(gen, painted_image, Image.fromarray(mask), strength, mask_blur, size)
 
 
-def _check_mask_blur(mask_blur: float) -> None:
-    if (
-        isinstance(mask_blur, bool)
-        or not isinstance(mask_blur, (int, float))
-        or not math.isfinite(mask_blur)
-        or mask_blur < 0
-    ):
+def _checked_mask_blur(mask_blur: float) -> float:
+    if not is_real(mask_blur) or not math.isfinite(mask_blur) or mask_blur < 0:
         raise InvalidInputError(f"mask_blur must be a number >= 0, got {mask_blur!r}")
+    return float(mask_blur)
 
 
 def _require_a_step(sched: Scheduler, start: int, steps: int, strength: float) -> None:

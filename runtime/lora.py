@@ -241,6 +241,12 @@ def read_lora(path: str | os.PathLike[str], weight_maps: Mapping[str, WeightMap]
                 f"{component} {param} {list(shape)}: is this LoRA for another model?"
             )
         scale = _layer_scale(roles.get("alpha"), configs.get(component, {}), module, rank, path)
+        for key, value in ((up_key, up), (down_key, down)):
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise InvalidInputError(f"{path.name}: {key!r} holds NaN or inf: the file is corrupt or was saved so")
+        if not math.isfinite(scale):
+            alpha_key = roles["alpha"][0] if "alpha" in roles else f"{component} lora_alpha"
+            raise InvalidInputError(f"{path.name}: {alpha_key!r} is not a finite number ({scale * rank!r})")
         layers.setdefault(component, {})[param] = LoraLayer(up=up, down=down, scale=scale)
     if unused:
         log.info(
@@ -371,15 +377,21 @@ def compose(
     """The initializers of one component under ``adapters`` at their scales: base + sum(scale * delta).
 
     Computed in float32 from the export's base values and stored at the initializer's dtype and
-    layout. Only adapted initializers are returned: an empty dict means the base weights.
+    layout. Only adapted initializers are returned: an empty dict means the base weights. Weights
+    that overflow (to inf or NaN, at float32 or at the initializer's fp16) are one InvalidInputError.
     """
-    active = [(adapter.layers.get(component, {}), scale) for adapter, scale in adapters if scale != 0]
+    active = [(adapter, adapter.layers.get(component, {}), scale) for adapter, scale in adapters if scale != 0]
     weights = {}
-    for param in sorted({param for layers, _ in active for param in layers}):
+    for param in sorted({param for _, layers, _ in active for param in layers}):
         for w in weight_map.by_param[param]:
             value = weight_map.base(w.name).astype(np.float32)  # a copy: the base stays untouched
-            for layers, scale in active:
-                if param in layers:
-                    value += layers[param].delta(w, scale)
-            weights[w.name] = value.astype(w.dtype, copy=False)
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked below, once
+                for _, layers, scale in active:
+                    if param in layers:
+                        value += layers[param].delta(w, scale)
+                stored = value.astype(w.dtype, copy=False)
+            if not np.isfinite(stored).all():
+                names = ", ".join(f"{a.path.name} at {s:g}" for a, layers, s in active if param in layers)
+                raise InvalidInputError(f"LoRA {names} makes {component} {param} overflow {w.dtype}: lower the scale")
+            weights[w.name] = stored
     return weights

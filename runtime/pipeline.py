@@ -7,25 +7,30 @@ a Generation (request, noise, loop, VAE, result) that a task function drives.
 Every task takes the options of a Request as keyword arguments (documented there: negative_prompt,
 num_inference_steps, guidance_scale, height, width, seed, num_images, scheduler) beside its own;
 ``run(task, request, ...)`` takes a Request as it is, as a server would.
+
+Requests above the pipeline's Limits (pixels per side, images per request) are refused before any work;
+an allocation failure during a generation (MemoryError, an ONNX Runtime or OpenVINO allocation error)
+is one SdtrtError line.
 """
 
 from __future__ import annotations
 
 import inspect
 import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from sdtrt.engine.artifact import Artifact, open_artifact
 from sdtrt.engine.backends import BackendChoice
-from sdtrt.engine.errors import InvalidInputError
+from sdtrt.engine.errors import InvalidInputError, SdtrtError
 from sdtrt.engine.manifest import Manifest
 from sdtrt.engine.session import Session
 from sdtrt.runtime import image as imageio
 from sdtrt.runtime import inpainting, tasks
 from sdtrt.runtime.conditioning import Conditioner
 from sdtrt.runtime.generation import Generation, GenerationResult, NormalSource, ProgressCallback
-from sdtrt.runtime.request import REQUEST_OPTIONS, Request
+from sdtrt.runtime.request import REQUEST_OPTIONS, Limits, Request
 from sdtrt.runtime.sessions import Networks
 from sdtrt.runtime.tokenizer import CLIPTokenizer
 
@@ -38,26 +43,60 @@ TASK_FUNCTIONS: dict[str, Callable[..., GenerationResult]] = {
     "outpaint": inpainting.outpaint,
     "upscale": tasks.upscale,
 }
+LOAD_OPTIONS = ("backend", "precision", "max_side", "max_images")
+# what ONNX Runtime, OpenVINO and CUDA say when an allocation fails
+ALLOCATION_FAILURE = re.compile(
+    r"bad[_ ]alloc|fail\w* to allocate|allocation fail|out of memory|cannot allocate|ALLOC_FAILED|MemoryAllocation",
+    re.IGNORECASE,
+)
 
 
 class Pipeline:
     """A loaded artifact folder. ``Pipeline.load(dir)`` then ``pipe.txt2img("a prompt")`` and friends."""
 
-    def __init__(self, artifact: Artifact) -> None:
+    def __init__(self, artifact: Artifact, limits: Limits | None = None) -> None:
         self.artifact = artifact
         self.networks = Networks(artifact)
         manifest = artifact.manifest
+        self.limits = tasks.model_limits(manifest) if limits is None else limits
         tokenizers = {name: CLIPTokenizer.from_dir(artifact.folder / tok) for name, tok in manifest.tokenizers.items()}
         self.conditioner = Conditioner(
             self.networks, tokenizers, artifact.inputs("unet"), manifest.force_zeros_for_empty_prompt
         )
 
     @classmethod
-    def load(cls, folder: str | os.PathLike[str], backend: str = "auto", precision: str | None = None) -> Pipeline:
+    def load(
+        cls,
+        folder: str | os.PathLike[str],
+        backend: str = "auto",
+        precision: str | None = None,
+        *,
+        max_side: int | None = None,
+        max_images: int | None = None,
+        **unknown: Any,
+    ) -> Pipeline:
         """Open an artifact folder written by ``sdtrt export``; ``backend`` is "auto" or a backend's name;
         ``precision`` the arithmetic precision where the backend offers a choice (openvino: "bf16", the
-        default where the CPU has native bf16, or "fp32")."""
-        pipe = cls(open_artifact(folder, backend, precision))
+        default where the CPU has native bf16, or "fp32").
+
+        ``max_side`` (pixels per image side) and ``max_images`` (per request: prompts x num_images) are
+        the ceiling above which requests are refused before any work; by default the environment's
+        SDTRT_MAX_SIDE and SDTRT_MAX_IMAGES, else twice the model's native side (an x4 upscaler's
+        output: four times twice its native side, its tiles bounding the memory) and 16 images.
+        """
+        if unknown:
+            raise InvalidInputError(
+                f"Pipeline.load has no option {', '.join(map(repr, sorted(unknown)))} "
+                f"(options: {', '.join(LOAD_OPTIONS)})"
+            )
+        if not isinstance(folder, (str, os.PathLike)):
+            raise InvalidInputError(f"Pipeline.load takes an artifact folder's path, got {folder!r}")
+        artifact = open_artifact(folder, backend, precision)
+        try:
+            pipe = cls(artifact, tasks.model_limits(artifact.manifest, max_side, max_images))
+        except Exception:
+            artifact.close()
+            raise
         for network in (*pipe.artifact.manifest.tokenizers, "unet", "vae_decoder"):  # what every task runs
             pipe.networks.session(network)
         return pipe
@@ -136,6 +175,8 @@ class Pipeline:
         """
         if task not in TASK_FUNCTIONS:
             raise InvalidInputError(f"unknown task {task!r} (tasks: {', '.join(TASK_FUNCTIONS)})")
+        if not isinstance(request, Request):
+            raise InvalidInputError(f"run takes a Request (sdtrt.runtime.request), got {type(request).__name__}")
         function = TASK_FUNCTIONS[task]
         own = list(inspect.signature(function).parameters)[1:]  # after the Generation
         if unknown := sorted(set(inputs) - set(own)):
@@ -143,8 +184,17 @@ class Pipeline:
                 f"{task} has no option {', '.join(map(repr, unknown))} (its own: {', '.join(own)}; "
                 f"shared: {', '.join(REQUEST_OPTIONS)}, progress, rng)"
             )
-        generation = Generation(self.networks, self.conditioner, request.checked(task), rng, progress)
-        return function(generation, **inputs)
+        checked = request.checked(task, self.limits)
+        try:
+            generation = Generation(self.networks, self.conditioner, checked, rng, progress, self.limits)
+            return function(generation, **inputs)
+        except Exception as exc:
+            if isinstance(exc, SdtrtError) or (detail := _allocation_failure(exc)) is None:
+                raise
+            raise SdtrtError(
+                f"{task} ran out of memory on {self.backend.kind} ({detail}): ask for fewer or smaller images, or "
+                "lower the ceiling (Pipeline.load(..., max_side=N, max_images=N), SDTRT_MAX_SIDE, SDTRT_MAX_IMAGES)"
+            ) from None
 
     def _task(self, task: str, prompt: str | Sequence[str], options: dict[str, Any]) -> GenerationResult:
         """Split keyword options into the Request's and the task's own, then run."""
@@ -166,10 +216,11 @@ class Pipeline:
         """Transform ``image`` by ``prompt``: it is noised to ``strength`` (default 0.8) of the schedule
         and denoised (default 50 steps).
 
-        The image is resized (Lanczos) to ``height`` x ``width``, by default to its own size rounded
-        down to the model's size multiple. As in diffusers, only the last ``int(steps * strength)``
-        steps run; strength 1 starts from pure noise, and a strength too small for one step returns
-        the image's VAE round trip.
+        The image is resized (Lanczos) to ``height`` x ``width``: a side left out keeps the image's aspect
+        ratio; with neither, its own size, scaled down (aspect kept) to the model's native area where larger
+        (a 4000x2000 photo on SD 1.5: 704x320), rounded down to the model's size multiple. As in
+        diffusers, only the last ``int(steps * strength)`` steps run; strength 1 starts from pure noise,
+        and a strength too small for one step returns the image's VAE round trip.
 
         ``image`` may instead be latents (B, C, h, w) left by a first stage stopped at
         ``denoising_end`` (SDXL base -> refiner): with ``denoising_start`` the same fraction, the
@@ -180,7 +231,8 @@ class Pipeline:
     def inpaint(
         self, prompt: str | Sequence[str], image: imageio.ImageInput, mask: imageio.ImageInput, **options: Any
     ) -> GenerationResult:
-        """Repaint the white part of ``mask`` (same size as ``image``) by ``prompt`` (default 50 steps).
+        """Repaint the white part of ``mask`` (same size as ``image``) by ``prompt`` (default 50 steps), at
+        img2img's default size.
 
         Inpainting models (a 9-channel UNet) see the mask and the masked image at every step; any
         ordinary model inpaints by latent blending, as diffusers does. Own options: ``strength``
@@ -212,3 +264,15 @@ class Pipeline:
         together, so memory stays bounded; ``tiling=False`` refuses such inputs instead.
         """
         return self._task("upscale", prompt, {"image": image, **options})
+
+
+def _allocation_failure(exc: Exception) -> str | None:
+    """What ``exc`` says if it says memory ran out, in one short line: a MemoryError (NumPy's included), or an
+    error of a backend's runtime (ONNX Runtime, OpenVINO, CUDA: RuntimeError or their own classes) that says so;
+    else None."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, MemoryError):
+        return text[:160] or "MemoryError"
+    backend_error = isinstance(exc, RuntimeError) or type(exc).__module__.startswith(("onnxruntime", "openvino"))
+    found = ALLOCATION_FAILURE.search(text) if backend_error else None
+    return None if found is None else text[found.start() : found.start() + 160]

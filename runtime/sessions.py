@@ -18,6 +18,7 @@ from sdtrt.engine.artifact import Artifact
 from sdtrt.engine.errors import InvalidInputError
 from sdtrt.engine.session import Session, TensorSpec
 from sdtrt.runtime.lora import LoraAdapter, compose, read_lora
+from sdtrt.runtime.request import is_real
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,18 @@ class Networks:
         return self.artifact.inputs(network)
 
     def run_all(self, network: str, **feeds: np.ndarray) -> dict[str, np.ndarray]:
-        """Run a network, casting inputs to its dtypes and float outputs to float32."""
+        """Run a network, casting inputs to its dtypes and float outputs to float32.
+
+        A float output holding NaN or inf is an error, never an image: the GPU backends' fp16 VAE decoder
+        has re-run at fp32 already (engine/fallback.py), so what is left is the inputs' or the weights' fault.
+        """
         session = self.session(network)
         cast = {name: array.astype(session.inputs[name].dtype, copy=False) for name, array in feeds.items()}
-        return {name: value.astype(np.float32, copy=False) for name, value in session.run(cast).items()}
+        outputs = {name: value.astype(np.float32, copy=False) for name, value in session.run(cast).items()}
+        for name, value in outputs.items():
+            if not np.isfinite(value.sum(dtype=np.float64)):  # one pass: NaN and inf survive a float64 sum
+                raise InvalidInputError(f"{network} produced NaN/inf in {name!r}: {_blame(feeds, self.loras)}")
+        return outputs
 
     def run(self, network: str, **feeds: np.ndarray) -> np.ndarray:
         """Run a one-output network."""
@@ -98,12 +107,27 @@ class Networks:
         """Compose the weights of every open session for ``loras`` from the base and hand them over
         (a session whose weights stay the base ones does nothing)."""
         adapters = list(loras.values())
-        for network, weight_map in self.artifact.weight_maps().items():
-            if self.artifact.is_open(network):
-                self.artifact.session(network).set_weights(compose(weight_map, network, adapters))
+        composed = {  # all of them first: weights that do not compose change no session
+            network: compose(weight_map, network, adapters)
+            for network, weight_map in self.artifact.weight_maps().items()
+            if self.artifact.is_open(network)
+        }
+        for network, weights in composed.items():
+            self.artifact.session(network).set_weights(weights)
         self._loras = loras
 
 
 def _check_lora_scale(scale: float) -> None:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if not is_real(scale) or not math.isfinite(scale):
         raise InvalidInputError(f"a LoRA scale must be a finite number, got {scale!r}")
+
+
+def _blame(feeds: dict[str, np.ndarray], loras: dict[str, float]) -> str:
+    """What most likely made a network's output non-finite (looked for only once it is)."""
+    for name, array in feeds.items():
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            return f"its input {name!r} holds NaN/inf"
+    if loras:
+        adapters = ", ".join(f"{name} at {scale:g}" for name, scale in loras.items())
+        return f"its inputs are finite: the LoRA adapters ({adapters}) make its weights overflow; lower their scales"
+    return "its inputs are finite: the export's weights overflow or are corrupt (re-export the model)"

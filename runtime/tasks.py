@@ -8,12 +8,14 @@ own inputs. Inpainting and outpainting live in runtime/inpainting.py.
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
 from sdtrt.engine.errors import InvalidInputError
 from sdtrt.engine.manifest import Manifest
 from sdtrt.runtime import canvas
 from sdtrt.runtime import image as imageio
 from sdtrt.runtime.generation import Generation, GenerationResult
+from sdtrt.runtime.request import Limits, is_integer, is_real
 from sdtrt.runtime.schedulers import make_scheduler
 
 DENOISING_FAMILIES = ("sd1", "sd2", "sdxl")
@@ -33,18 +35,20 @@ def txt2img(
     r = gen.request
     height = m.default_height if r.height is None else r.height
     width = m.default_width if r.width is None else r.width
-    check_size(m, height, width)
+    check_size(gen, height, width)
+    shape = gen.latent_shape(height, width)
+    if latents is not None:
+        if not isinstance(latents, np.ndarray):
+            raise InvalidInputError(f"latents must be a NumPy array of shape {shape}, not {type(latents).__name__}")
+        if latents.shape != shape:
+            raise InvalidInputError(f"latents have shape {latents.shape}, expected {shape}")
+        check_finite("latents", latents)
     sched = gen.scheduler()
     stop = sched.end_index(denoising_end)
     feeds = gen.conditioning(height, width)
 
-    shape = gen.latent_shape(height, width)
     if latents is None:
         latents = gen.normal(shape)
-    elif not isinstance(latents, np.ndarray):
-        raise InvalidInputError(f"latents must be a NumPy array of shape {shape}, not {type(latents).__name__}")
-    elif latents.shape != shape:
-        raise InvalidInputError(f"latents have shape {latents.shape}, expected {shape}")
     latents = latents.astype(np.float32) * np.float32(sched.init_noise_sigma)  # (B, C, H/8, W/8) float32
     latents = gen.denoise(sched, 0, latents, feeds, stop=stop)
     return gen.finish(sched, latents, images=None if decode else [])
@@ -62,10 +66,10 @@ def img2img(
         check_strength(strength)
         return _continue(gen, image, denoising_start)
     require(gen, "img2img", unet_in_channels=4, needs=("vae_encoder",))
-    check_strength(strength)
+    strength = check_strength(strength)
     source = imageio.load_rgb(image)
-    height, width = imageio.fit_size(source, gen.request.height, gen.request.width, gen.manifest.size_multiple)
-    check_size(gen.manifest, height, width)
+    height, width = default_size(gen, source)
+    check_size(gen, height, width)
     sched = gen.scheduler()
     start = sched.strength_start(gen.request.num_inference_steps, strength)
     feeds = gen.conditioning(height, width)
@@ -90,9 +94,10 @@ def _continue(gen: Generation, latents: np.ndarray, denoising_start: float) -> G
             "from a first stage (txt2img with denoising_end and decode=False)"
         )
     height, width = latents.shape[2] * m.vae_scale_factor, latents.shape[3] * m.vae_scale_factor
-    check_size(m, height, width)
+    check_size(gen, height, width)
     if latents.shape[0] != gen.batch:
         raise InvalidInputError(f"{latents.shape[0]} latents for a batch of {gen.batch} images")
+    check_finite("latents", latents)
     sched = gen.scheduler()
     start = sched.continue_index(denoising_start)
     feeds = gen.conditioning(height, width)
@@ -115,14 +120,17 @@ def upscale(
     tile_size = m.default_height // m.vae_scale_factor if tile_size is None else tile_size
     tile_overlap = min(16, tile_size // 4) if tile_overlap is None else tile_overlap
     max_level = m.max_noise_level or 0
-    if not isinstance(noise_level, int) or not 0 <= noise_level <= max_level:
+    if not is_integer(noise_level) or not 0 <= noise_level <= max_level:
         raise InvalidInputError(f"noise_level must be an integer from 0 to {max_level}, got {noise_level!r}")
-    if not isinstance(tile_size, int) or tile_size < step or tile_size % step:
+    if not is_integer(tile_size) or tile_size < step or tile_size % step:
         raise InvalidInputError(f"tile_size must be a positive multiple of {step}, got {tile_size!r}")
-    if not isinstance(tile_overlap, int) or not 0 <= tile_overlap < tile_size // 2:
+    if not is_integer(tile_overlap) or not 0 <= tile_overlap < tile_size // 2:
         raise InvalidInputError(f"tile_overlap must be an integer from 0 to {tile_size // 2 - 1}, got {tile_overlap!r}")
+    noise_level, tile_size, tile_overlap = int(noise_level), int(tile_size), int(tile_overlap)
     source = imageio.load_rgb(image)
     height, width = imageio.fit_size(source, None, None, step)
+    for name, size in (("height", height), ("width", width)):
+        gen.limits.check_side(f"upscale output {name}", size * m.vae_scale_factor)
     if not tiling and max(height, width) > tile_size:
         raise InvalidInputError(
             f"input {width}x{height} is larger than the tile budget {tile_size}x{tile_size}: "
@@ -188,7 +196,27 @@ def require(
             )
 
 
-def check_size(m: Manifest, height: int, width: int) -> None:
+def model_limits(m: Manifest, max_side: int | None = None, max_images: int | None = None) -> Limits:
+    """The ceiling of requests to this model (Limits.resolve); by default twice its native side, and for an
+    x4 upscaler, whose limit is on its output, four times that: its tiles bound the networks' memory."""
+    native = max(m.default_height, m.default_width)
+    if m.family == "upscaler":
+        side, origin = 2 * native * m.vae_scale_factor, f"the default: inputs up to twice its native {native} px"
+    else:
+        side, origin = 2 * native, f"the default: twice this model's native {native} px"
+    return Limits.resolve(side, origin, max_side, max_images)
+
+
+def default_size(gen: Generation, image: Image.Image) -> tuple[int, int]:
+    """The (height, width) an input image is generated at: as asked; a side left out keeps the image's aspect
+    ratio; with neither, the image's own size scaled down to the model's native area (and the ceiling)."""
+    m, r = gen.manifest, gen.request
+    area = m.default_height * m.default_width
+    return imageio.fit_size(image, r.height, r.width, m.size_multiple, area, gen.limits.max_side)
+
+
+def check_size(gen: Generation, height: int, width: int) -> None:
+    m = gen.manifest
     for name, size in (("height", height), ("width", width)):
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
             raise InvalidInputError(f"{name} must be a positive integer, got {size!r}")
@@ -200,8 +228,19 @@ def check_size(m: Manifest, height: int, width: int) -> None:
                 f"(its UNet down-samples the {m.vae_scale_factor}x latents further); "
                 f"try {size // m.size_multiple * m.size_multiple or m.size_multiple}"
             )
+        gen.limits.check_side(name, size)
 
 
-def check_strength(strength: float) -> None:
-    if not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+def check_strength(strength: float) -> float:
+    """``strength`` as a float from 0 to 1; one clear error otherwise."""
+    if not is_real(strength) or not 0.0 <= strength <= 1.0:
         raise InvalidInputError(f"strength must be a number from 0 to 1, got {strength!r}")
+    return float(strength)
+
+
+def check_finite(what: str, array: np.ndarray) -> None:
+    """One clear error for an array of inputs that is not numbers, or holds NaN or inf."""
+    if array.dtype.kind not in "biuf":
+        raise InvalidInputError(f"{what} must hold numbers, not {array.dtype}")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise InvalidInputError(f"{what} hold NaN or inf: pass finite values")

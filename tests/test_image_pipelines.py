@@ -299,8 +299,9 @@ def test_missing_vae_encoder_names_the_export_command(no_encoder_export: Path) -
     [
         (lambda p: p.img2img(PROMPT, _test_image(), strength=1.5), "strength must be a number from 0 to 1"),
         (lambda p: p.img2img(PROMPT, _test_image(), strength=-0.1), "strength must be a number from 0 to 1"),
-        (lambda p: p.img2img(PROMPT, _test_image().convert("RGBA")), "mode RGBA, not RGB"),
-        (lambda p: p.img2img(PROMPT, _test_image().convert("L")), "mode L, not RGB"),
+        # (RGBA, L, P and 16-bit images are converted now: tests/test_bad_inputs_runtime.py)
+        (lambda p: p.img2img(PROMPT, np.zeros((64, 64, 4), np.uint8)), r"must be \(H, W\) or \(H, W, 3\)"),
+        (lambda p: p.img2img(PROMPT, _test_image(), width=4096), "width 4096 is above the ceiling of 512"),
         (lambda p: p.img2img(PROMPT, np.zeros((0, 0, 3), np.uint8)), "empty"),
         (lambda p: p.img2img(PROMPT, "/no/such/image.png"), "cannot read image"),
         (lambda p: p.img2img(PROMPT, _test_image(8, 8)), "smaller than this model's size step of 16"),

@@ -465,3 +465,42 @@ def test_sdxl_lora_with_both_text_encoders(tmp_path_factory: pytest.TempPathFact
             ours = pipe.txt2img(latents=_latents().numpy(), **kwargs).latents
             assert _relative(ours, expected) < LORA_TOLERANCE < 1e-2 < _relative(ours, base), style
             pipe.unload_lora(name)
+
+
+def test_non_finite_lora_is_one_clear_error(tiny_export: Path, tmp_path: Path) -> None:
+    """NaN/inf in a LoRA file is refused when it loads, and so are finite factors whose product overflows the
+    weights (at load, or at a new scale): never a black image."""
+    unet = _maps(tiny_export)["unet"]
+    param = next(p for p in unet.by_param if p.endswith("attn1.to_q.weight"))
+    out_features, in_features = unet.by_param[param][0].param_shape
+    module = param.removesuffix(".weight")
+
+    def lora(name: str, down: float, up: float, alpha: float = RANK) -> Path:
+        tensors = {
+            f"unet.{module}.lora_A.weight": torch.full((RANK, in_features), down),
+            f"unet.{module}.lora_B.weight": torch.full((out_features, RANK), up),
+            f"unet.{module}.alpha": torch.tensor(alpha),
+        }
+        save_file(tensors, tmp_path / name)
+        return tmp_path / name
+
+    with Pipeline.load(tiny_export, backend="ort-cpu") as pipe:
+        base = _ours(pipe)
+        for path, message in (
+            (lora("nan.safetensors", float("nan"), 0.1), rf"nan.safetensors: 'unet.{module}.lora_A.weight' holds NaN"),
+            (lora("inf.safetensors", 0.1, float("inf")), rf"inf.safetensors: 'unet.{module}.lora_B.weight' holds NaN"),
+            (lora("alpha.safetensors", 0.1, 0.1, float("nan")), rf"'unet.{module}.alpha' is not a finite number"),
+        ):
+            with pytest.raises(InvalidInputError, match=message):
+                pipe.load_lora(path)
+            assert pipe.loras == {}
+        overflow = rf"^LoRA huge.safetensors at 1 makes unet {param} overflow float32: lower the scale$"
+        with pytest.raises(InvalidInputError, match=overflow):
+            pipe.load_lora(lora("huge.safetensors", 1e20, 1e20), scale=np.float32(1))
+        assert pipe.loras == {}
+        name = pipe.load_lora(lora("big.safetensors", 1e15, 1e15), scale=1e-20)  # fine at this scale
+        with pytest.raises(InvalidInputError, match=r"^LoRA big.safetensors at 1e\+10 makes unet .* overflow"):
+            pipe.set_lora_scale(name, 1e10)
+        assert pipe.loras == {name: 1e-20}
+        pipe.unload_lora(name)
+        np.testing.assert_array_equal(_ours(pipe), base)  # nothing left behind

@@ -198,3 +198,16 @@ print(sorted({{m.split(".")[0] for m in sys.modules}} & {{"torch", "diffusers", 
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_top_of_the_step_range(tiny_export: Path) -> None:
+    """num_train_timesteps steps run to a real picture with the schedulers that broke there (DDIM and PNDM
+    indexed past their tables, DPM-Solver divided by zero); one more is one error (tests/test_schedulers.py
+    sweeps every scheduler's edges)."""
+    with Pipeline.load(tiny_export, backend="ort-cpu") as pipeline:
+        options = {"num_inference_steps": 1000, "guidance_scale": 1.0, "height": 64, "width": 64, "seed": 0}
+        for scheduler in ("ddim", "pndm", "dpmpp_2m"):
+            result = pipeline.txt2img(PROMPT, scheduler=scheduler, **options)
+            assert np.isfinite(result.latents).all() and np.asarray(result.images[0]).std() > 10, scheduler
+        with pytest.raises(InvalidInputError, match="num_inference_steps must be an integer from 1 to 1000, got 1001"):
+            pipeline.txt2img(PROMPT, **{**options, "num_inference_steps": 1001})

@@ -14,7 +14,7 @@ import re
 import subprocess
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,7 @@ from sdtrt.engine.errors import InvalidInputError  # noqa: E402
 from sdtrt.runtime.schedulers import SCHEDULERS, Scheduler, make_scheduler  # noqa: E402
 
 SHAPE = (2, 4, 8, 8)
+EDGE_SHAPE = (1, 4, 4, 4)  # the thousand-step runs at the top of the step range
 
 SD15 = {  # runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json
     "_class_name": "PNDMScheduler",
@@ -94,57 +95,96 @@ def assert_close(ours: np.ndarray, theirs: np.ndarray, given: np.ndarray, what: 
 
 
 def compare(
-    name: str,
-    config: dict[str, Any],
-    steps: int,
-    begin: int = 0,
-    eta: float = 0.0,
-) -> None:
-    """Run ours and diffusers side by side from step ``begin``, asserting that every step matches."""
+    name: str, config: dict[str, Any], steps: int, begin: int = 0, eta: float = 0.0, edge: bool = False
+) -> bool:
+    """Run ours and diffusers side by side from step ``begin``, asserting that every step matches.
+
+    ``edge``: a step count at the top of the range, where diffusers may index past its tables or divide by zero.
+    There a diffusers step that raises or is not finite ends the comparison: what differed before it is
+    forgiven (our schedule differs exactly where diffusers' breaks), and ours runs on alone and must stay finite.
+    Returns whether diffusers ran the whole schedule.
+    """
+    shape = EDGE_SHAPE if edge else SHAPE
     ours = make_scheduler(name, config, **({"eta": eta} if eta else {}))
     theirs = diffusers_scheduler(name, config)
     ours.set_timesteps(steps)
     theirs.set_timesteps(steps)
+    if edge and name == "euler_a":
+        # The sigma tables agree to an ulp, but sigma_up takes sigma**2 - sigma_next**2, which a thousand steps
+        # make neighbours so close that the ulp grows a hundredfold: here diffusers steps on our table, in float64.
+        theirs.sigmas = torch.from_numpy(ours.sigmas.astype(np.float64))
+    differences: list[str] = []
 
-    expected = theirs.timesteps.numpy()
-    assert ours.timesteps.dtype == expected.dtype
-    if expected.dtype.kind == "f":  # Karras / continuous timesteps come from ulp-close sigma tables
-        np.testing.assert_allclose(ours.timesteps, expected, rtol=1e-6, atol=1e-6)
-    else:
-        np.testing.assert_array_equal(ours.timesteps, expected)
-    assert ours.init_noise_sigma == pytest.approx(float(theirs.init_noise_sigma), rel=1e-6)
+    def check(assertion: Callable[..., None], *args: Any) -> None:
+        try:
+            assertion(*args)
+        except AssertionError as exc:
+            if not edge:
+                raise
+            differences.append(str(exc))
+
+    check(assert_same_timesteps, ours, theirs)
+    check(_assert_approx, ours.init_noise_sigma, float(theirs.init_noise_sigma))
 
     # Index-based stepping, like ours (else diffusers starts at the second of two equal first timesteps).
     if hasattr(theirs, "set_begin_index"):
         theirs.set_begin_index(begin)
     rng = np.random.default_rng(0)
     if begin:  # img2img: noise a clean latent to the starting step, diffusers-pipeline style
-        original = rng.standard_normal(SHAPE).astype(np.float32)
-        noise = rng.standard_normal(SHAPE).astype(np.float32)
+        original = rng.standard_normal(shape).astype(np.float32)
+        noise = rng.standard_normal(shape).astype(np.float32)
         sample = ours.add_noise(original, noise, begin)
         reference = theirs.add_noise(
             torch.from_numpy(original), torch.from_numpy(noise), theirs.timesteps[begin : begin + 1]
         )
         assert_close(sample, reference.numpy(), sample, f"{name} add_noise")
     else:
-        sample = (rng.standard_normal(SHAPE) * ours.init_noise_sigma).astype(np.float32)
+        sample = (rng.standard_normal(shape) * ours.init_noise_sigma).astype(np.float32)
 
+    diffusers_works = True
     for i in range(begin, len(ours.timesteps)):
-        t = theirs.timesteps[i]
         model_input = ours.scale_model_input(sample, i)
-        reference = theirs.scale_model_input(torch.from_numpy(sample), t).numpy()
-        assert_close(model_input, reference, sample, f"{name} scale_model_input[{i}]")
-        model_output = (model_input + 0.1 * rng.standard_normal(SHAPE)).astype(np.float32)
+        model_output = (model_input + 0.1 * rng.standard_normal(shape)).astype(np.float32)
         kwargs: dict[str, Any] = {"eta": eta} if eta else {}
         noise = None
         if ours.needs_noise(i):
-            noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(i)).numpy()
+            noise = torch.randn(shape, generator=torch.Generator().manual_seed(i)).numpy()
             kwargs["generator"] = torch.Generator().manual_seed(i)
         prev = ours.step(model_output, i, sample, noise)
-        reference = theirs.step(torch.from_numpy(model_output), t, torch.from_numpy(sample), **kwargs)
-        reference = reference.prev_sample.numpy()
-        assert_close(prev, reference, sample, f"{name} step[{i}]")
-        sample = reference
+        if diffusers_works:
+            try:
+                t = theirs.timesteps[i]
+                reference_input = theirs.scale_model_input(torch.from_numpy(sample), t).numpy()
+                reference = theirs.step(torch.from_numpy(model_output), t, torch.from_numpy(sample), **kwargs)
+                reference = reference.prev_sample.numpy()
+                diffusers_works = bool(np.isfinite(reference).all())
+            except Exception:  # at the edges: IndexError, ZeroDivisionError
+                if not edge:
+                    raise
+                diffusers_works = False
+        if diffusers_works:
+            check(assert_close, model_input, reference_input, sample, f"{name} scale_model_input[{i}]")
+            check(assert_close, prev, reference, sample, f"{name} step[{i}]")
+            sample = reference
+        else:
+            assert edge, f"{name} step[{i}]: diffusers' result is not finite"
+            assert np.isfinite(prev).all(), f"{name} step[{i}] of {steps}: not finite"
+            sample = prev
+    assert not (diffusers_works and differences), differences[:3]
+    return diffusers_works
+
+
+def assert_same_timesteps(ours: Scheduler, theirs: Any) -> None:
+    expected = theirs.timesteps.numpy()
+    assert ours.timesteps.dtype == expected.dtype
+    if expected.dtype.kind == "f":  # Karras / continuous timesteps come from ulp-close sigma tables
+        np.testing.assert_allclose(ours.timesteps, expected, rtol=1e-6, atol=1e-6)
+    else:
+        np.testing.assert_array_equal(ours.timesteps, expected)
+
+
+def _assert_approx(ours: float, theirs: float) -> None:
+    assert ours == pytest.approx(theirs, rel=1e-6)
 
 
 @pytest.mark.parametrize("config_id", CONFIGS)
@@ -194,6 +234,58 @@ def test_matches_diffusers_options(name: str, extra: dict[str, Any]) -> None:
     config = {**SD15, **extra}
     for steps in (4, 10, 25):
         compare(name, config, steps)
+
+
+EDGE_CONFIGS = {  # each scheduler's default spacing, and leading (steps_offset 1) and trailing for all
+    "sd15": SD15,
+    "sd15_leading": {**SD15, "timestep_spacing": "leading"},
+    "sd15_trailing": {**SD15, "timestep_spacing": "trailing"},
+}
+
+
+@pytest.fixture
+def gauss_lms_quadrature(monkeypatch: pytest.MonkeyPatch) -> None:
+    """diffusers' LMS integrates its cubic with scipy's adaptive quad: seconds per thousand steps. Gauss-Legendre
+    integrates it exactly too, in a fraction of the time."""
+    nodes, weights = np.polynomial.legendre.leggauss(8)
+
+    def quad(func: Any, a: float, b: float, **_: Any) -> tuple[float, float]:
+        half, mid = (b - a) / 2, (a + b) / 2
+        return half * sum(w * float(func(half * x + mid)) for x, w in zip(nodes, weights, strict=True)), 0.0
+
+    monkeypatch.setattr(scheduling_lms_discrete, "integrate", types.SimpleNamespace(quad=quad), raising=False)
+
+
+@pytest.mark.parametrize("config_id", EDGE_CONFIGS)
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_step_range_edges(name: str, config_id: str, gauss_lms_quadrature: None) -> None:
+    """1, 2, N - 1 and N steps (N = num_train_timesteps) run and stay finite, matching diffusers wherever
+    diffusers itself runs (at N it indexes past its tables or divides by zero on some spacings); a count diffusers
+    refuses (lcm past original_inference_steps) and N + 1 are one-line errors."""
+    config = EDGE_CONFIGS[config_id]
+    top = config["num_train_timesteps"]
+    for steps in (1, 2, top - 1, top):
+        try:
+            diffusers_scheduler(name, config).set_timesteps(steps)
+        except ValueError:
+            refusal = rf"^scheduler '{name}' takes at most \d+ steps .*, got {steps}$"
+            with pytest.raises(InvalidInputError, match=refusal):
+                make_scheduler(name, config).set_timesteps(steps)
+            continue
+        compare(name, config, steps, edge=True)
+    with pytest.raises(InvalidInputError, match=rf"^num_inference_steps must be an integer from 1 to {top}, got"):
+        make_scheduler(name, config).set_timesteps(top + 1)
+
+
+def test_step_range_ends_where_the_schedule_does() -> None:
+    """DPM-Solver with lambda_min_clipped has fewer distinct timesteps than training timesteps: past them its
+    second-order step would divide by a step of length 0 (diffusers: NaN). One line names the largest count."""
+    config = {**SD15, "lambda_min_clipped": -2.0}
+    for steps in (878, 1000):
+        with pytest.raises(InvalidInputError, match=r"^scheduler 'dpmpp_2m' takes at most 877 steps .*, got \d+$"):
+            make_scheduler("dpmpp_2m", config).set_timesteps(steps)
+    assert compare("dpmpp_2m", config, 876, edge=True)  # diffusers' last count: its n + 1 points still distinct
+    assert not compare("dpmpp_2m", config, 877, edge=True)  # ours spreads 877 without the extra point; diffusers NaN
 
 
 def test_ddim_eta_uses_given_noise() -> None:
@@ -318,6 +410,9 @@ def test_split_fraction_errors() -> None:
         message = f"denoising_start must be a number strictly between 0 and 1, got {value!r}"
         with pytest.raises(InvalidInputError, match=re.escape(message)):
             sched.continue_index(value)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="denoising_end must be a number strictly between 0 and 1, got True"):
+        sched.end_index(True)
+    assert sched.end_index(np.float32(0.8)) == sched.end_index(0.8) == sched.continue_index(np.float64(0.8))
 
 
 @pytest.mark.parametrize("name", SCHEDULERS)

@@ -6,6 +6,7 @@ diffusers builds them); the per-step arithmetic runs in float64 and its results 
 
 from __future__ import annotations
 
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -24,6 +25,7 @@ from .schedules import (
     sigma_to_t,
     spaced_timesteps,
     train_sigmas,
+    within_table,
 )
 
 # The keys every mirrored diffusers class takes, with diffusers' defaults.
@@ -55,7 +57,7 @@ def _join(values: Any) -> str:
 
 
 def _check_fraction(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value < 1.0:
         raise InvalidInputError(f"{name} must be a number strictly between 0 and 1, got {value!r}")
 
 
@@ -127,13 +129,38 @@ class Scheduler(ABC):
             raise InvalidInputError(
                 f"num_inference_steps must be an integer from 1 to {self.num_train_timesteps}, got {n!r}"
             )
-        self.num_inference_steps = int(n)
+        if problem := self._schedule(int(n)):
+            top = self._most_steps(int(n))
+            self.timesteps = self.timesteps[:0]  # unusable until a set_timesteps succeeds
+            raise InvalidInputError(
+                f"scheduler {self.name!r} takes {f'at most {top}' if top else 'no number of'} steps with this "
+                f"model's scheduler config ({problem}), got {n}"
+            )
+
+    def _most_steps(self, below: int) -> int:
+        """The largest step count under ``below`` whose schedule works (0: none), by bisection: the schedules
+        that fail are those whose steps grow too fine, so a count that works has none that fail below it."""
+        good, bad = 0, below
+        while bad - good > 1:
+            middle = (good + bad) // 2
+            good, bad = (middle, bad) if self._schedule(middle) is None else (good, middle)
+        return good
+
+    def _schedule(self, num_inference_steps: int) -> str | None:
+        """Set the schedule for ``num_inference_steps``; what is wrong with it, or None."""
+        self.num_inference_steps = num_inference_steps
         self._next_index = None
-        self._set_timesteps(int(n))
+        self._set_timesteps(num_inference_steps)
+        return self._schedule_problem()
 
     @abstractmethod
     def _set_timesteps(self, num_inference_steps: int) -> None:
         """Fill ``timesteps`` (and the scheduler's own tables) and reset its multistep history."""
+
+    def _schedule_problem(self) -> str | None:
+        """Why the schedule just set cannot be stepped (a scheduler whose valid range ends below
+        num_train_timesteps says so here), or None."""
+        return None
 
     def strength_start(self, steps: int, strength: float) -> int:
         """The timestep index img2img/inpaint start at: diffusers' get_timesteps (only int(steps * strength) run).
@@ -243,6 +270,9 @@ class SigmaScheduler(Scheduler):
     """
 
     _timestep_dtype = np.float32
+    # diffusers' timesteps even where they repeat or pass the table (an interval of length 0: a step that does
+    # nothing); a scheduler that cannot step such an interval (LMS) takes within_table's instead
+    _repeats_allowed: ClassVar[bool] = True
 
     def __init__(self, config: Mapping[str, Any], **overrides: Any) -> None:
         super().__init__(config, **overrides)
@@ -260,6 +290,8 @@ class SigmaScheduler(Scheduler):
         n = num_inference_steps
         spacing, offset = cfg["timestep_spacing"], cfg["steps_offset"]
         timesteps = spaced_timesteps(spacing, n, self.num_train_timesteps, offset).astype(np.float32)
+        if not self._repeats_allowed:
+            timesteps = within_table(timesteps, self.num_train_timesteps).astype(np.float32)
         table = train_sigmas(self.alphas_cumprod)
         log_table = np.log(table)
         if cfg.get("interpolation_type") == "log_linear":

@@ -14,7 +14,7 @@ from sdtrt.engine.errors import InvalidInputError
 
 from .base import COMMON_DEFAULTS, Scheduler
 from .parameterisation import predict_eps, predict_x0
-from .schedules import spaced_timesteps
+from .schedules import spaced_timesteps, within_table
 
 
 class DDIM(Scheduler):
@@ -52,7 +52,7 @@ class DDIM(Scheduler):
         timesteps = spaced_timesteps(
             cfg["timestep_spacing"], num_inference_steps, self.num_train_timesteps, cfg["steps_offset"]
         )
-        self.timesteps = np.round(timesteps).astype(np.int64)
+        self.timesteps = within_table(np.round(timesteps), self.num_train_timesteps).astype(np.int64)
 
     def _step(
         self, model_output: np.ndarray, step_index: int, sample: np.ndarray, noise: np.ndarray | None

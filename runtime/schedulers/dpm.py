@@ -11,7 +11,7 @@ import numpy as np
 
 from .base import COMMON_DEFAULTS, Scheduler
 from .parameterisation import predict_x0, vp_coefficients
-from .schedules import final_sigma, karras_sigmas, sigma_to_t, spaced_timesteps, train_sigmas
+from .schedules import final_sigma, karras_sigmas, sigma_to_t, spaced_timesteps, train_sigmas, within_table
 
 
 class DPMSolverPP2M(Scheduler):
@@ -82,11 +82,17 @@ class DPMSolverPP2M(Scheduler):
                 timesteps = spaced_timesteps(spacing, n, self.num_train_timesteps, offset, last)
             else:  # n + 1 points with the one at (or nearest) t = 0 dropped
                 timesteps = spaced_timesteps(spacing, n + 1, self.num_train_timesteps, offset, last)[:-1]
-            timesteps = np.round(timesteps)
+            timesteps = within_table(np.round(timesteps), self.num_train_timesteps, last)
             sigmas = np.interp(timesteps, np.arange(len(table)), table)
         self.sigmas = np.append(sigmas, final_sigma(cfg, self.alphas_cumprod)).astype(np.float32)
         self.timesteps = timesteps.astype(np.int64)
         self._x0_history: list[np.ndarray] = []  # the data predictions of the last two steps, oldest first
+
+    def _schedule_problem(self) -> str | None:
+        # A step of length 0 is a no-op, but the second-order step after it would divide by its length.
+        if np.all(np.diff(self.sigmas)[:-1] < 0):
+            return None
+        return "more would repeat a noise level, and its second-order steps divide by the step before"
 
     def _noise_level(self, step_index: int) -> tuple[float, float]:
         return vp_coefficients(float(self.sigmas[step_index]))
@@ -111,7 +117,7 @@ class DPMSolverPP2M(Scheduler):
         )
         phi = 1.0 - sigma_next / sigma  # 1 - exp(-h)
         prev = (sigma_t / sigma_s) * sample + alpha_t * phi * x0  # DPM-Solver++(1), i.e. DDIM
-        if first_order:
+        if first_order or sigma_next == sigma:  # a last step of length 0 (final sigma_min) changes nothing
             return prev
         # Second order: D1 is the finite difference of x0 in lambda, scaled to the step h (r0 = h_prev / h).
         sigma_prev = float(self.sigmas[step_index - 1])

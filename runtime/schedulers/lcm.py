@@ -53,7 +53,8 @@ class LCM(Scheduler):
         original = int(self.config["original_inference_steps"])
         if not num_inference_steps <= original <= self.num_train_timesteps:
             raise InvalidInputError(
-                f"lcm takes at most original_inference_steps={original} steps, got {num_inference_steps}"
+                f"scheduler 'lcm' takes at most {original} steps with this model's scheduler config "
+                f"(original_inference_steps={original}, the schedule it was distilled on), got {num_inference_steps}"
             )
         stride = self.num_train_timesteps // original
         distilled = (np.arange(1, original + 1) * stride - 1)[::-1]  # the distillation schedule, descending

@@ -45,6 +45,7 @@ class LMS(SigmaScheduler):
         }
     )
     _unsupported = ("use_exponential_sigmas", "use_beta_sigmas")
+    _repeats_allowed = False  # two equal sigmas make its Lagrange weights 0 / 0
 
     def _set_timesteps(self, num_inference_steps: int) -> None:
         super()._set_timesteps(num_inference_steps)

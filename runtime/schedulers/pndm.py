@@ -12,7 +12,7 @@ from sdtrt.engine.errors import InvalidInputError
 
 from .base import COMMON_DEFAULTS, Scheduler
 from .parameterisation import predict_eps
-from .schedules import spaced_timesteps
+from .schedules import spaced_timesteps, within_table
 
 # Adams-Bashforth weights of the PLMS combination by number of stored model outputs (newest first).
 _PLMS_WEIGHTS = {2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
@@ -33,9 +33,8 @@ class PNDM(Scheduler):
     def _set_timesteps(self, num_inference_steps: int) -> None:
         n = num_inference_steps
         cfg = self.config
-        ascending = np.round(
-            spaced_timesteps(cfg["timestep_spacing"], n, self.num_train_timesteps, cfg["steps_offset"])[::-1]
-        ).astype(np.int64)
+        spaced = spaced_timesteps(cfg["timestep_spacing"], n, self.num_train_timesteps, cfg["steps_offset"])
+        ascending = within_table(np.round(spaced), self.num_train_timesteps)[::-1].astype(np.int64)
         if cfg["skip_prk_steps"]:
             self._prk_steps = 0
             # The first timestep twice: a plain step, then the same interval again averaging both outputs.

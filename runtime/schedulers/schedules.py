@@ -81,6 +81,21 @@ def spaced_timesteps(
     return np.round(np.arange(last, 0, -num_train_timesteps / num_steps)) - 1  # trailing
 
 
+def within_table(timesteps: np.ndarray, num_train_timesteps: int, last_timestep: int | None = None) -> np.ndarray:
+    """Descending ``timesteps`` as they are where they are distinct training timesteps, else as many spread evenly
+    from ``last_timestep`` - 1 (default num_train_timesteps - 1) down to 0.
+
+    diffusers' spacings break only at the top of the step range (num_inference_steps near num_train_timesteps):
+    leading spacing's steps_offset then pushes the first timestep past the last training timestep (an IndexError
+    in DDIM and PNDM, a repeated sigma in LMS and DPM-Solver), and DPM-Solver's n + 1 rounded points repeat one.
+    The even spread is the schedule those spacings aim at: at num_train_timesteps steps, every timestep once.
+    """
+    if len(timesteps) and timesteps.max() <= num_train_timesteps - 1 and np.all(np.diff(timesteps) < 0):
+        return timesteps
+    last = num_train_timesteps if last_timestep is None else last_timestep
+    return np.round(np.linspace(last - 1, 0, len(timesteps)))
+
+
 def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
     """Karras et al. 2022, eq. 5: sigmas evenly spaced in sigma**(1/rho), from sigma_max down to sigma_min."""
     ramp = np.linspace(0, 1, num_steps)
