@@ -241,8 +241,9 @@ def test_failed_export_leaves_no_conversion_behind(
         raise RuntimeError("simulated failure while exporting the converted model")
 
     monkeypatch.setattr(exporter, "export_fp32", fail)
-    with pytest.raises(RuntimeError, match="simulated"):
+    with pytest.raises(ExportError, match="exporting text_encoder failed: RuntimeError: simulated") as failure:
         export_model(sd1_checkpoint, tmp_path / "out", config=tiny_model_dir, progress=False)
+    assert isinstance(failure.value.__cause__, RuntimeError)  # behind --debug
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
 
 
