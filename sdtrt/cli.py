@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="sdtrt",
         parents=[common],
         description="Stable Diffusion inference: export a diffusers model to ONNX, then generate images "
-        "with a lean NumPy runtime on ONNX Runtime (CPU or CUDA) or TensorRT.",
+        "with a lean NumPy runtime on OpenVINO or ONNX Runtime (CPU), ONNX Runtime CUDA or TensorRT.",
         epilog='Start with `sdtrt demo`, then `sdtrt export MODEL --out DIR` and `sdtrt generate DIR "prompt"`. '
         "`sdtrt COMMAND --help` describes a command.",
     )
