@@ -32,15 +32,22 @@ class Artifact:
         self.folder = folder
         self.manifest = manifest
         self.backend = backend
+        self._precisions: dict[str, str] = {}
         self._weight_maps: dict[str, WeightMap | None] = {}
         self._sessions: dict[str, Session] = {}
 
     def __contains__(self, network: str) -> bool:
         return network in self.manifest.components
 
+    def precision(self, network: str) -> str:
+        """The ONNX variant ``network`` runs at on this backend, chosen (and logged) once."""
+        if network not in self._precisions:
+            self._precisions[network] = component_precision(self.backend, self.manifest, network)
+        return self._precisions[network]
+
     def file(self, network: str) -> ComponentFile:
         """The ONNX file ``network`` runs from on this backend."""
-        return self.manifest.component_file(network, component_precision(self.backend, self.manifest, network))
+        return self.manifest.component_file(network, self.precision(network))
 
     def inputs(self, network: str) -> dict[str, TensorSpec]:
         """The network's inputs as the manifest declares them (no session is opened)."""
@@ -65,8 +72,8 @@ class Artifact:
     def session(self, network: str) -> Session:
         """The session of ``network``, opened on first use."""
         if network not in self._sessions:
-            precision = component_precision(self.backend, self.manifest, network)
-            target = SessionTarget(self.folder, self.manifest, network, precision, self.weight_map(network))
+            precision, weight_map = self.precision(network), self.weight_map(network)
+            target = SessionTarget(self.folder, self.manifest, network, precision, weight_map)
             self._sessions[network] = open_session(self.backend, target)
         return self._sessions[network]
 

@@ -16,13 +16,19 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sdtrt.engine import cuda
-from sdtrt.engine.errors import BackendUnavailableError, InvalidInputError, ManifestError, SdtrtError
+from sdtrt.engine.errors import (
+    ALLOCATION_FAILURE,
+    BackendUnavailableError,
+    InvalidInputError,
+    ManifestError,
+    SdtrtError,
+    is_backend_error,
+)
 from sdtrt.engine.fallback import Fp32Fallback
 from sdtrt.engine.manifest import ComponentFile, Manifest
 from sdtrt.engine.networks import NETWORKS
@@ -32,9 +38,6 @@ from sdtrt.engine.session import Session
 from sdtrt.engine.weights import WeightMap
 
 log = logging.getLogger(__name__)
-
-# how ONNX Runtime, OpenVINO and CUDA say that an allocation failed
-OUT_OF_MEMORY = re.compile(r"bad[_ ]alloc|fail\w* to allocate|out of memory|cannot allocate", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -297,7 +300,7 @@ def _open_checked(backend: Backend, choice: BackendChoice, target: SessionTarget
     except Exception as exc:
         if not _cannot_load(exc):
             raise
-        if OUT_OF_MEMORY.search(str(exc)):  # the file may be fine: rebuilding it would not help
+        if ALLOCATION_FAILURE.search(str(exc)):  # the file may be fine: rebuilding it would not help
             raise SdtrtError(f"not enough memory to load {target.path} on {backend.name}: {_last_line(exc)}") from exc
         raise target.damaged(f"{backend.name} cannot load {target.path}: {_last_line(exc)}") from exc
     file = target.file
@@ -311,9 +314,8 @@ def _open_checked(backend: Backend, choice: BackendChoice, target: SessionTarget
 
 
 def _cannot_load(exc: Exception) -> bool:
-    """Whether ``exc`` is how a backend refuses a file: ONNX Runtime's own exception types (none of them a
-    RuntimeError), OpenVINO's and TensorRT's RuntimeError, an OSError reading it."""
-    return isinstance(exc, (RuntimeError, OSError)) or type(exc).__module__.startswith(("onnxruntime", "openvino"))
+    """Whether ``exc`` is how a backend refuses a file: its runtime's own error, or an OSError reading it."""
+    return is_backend_error(exc) or isinstance(exc, OSError)
 
 
 def _last_line(exc: Exception) -> str:

@@ -278,3 +278,19 @@ def sha256_tree(root: str | os.PathLike[str]) -> str:
         digest.update(path.relative_to(root).as_posix().encode() + b"\0")
         digest.update(sha256_file(path).encode() + b"\n")
     return digest.hexdigest()
+
+
+def onnx_files(path: str | os.PathLike[str]) -> list[Path]:
+    """An .onnx file and its external data file (``<name>.onnx.data``), if it has one."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    return [path, data] if data.exists() else [path]
+
+
+def onnx_digest(path: str | os.PathLike[str]) -> str:
+    """sha256 over the hex sha256 of an .onnx file and of its external data, in that order: the manifest's
+    ComponentFile.sha256, and the key of everything built from the file."""
+    digest = hashlib.sha256()
+    for file in onnx_files(path):
+        digest.update(sha256_file(file).encode())
+    return digest.hexdigest()

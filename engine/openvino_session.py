@@ -72,8 +72,6 @@ class OpenVinoSession:
             )
         ov = import_openvino()
         self.name = Path(path).name
-        self.inputs = {spec.name: spec for spec in inputs}
-        self.outputs = {spec.name: spec for spec in outputs}
         self.precision = precision
         self._path = str(path)
         self._weight_map = weight_map

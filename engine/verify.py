@@ -6,13 +6,12 @@ also finds a file changed in place: a flipped bit, a partial copy padded to the 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdtrt.engine.fsutil import sha256_file
-from sdtrt.engine.manifest import ComponentFile, file_problems, read_manifest
+from sdtrt.engine.fsutil import onnx_digest, onnx_files
+from sdtrt.engine.manifest import file_problems, read_manifest
 
 
 @dataclass(frozen=True)
@@ -24,20 +23,6 @@ class Verification:
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-def onnx_paths(folder: Path, file: ComponentFile) -> list[Path]:
-    """The files ComponentFile.sha256 covers, in its order: the .onnx, then its external data where there is one."""
-    data = folder / file.data_path
-    return [folder / file.path, data] if data.exists() else [folder / file.path]
-
-
-def onnx_digest(paths: list[Path]) -> str:
-    """ComponentFile.sha256 as the export computes it: sha256 over the hex sha256 of each file, in order."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(sha256_file(path).encode())
-    return digest.hexdigest()
 
 
 def verify_export(folder: str | os.PathLike[str]) -> Verification:
@@ -54,9 +39,9 @@ def verify_export(folder: str | os.PathLike[str]) -> Verification:
             if found := file_problems(folder, file):  # missing, empty or of another size: no hash to compare
                 problems.extend(found)
                 continue
-            paths = onnx_paths(folder, file)
+            paths = onnx_files(folder / file.path)
             count += len(paths)
-            if onnx_digest(paths) != file.sha256:
+            if onnx_digest(folder / file.path) != file.sha256:
                 which = " or ".join(map(str, paths))  # one sha256 covers both: either may have changed
                 its = "their" if len(paths) > 1 else "its"
                 problems.append(f"{which} changed since the export ({its} sha256 is not the manifest's)")

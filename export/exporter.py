@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from tqdm.auto import tqdm
 
 from sdtrt.engine.errors import ExportError, SdtrtError
-from sdtrt.engine.fsutil import atomic_dir, replace_refusal, sha256_file, sha256_tree
+from sdtrt.engine.fsutil import atomic_dir, onnx_digest, onnx_files, replace_refusal, sha256_file, sha256_tree
 from sdtrt.engine.manifest import MANIFEST_NAME, PRECISIONS, Component, ComponentFile, Manifest
 from sdtrt.engine.networks import COMPONENTS, TEXT_ENCODERS
 from sdtrt.engine.version import VERSION
@@ -28,8 +28,6 @@ from sdtrt.export.onnx_export import (
     MIN_OPSET,
     convert_fp16,
     export_fp32,
-    onnx_digest,
-    onnx_files,
 )
 from sdtrt.export.weight_map import map_path
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import tempfile
 import warnings
@@ -13,7 +12,7 @@ import onnx
 import torch
 from onnx.external_data_helper import convert_model_to_external_data, set_external_data, uses_external_data
 
-from sdtrt.engine.fsutil import give_ordinary_permissions, sha256_file
+from sdtrt.engine.fsutil import give_ordinary_permissions
 from sdtrt.engine.networks import LORA_NETWORKS
 from sdtrt.engine.weights import load_weight_map
 from sdtrt.export.networks import NetworkSpec
@@ -48,20 +47,6 @@ def save_onnx(model: onnx.ModelProto, path: Path, external: Collection[str] = ()
             set_external_data(init, location)
     onnx.save_model(model, str(path))
     give_ordinary_permissions(path.with_name(location))  # onnx creates it 0600, unreadable by anyone else
-
-
-def onnx_files(path: Path) -> list[Path]:
-    """The .onnx file and its external data file, if any."""
-    data = path.with_name(path.name + ".data")
-    return [path, data] if data.exists() else [path]
-
-
-def onnx_digest(path: Path) -> str:
-    """sha256 over the model file and its external data (the key of everything built from it)."""
-    digest = hashlib.sha256()
-    for file in onnx_files(path):
-        digest.update(sha256_file(file).encode())
-    return digest.hexdigest()
 
 
 def _optimize(model: onnx.ModelProto) -> onnx.ModelProto:

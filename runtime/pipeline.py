@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from sdtrt.engine.artifact import Artifact, open_artifact
 from sdtrt.engine.backends import BackendChoice
-from sdtrt.engine.errors import InvalidInputError, SdtrtError
+from sdtrt.engine.errors import ALLOCATION_FAILURE, InvalidInputError, SdtrtError, is_backend_error
 from sdtrt.engine.manifest import Manifest
 from sdtrt.engine.session import Session
 from sdtrt.runtime import image as imageio
@@ -44,11 +43,6 @@ TASK_FUNCTIONS: dict[str, Callable[..., GenerationResult]] = {
     "upscale": tasks.upscale,
 }
 LOAD_OPTIONS = ("backend", "precision", "max_side", "max_images")
-# what ONNX Runtime, OpenVINO and CUDA say when an allocation fails
-ALLOCATION_FAILURE = re.compile(
-    r"bad[_ ]alloc|fail\w* to allocate|allocation fail|out of memory|cannot allocate|ALLOC_FAILED|MemoryAllocation",
-    re.IGNORECASE,
-)
 
 
 class Pipeline:
@@ -273,6 +267,5 @@ def _allocation_failure(exc: Exception) -> str | None:
     text = " ".join(str(exc).split())
     if isinstance(exc, MemoryError):
         return text[:160] or "MemoryError"
-    backend_error = isinstance(exc, RuntimeError) or type(exc).__module__.startswith(("onnxruntime", "openvino"))
-    found = ALLOCATION_FAILURE.search(text) if backend_error else None
+    found = ALLOCATION_FAILURE.search(text) if is_backend_error(exc) else None
     return None if found is None else text[found.start() : found.start() + 160]

@@ -16,6 +16,7 @@ import numpy as np
 
 from sdtrt.engine.artifact import Artifact
 from sdtrt.engine.errors import InvalidInputError
+from sdtrt.engine.manifest import rebuild_command
 from sdtrt.engine.session import Session, TensorSpec
 from sdtrt.runtime.lora import LoraAdapter, compose, read_lora
 from sdtrt.runtime.request import is_real
@@ -79,10 +80,9 @@ class Networks:
         maps = self.artifact.weight_maps()
         if not maps:
             folder = self.artifact.folder
-            source = self.artifact.manifest.source.get("path", "MODEL")
+            rebuild = rebuild_command(folder, self.artifact.manifest.source.get("path"))
             raise InvalidInputError(
-                f"{folder} has no weight maps, which LoRA needs: re-export it with this sdtrt "
-                f"(`sdtrt export {source} --out {folder} --overwrite`)"
+                f"{folder} has no weight maps, which LoRA needs: re-export it with this sdtrt (`{rebuild}`)"
             )
         adapter = read_lora(path, maps)
         self._set_loras({**self._loras, name: (adapter, float(scale))})

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from sdtrt.engine.errors import InvalidInputError
-from sdtrt.engine.manifest import Manifest
+from sdtrt.engine.manifest import Manifest, rebuild_command
 from sdtrt.runtime import canvas
 from sdtrt.runtime import image as imageio
 from sdtrt.runtime.generation import Generation, GenerationResult
@@ -189,10 +189,9 @@ def require(
         )
     for network in needs:
         if network not in m.components:
-            source = m.source.get("path", "MODEL")
             raise InvalidInputError(
                 f"{task} needs the {network} network, which {folder} lacks: re-export with "
-                f"`sdtrt export {source} --out {folder} --overwrite` (all networks by default)"
+                f"`{rebuild_command(folder, m.source.get('path'))}` (all networks by default)"
             )
 
 

@@ -16,9 +16,10 @@ from sdtrt.engine import fsutil
 from sdtrt.engine.artifact import open_artifact
 from sdtrt.engine.backends import choose_backend
 from sdtrt.engine.errors import InvalidInputError, ManifestError
+from sdtrt.engine.fsutil import onnx_digest
 from sdtrt.engine.manifest import FORMAT_VERSION, ComponentFile, load_manifest
 from sdtrt.engine.session import Session, TensorSpec, check_feeds
-from sdtrt.engine.verify import onnx_digest, onnx_paths, verify_export
+from sdtrt.engine.verify import verify_export
 
 
 @pytest.fixture
@@ -279,4 +280,4 @@ def test_verify_export_reads_every_file(tiny_export: Path) -> None:
     result = verify_export(tiny_export)
     assert result.ok and result.problems == () and result.files == 12
     unet = load_manifest(tiny_export).components["unet"].files["fp32"]
-    assert onnx_digest(onnx_paths(tiny_export, unet)) == unet.sha256  # the exporter's digest, recomputed
+    assert onnx_digest(tiny_export / unet.path) == unet.sha256  # the exporter's digest, recomputed

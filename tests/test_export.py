@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from sdtrt.engine.errors import ExportError
+from sdtrt.engine.fsutil import onnx_digest
 from sdtrt.engine.manifest import load_manifest
 from sdtrt.engine.profiles import component_dims, dynamic_profile, input_shapes
 from sdtrt.export import exporter, networks
-from sdtrt.export.onnx_export import onnx_digest
 
 # Tolerances, as max |onnx - torch| / max |torch|: fp32 is the same math in another order; fp16
 # carries ~3 decimal digits through a few dozen layers.
