@@ -119,6 +119,7 @@ def _open_openvino(choice: BackendChoice, target: SessionTarget) -> Session:
         precision=choice.compute,
         cache_dir=openvino_cache_dir(target.folder),
         weight_map=target.weight_map,
+        digest=file.sha256,
     )
 
 
@@ -126,7 +127,16 @@ def openvino_cache_dir(folder: Path) -> Path | None:
     """Where OpenVINO caches compiled models: SDTRT_OPENVINO_CACHE ("" turns it off), else the artifact
     folder's openvino/ where the folder is writable (beside TensorRT's trt/), else none."""
     if (env := os.environ.get("SDTRT_OPENVINO_CACHE")) is not None:
-        return Path(env) if env else None
+        if not env:
+            return None
+        try:
+            Path(env).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InvalidInputError(
+                f"SDTRT_OPENVINO_CACHE={env}: cannot make that folder ({exc.strerror}); name a writable folder, "
+                "or set it to '' to compile without a cache"
+            ) from None
+        return Path(env)
     return folder / "openvino" if os.access(folder, os.W_OK) else None
 
 

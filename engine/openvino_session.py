@@ -1,12 +1,14 @@
 """OpenVINO sessions on the CPU: our ONNX export compiled per input shape, in bf16 where the CPU has it.
 
-Each new set of input shapes reads the ONNX file, pins its dynamic dimensions to those shapes and
+Each new set of input shapes reads the model, pins its dynamic dimensions to those shapes and
 compiles it for the CPU plugin at the chosen inference precision ("bf16" runs the matrix work in
 bfloat16 on CPUs with native bf16 instructions; "fp32" matches ONNX Runtime's fp32 within
-rounding). OpenVINO's compiled model keeps the source constants beside its own copy of the
-weights, so under bf16 they are stored as fp16 first (half the memory, no change to the
-arithmetic). OpenVINO's model cache (``cache_dir``) makes a second start load the compiled model
-instead of compiling it again (base weights only: a LoRA's weights are compiled afresh).
+rounding). Under bf16 the model is read from an IR with fp16 weights made once from the ONNX file
+(engine/openvino_ir.py; no change to the arithmetic). The compiled model holds its own copy of the
+weights and keeps the source mapped without reading it again, so the source's pages are given back
+while and after it compiles (engine/pageout.py): what stays resident is the compiled copy alone.
+OpenVINO's model cache (``cache_dir``) makes a second start load the compiled model instead of
+compiling it again (base weights only: a LoRA's weights are compiled afresh).
 
 LoRA: the export keeps every weight-mapped initializer as a constant of its own, which OpenVINO
 names after the initializer; set_weights replaces those constants in the models compiled next.
@@ -24,7 +26,10 @@ from types import ModuleType
 import numpy as np
 
 from sdtrt.engine.errors import BackendUnavailableError, InvalidInputError
+from sdtrt.engine.fsutil import onnx_files
+from sdtrt.engine.openvino_ir import fp16_ir
 from sdtrt.engine.ort_session import check_weights, default_cpu_threads
+from sdtrt.engine.pageout import paged_out
 from sdtrt.engine.session import TensorSpec, check_feeds
 from sdtrt.engine.weights import WeightMap
 
@@ -65,6 +70,7 @@ class OpenVinoSession:
         threads: int | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         weight_map: WeightMap | None = None,
+        digest: str | None = None,
     ) -> None:
         if precision not in OPENVINO_PRECISIONS:
             raise InvalidInputError(
@@ -73,7 +79,6 @@ class OpenVinoSession:
         ov = import_openvino()
         self.name = Path(path).name
         self.precision = precision
-        self._path = str(path)
         self._weight_map = weight_map
         self._weights: Mapping[str, np.ndarray] = {}  # constants that hold other values than the file's
         self._core = ov.Core()
@@ -90,10 +95,18 @@ class OpenVinoSession:
         # Read now, so that a file OpenVINO cannot load fails here (open_session makes its RuntimeError one
         # line), not at the first step; the model's own names are the session's inputs and outputs (open_session
         # checks them against the manifest's), and the first compile takes this model instead of reading it again.
-        self._unread = self._core.read_model(self._path)
+        self._source = self._source_model(Path(path), cache_dir, digest)
+        self._unread = self._core.read_model(str(self._source))
         self.inputs = _port_specs(self._unread.inputs, inputs)
         self.outputs = _port_specs(self._unread.outputs, outputs)
-        log.debug("opened %s on OpenVINO %s (%s)", self.name, ov.__version__, precision)
+        log.debug("opened %s on OpenVINO %s (%s, from %s)", self.name, ov.__version__, precision, self._source)
+
+    def _source_model(self, onnx: Path, cache_dir: str | os.PathLike[str] | None, digest: str | None) -> Path:
+        """What to compile from: under bf16, the IR with fp16 weights in the cache folder (made once), else the
+        ONNX file."""
+        if self.precision != "bf16" or cache_dir is None or digest is None:
+            return onnx
+        return fp16_ir(onnx, digest, Path(cache_dir)) or onnx
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self.name, self.inputs, feeds)
@@ -101,7 +114,8 @@ class OpenVinoSession:
         with self._lock:
             request = self._request(key)
             results = request.infer({name: np.ascontiguousarray(feeds[name]) for name in self.inputs})
-            outputs = {port.get_any_name(): value for port, value in results.items()}
+            # every name of each output tensor: a compiled model may merge an output with a tensor of another name
+            outputs = {name: value for port, value in results.items() for name in port.get_names()}
             return {name: np.array(outputs[name], dtype=self.outputs[name].dtype) for name in self.outputs}
 
     def _request(self, key: tuple):
@@ -111,7 +125,7 @@ class OpenVinoSession:
             return self._compiled[key]
         while len(self._compiled) >= MAX_COMPILED_SHAPES:
             del self._compiled[next(iter(self._compiled))]
-        model = self._unread if self._unread is not None else self._core.read_model(self._path)
+        model = self._unread if self._unread is not None else self._core.read_model(str(self._source))
         self._unread = None
         if self._weights:
             _replace_constants(model, self._weights)
@@ -121,8 +135,10 @@ class OpenVinoSession:
         config = dict(self._config)
         if self._cache_dir is not None and not self._weights:  # LoRA variants are not cached: each is a model
             config["CACHE_DIR"] = str(self._cache_dir)
+        weights = [self._source.parent] if self._source.suffix == ".xml" else onnx_files(self._source)
         try:
-            compiled = self._core.compile_model(model, "CPU", config)
+            with paged_out([*weights, *([self._cache_dir] if "CACHE_DIR" in config else [])]):
+                compiled = self._core.compile_model(model, "CPU", config)
         except RuntimeError as exc:  # OpenVINO's own errors: out of memory, an unsupported shape
             raise BackendUnavailableError(f"OpenVINO could not compile {self.name} for shapes {key}: {exc}") from None
         log.debug("%s: compiled for %s at %s", self.name, key, self.precision)
@@ -156,9 +172,10 @@ def _port_specs(ports: Sequence, declared: Sequence[TensorSpec]) -> dict[str, Te
 
 
 def _compress_to_fp16(model) -> None:
-    """Store the model's fp32 constants as fp16 before a bf16 compile: the compiled model keeps its source
-    constants beside its own bf16 copy, so fp16 ones halve that (SD-1.5 UNet: 5.5 -> 3.4 GiB resident).
-    bf16 keeps fewer mantissa bits than fp16, so the arithmetic is not changed by it. OpenVINO's own
+    """Store the model's fp32 constants (read from an ONNX file, or a LoRA's) as fp16 before a bf16 compile:
+    the compiled model keeps its source constants beside its own bf16 copy, and those in memory cannot be
+    given back, so fp16 ones halve them. bf16 keeps fewer mantissa bits than fp16, so the arithmetic is not
+    changed by it. OpenVINO's own
     transformation (what save_model(compress_to_fp16=True) runs); skipped where a release lacks it."""
     try:
         from openvino._offline_transformations import compress_model_transformation

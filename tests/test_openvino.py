@@ -17,6 +17,7 @@ pytest.importorskip("openvino")
 
 from sdtrt.cli import main
 from sdtrt.engine.artifact import open_artifact
+from sdtrt.engine.errors import InvalidInputError
 from sdtrt.engine.openvino_session import MAX_COMPILED_SHAPES
 from sdtrt.runtime.pipeline import Pipeline
 
@@ -74,17 +75,45 @@ def test_compiled_shapes_are_bounded_and_weights_swap(tiny_export: Path) -> None
 
 def test_model_cache_dir(tiny_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Compiled models are cached per precision: a bf16 start after an fp32 one compiles its own (a shared
-    cache gave NaN in OpenVINO 2026.4), and a second start loads the cached one."""
+    cache gave NaN in OpenVINO 2026.4), and a second start loads the cached one; bf16 compiles from the
+    fp16 IR made once beside them."""
     monkeypatch.setenv("SDTRT_OPENVINO_CACHE", str(tmp_path / "cache"))
     outputs = {}
     for precision in ("fp32", "bf16", "bf16"):
         with open_artifact(tiny_export, "openvino", precision) as artifact:
             feeds = _feeds(artifact, "unet", np.random.default_rng(1))
             outputs.setdefault(precision, []).append(artifact.session("unet").run(feeds)["noise_pred"])
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["bf16", "fp32"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["bf16", "fp32", "ir"]
     assert all(any(folder.iterdir()) for folder in (tmp_path / "cache").iterdir())
+    assert [p.name.split("-")[0] for p in (tmp_path / "cache" / "ir").iterdir()] == ["unet"]
     assert np.isfinite(outputs["bf16"][0]).all() and not np.array_equal(outputs["bf16"][0], outputs["fp32"][0])
     np.testing.assert_array_equal(outputs["bf16"][1], outputs["bf16"][0])  # the cached model computes the same
+
+
+def test_bf16_without_ir(
+    tiny_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where the fp16 IR cannot be made (here: a file stands where its folder goes), bf16 compiles from the
+    ONNX file, with a warning, and computes what it computes from the IR."""
+    monkeypatch.setenv("SDTRT_OPENVINO_CACHE", str(tmp_path / "cache"))
+    with open_artifact(tiny_export, "openvino", "bf16") as artifact:
+        feeds = _feeds(artifact, "unet", np.random.default_rng(2))
+        from_ir = artifact.session("unet").run(feeds)["noise_pred"]
+    monkeypatch.setenv("SDTRT_OPENVINO_CACHE", str(tmp_path / "other"))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "ir").write_text("not a folder")
+    with open_artifact(tiny_export, "openvino", "bf16") as artifact:
+        from_onnx = artifact.session("unet").run(feeds)["noise_pred"]
+    assert "could not convert to OpenVINO's format" in caplog.text
+    np.testing.assert_allclose(from_onnx, from_ir, rtol=0, atol=1e-3 * np.abs(from_ir).max())
+
+
+def test_unusable_cache_variable(tiny_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("SDTRT_OPENVINO_CACHE", str(tmp_path / "file" / "cache"))
+    with open_artifact(tiny_export, "openvino", "bf16") as artifact, pytest.raises(InvalidInputError) as error:
+        artifact.session("unet")
+    assert str(error.value).startswith(f"SDTRT_OPENVINO_CACHE={tmp_path / 'file' / 'cache'}: cannot make that folder")
 
 
 def test_cli_precision(tiny_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
