@@ -10,13 +10,14 @@ peak. ``python -m sdtrt.engine.openvino_ir ONNX FOLDER`` is that child.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from sdtrt.engine.fsutil import atomic_dir
+from sdtrt.engine.fsutil import atomic_dir, onnx_files
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +26,11 @@ CONVERT_TIMEOUT_S = 1800
 
 
 def ir_folder(cache_root: Path, onnx: Path, digest: str) -> Path:
-    """Where the fp16 IR of this ONNX file (with this sha256) lives under the OpenVINO cache folder."""
-    return cache_root / "ir" / f"{onnx.stem}-{digest[:16]}"
+    """Where the fp16 IR of this ONNX file lives under the OpenVINO cache folder: named after the sha256 the
+    manifest records and the size and modification time of its files now, so that a file replaced since
+    the export is converted afresh (and meets the checks the ONNX file meets) rather than served stale."""
+    stamp = [digest, *(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in onnx_files(onnx))]
+    return cache_root / "ir" / f"{onnx.stem}-{hashlib.sha256(chr(0).join(stamp).encode()).hexdigest()[:16]}"
 
 
 def fp16_ir(onnx: Path, digest: str, cache_root: Path) -> Path | None:

@@ -92,21 +92,26 @@ class OpenVinoSession:
         self._cache_dir = None if cache_dir is None else Path(cache_dir) / precision
         self._compiled: dict[tuple, object] = {}  # input shapes -> infer request, most recently used last
         self._lock = threading.Lock()  # one infer request per shape: one call at a time
-        # Read now, so that a file OpenVINO cannot load fails here (open_session makes its RuntimeError one
-        # line), not at the first step; the model's own names are the session's inputs and outputs (open_session
-        # checks them against the manifest's), and the first compile takes this model instead of reading it again.
-        self._source = self._source_model(Path(path), cache_dir, digest)
-        self._unread = self._core.read_model(str(self._source))
+        # Read the ONNX file now, so that a file OpenVINO cannot load fails here (open_session makes its
+        # RuntimeError one line), not at the first step; the model's own names are the session's inputs and
+        # outputs (open_session checks them against the manifest's). What the first compile reads is decided
+        # then (a load that fails leaves no IR behind).
+        self._onnx = Path(path)
+        self._ir_home = (digest, Path(cache_dir)) if precision == "bf16" and cache_dir and digest else None
+        self._source: Path | None = None  # what compiles read, once the first one chose it
+        self._unread = self._core.read_model(str(self._onnx))
         self.inputs = _port_specs(self._unread.inputs, inputs)
         self.outputs = _port_specs(self._unread.outputs, outputs)
-        log.debug("opened %s on OpenVINO %s (%s, from %s)", self.name, ov.__version__, precision, self._source)
+        log.debug("opened %s on OpenVINO %s (%s)", self.name, ov.__version__, precision)
 
-    def _source_model(self, onnx: Path, cache_dir: str | os.PathLike[str] | None, digest: str | None) -> Path:
-        """What to compile from: under bf16, the IR with fp16 weights in the cache folder (made once), else the
-        ONNX file."""
-        if self.precision != "bf16" or cache_dir is None or digest is None:
-            return onnx
-        return fp16_ir(onnx, digest, Path(cache_dir)) or onnx
+    def _read(self):
+        """The model to compile: under bf16, read from the IR with fp16 weights in the cache folder (made on
+        the first compile), else the ONNX file (the one read at opening, on the first compile)."""
+        if self._source is None:
+            self._source = self._onnx if self._ir_home is None else fp16_ir(self._onnx, *self._ir_home) or self._onnx
+            log.debug("%s: compiling from %s", self.name, self._source)
+        model, self._unread = self._unread, None
+        return model if model is not None and self._source == self._onnx else self._core.read_model(str(self._source))
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self.name, self.inputs, feeds)
@@ -125,8 +130,7 @@ class OpenVinoSession:
             return self._compiled[key]
         while len(self._compiled) >= MAX_COMPILED_SHAPES:
             del self._compiled[next(iter(self._compiled))]
-        model = self._unread if self._unread is not None else self._core.read_model(str(self._source))
-        self._unread = None
+        model = self._read()
         if self._weights:
             _replace_constants(model, self._weights)
         if self.precision == "bf16":
