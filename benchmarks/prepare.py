@@ -92,7 +92,9 @@ def ensure_export(
             log.info("re-exporting: %s", exc)
     log.info("exporting %s (%s) to %s", model_dir, precision, out)
     start = time.perf_counter()
-    export_model(model_dir, out, precisions=(precision,), components=txt2img_components(model_dir), overwrite=True)
+    components = txt2img_components(model_dir)
+    # with ONNX Runtime's fused graphs: ort-cuda runs the fp16 ones, ort-cpu the fp32 UNet (engine/backends.py)
+    export_model(model_dir, out, precisions=(precision,), components=components, overwrite=True, ort_fused=True)
     seconds = time.perf_counter() - start
     write_json_atomic(record_path, {"source": str(model_dir), "fingerprint": fingerprint, "export_s": seconds})
     return out, seconds, False

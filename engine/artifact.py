@@ -15,7 +15,14 @@ import logging
 import os
 from pathlib import Path
 
-from sdtrt.engine.backends import BackendChoice, SessionTarget, choose_backend, component_precision, open_session
+from sdtrt.engine.backends import (
+    BackendChoice,
+    SessionTarget,
+    choose_backend,
+    component_fused,
+    component_precision,
+    open_session,
+)
 from sdtrt.engine.errors import ManifestError
 from sdtrt.engine.manifest import ComponentFile, Manifest, load_manifest
 from sdtrt.engine.networks import LORA_NETWORKS
@@ -33,6 +40,7 @@ class Artifact:
         self.manifest = manifest
         self.backend = backend
         self._precisions: dict[str, str] = {}
+        self._fused: dict[str, bool] = {}
         self._weight_maps: dict[str, WeightMap | None] = {}
         self._sessions: dict[str, Session] = {}
 
@@ -45,9 +53,15 @@ class Artifact:
             self._precisions[network] = component_precision(self.backend, self.manifest, network)
         return self._precisions[network]
 
+    def fused(self, network: str) -> bool:
+        """Whether ``network`` runs ONNX Runtime's fused graph on this backend, chosen (and logged) once."""
+        if network not in self._fused:
+            self._fused[network] = component_fused(self.backend, self.manifest, network, self.precision(network))
+        return self._fused[network]
+
     def file(self, network: str) -> ComponentFile:
         """The ONNX file ``network`` runs from on this backend."""
-        return self.manifest.component_file(network, self.precision(network))
+        return self.manifest.component_file(network, self.precision(network), self.fused(network))
 
     def inputs(self, network: str) -> dict[str, TensorSpec]:
         """The network's inputs as the manifest declares them (no session is opened)."""
@@ -65,7 +79,18 @@ class Artifact:
         return self._weight_maps[network]
 
     def weight_maps(self) -> dict[str, WeightMap]:
-        """The weight maps of every network of this export that LoRA may change."""
+        """The weight maps of every network of this export that LoRA may change.
+
+        LoRA asks for them: a network running a fused graph (which has no weight map: ORT's fusions pack and
+        transpose weights) switches to its plain graph, closing the fused session where it is open.
+        """
+        for network in LORA_NETWORKS:
+            if network in self and self.fused(network):
+                log.info("%s: LoRA runs the plain graph (ONNX Runtime's fused one has no weight map)", network)
+                self._fused[network] = False
+                self._weight_maps.pop(network, None)
+                if (session := self._sessions.pop(network, None)) is not None:
+                    session.close()
         maps = {network: self.weight_map(network) for network in LORA_NETWORKS if network in self}
         return {network: weight_map for network, weight_map in maps.items() if weight_map is not None}
 
@@ -73,7 +98,9 @@ class Artifact:
         """The session of ``network``, opened on first use."""
         if network not in self._sessions:
             precision, weight_map = self.precision(network), self.weight_map(network)
-            target = SessionTarget(self.folder, self.manifest, network, precision, weight_map)
+            target = SessionTarget(
+                self.folder, self.manifest, network, precision, weight_map, fused=self.fused(network)
+            )
             self._sessions[network] = open_session(self.backend, target)
         return self._sessions[network]
 

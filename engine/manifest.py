@@ -52,6 +52,8 @@ class ComponentFile:
     # neither (size None), and loading them skips the size check
     size: int | None = None
     data_size: int | None = None
+    # an ONNX Runtime fused graph (export --ort-fused): what fused, export/ort_fusion.py FusionReport.to_dict
+    fusion: dict[str, Any] | None = None
 
     @property
     def data_path(self) -> str:
@@ -76,7 +78,7 @@ class ComponentFile:
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
             "weights": self.weights,
-        }
+        } | ({} if self.fusion is None else {"fusion": dict(self.fusion)})
 
     @classmethod
     def from_dict(cls, d: Mapping) -> ComponentFile:
@@ -88,6 +90,7 @@ class ComponentFile:
             weights=None if d.get("weights") is None else str(d["weights"]),
             size=None if d.get("size") is None else int(d["size"]),
             data_size=None if d.get("data_size") is None else int(d["data_size"]),
+            fusion=None if d.get("fusion") is None else dict(d["fusion"]),
         )
 
 
@@ -100,9 +103,17 @@ class Component:
     """
 
     files: dict[str, ComponentFile]
+    # ONNX Runtime's fused graphs by precision (export --ort-fused): "fp16" for its CUDA provider, "fp32"
+    # for its CPU one. A key of its own, so that readers from before it still read the manifest (format 1)
+    ort_fused: dict[str, ComponentFile] = field(default_factory=dict)
+
+    def all_files(self) -> list[ComponentFile]:
+        """The plain files, then the fused ones."""
+        return [*self.files.values(), *self.ort_fused.values()]
 
     def to_dict(self) -> dict:
-        return {"files": {p: f.to_dict() for p, f in self.files.items()}}
+        fused = {"ort_fused": {p: f.to_dict() for p, f in self.ort_fused.items()}} if self.ort_fused else {}
+        return {"files": {p: f.to_dict() for p, f in self.files.items()}} | fused
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Component:
@@ -110,10 +121,11 @@ class Component:
         # engine became the one source of profiles: it is ignored, and format_version stays 1,
         # since nothing a reader needs changed.
         files = {str(p): ComponentFile.from_dict(f) for p, f in d["files"].items()}
-        for precision in files:
+        fused = {str(p): ComponentFile.from_dict(f) for p, f in d.get("ort_fused", {}).items()}
+        for precision in (*files, *fused):
             if precision not in PRECISIONS:
                 raise ValueError(f"unknown precision {precision!r}")
-        return cls(files=files)
+        return cls(files=files, ort_fused=fused)
 
 
 @dataclass(frozen=True)
@@ -187,12 +199,14 @@ class Manifest:
             components={str(k): Component.from_dict(v) for k, v in d["components"].items()},
         )
 
-    def component_file(self, component: str, precision: str) -> ComponentFile:
+    def component_file(self, component: str, precision: str, fused: bool = False) -> ComponentFile:
+        """The file of ``component`` at ``precision``: the plain graph, or ONNX Runtime's fused one."""
         if component not in self.components:
             raise ManifestError(f"this artifact folder has no {component} (it has {sorted(self.components)})")
-        files = self.components[component].files
+        files = self.components[component].ort_fused if fused else self.components[component].files
         if precision not in files:
-            raise ManifestError(f"{component} was not exported at {precision} (it has {sorted(files)})")
+            what = "has no ONNX Runtime fused graph" if fused else "was not exported"
+            raise ManifestError(f"{component} {what} at {precision} (it has {sorted(files)})")
         return files[precision]
 
     def save(self, folder: str | os.PathLike[str]) -> None:
@@ -217,7 +231,7 @@ class Manifest:
         if self.max_noise_level is not None and self.max_noise_level < 0:
             return f"max_noise_level is {self.max_noise_level}, not >= 0"
         for name, component in self.components.items():
-            for file in component.files.values():
+            for file in component.all_files():
                 for spec in (*file.inputs, *file.outputs):
                     if not all(isinstance(d, str) or (type(d) is int and d > 0) for d in spec.shape):
                         return f"{name}: {spec.name} has shape {list(spec.shape)} (sizes must be positive integers)"
@@ -299,7 +313,7 @@ def load_manifest(folder: str | os.PathLike[str]) -> Manifest:
     folder = Path(folder)
     manifest = read_manifest(folder)
     for component in manifest.components.values():
-        for file in component.files.values():
+        for file in component.all_files():
             if problems := file_problems(folder, file):
                 raise manifest.damaged(folder, problems[0])
     return manifest

@@ -35,7 +35,7 @@ def verify_export(folder: str | os.PathLike[str]) -> Verification:
     problems: list[str] = []
     count = 0
     for component in manifest.components.values():
-        for file in component.files.values():
+        for file in component.all_files():  # the plain graphs, then ONNX Runtime's fused ones
             if found := file_problems(folder, file):  # missing, empty or of another size: no hash to compare
                 problems.extend(found)
                 continue

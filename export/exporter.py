@@ -10,7 +10,8 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +22,7 @@ from sdtrt.engine.fsutil import atomic_dir, onnx_digest, onnx_files, replace_ref
 from sdtrt.engine.manifest import MANIFEST_NAME, PRECISIONS, Component, ComponentFile, Manifest
 from sdtrt.engine.networks import COMPONENTS, TEXT_ENCODERS
 from sdtrt.engine.version import VERSION
-from sdtrt.export import networks, single_file
+from sdtrt.export import networks, ort_fusion, single_file
 from sdtrt.export.onnx_export import (
     DEFAULT_OPSET,
     MAX_OPSET,
@@ -129,8 +130,12 @@ def export_model(
     config: str | os.PathLike[str] | None = None,
     prediction_type: str | None = None,
     allow_pickle: bool = False,
+    ort_fused: bool = False,
 ) -> Manifest:
     """Export ``model`` to ``out_dir``; the folder appears only once complete.
+
+    ``ort_fused`` also writes ONNX Runtime's fused graphs of the UNet and the VAE (export/ort_fusion.py):
+    fp16 for its CUDA provider where ``precisions`` has fp16, the UNet's fp32 for its CPU one where fp32.
 
     ``model`` is a diffusers folder, a hub id or a single-file checkpoint; ``config``, ``prediction_type`` and
     ``allow_pickle`` apply to checkpoints only (single_file.converted_checkpoint). ``components`` defaults to
@@ -154,7 +159,9 @@ def export_model(
         folder = resolve_model_folder(model)
         resolved = contextlib.nullcontext((folder, {"path": str(Path(model)), "sha256": source_hash(folder)}))
     with resolved as (source, record):
-        return _export_folder(source, record, out_dir, precisions, components, opset, overwrite, progress)
+        return _export_folder(
+            source, record, out_dir, precisions, components, opset, overwrite, progress, ort_fused=ort_fused
+        )
 
 
 def export_refusal(folder: Path) -> str | None:
@@ -187,6 +194,7 @@ def _export_folder(
     opset: int,
     overwrite: bool,
     progress: bool,
+    ort_fused: bool = False,
 ) -> Manifest:
     """Export the diffusers folder ``source``; ``record`` is the manifest's note of where it came from."""
     import diffusers
@@ -263,13 +271,16 @@ def _export_folder(
         for name in steps:
             steps.set_postfix_str(name)
             try:
-                files = _export_network(load(name), specs[name], staging, precisions, opset)
+                fused: dict[str, ComponentFile] = {}  # ONNX Runtime's graphs, made from the plain fp32 file
+                upcast = name == "unet" and bool(unet_config.get("upcast_attention"))
+                fuse = functools.partial(_export_fused, into=fused, upcast_attention=upcast) if ort_fused else None
+                files = _export_network(load(name), specs[name], staging, precisions, opset, fuse)
             except (SdtrtError, ModuleNotFoundError):  # already one line; a missing package is the CLI's to explain
                 raise
             except Exception as exc:  # torch, diffusers, onnx: a long message and a deep traceback (see --debug)
                 raise ExportError(f"exporting {name} failed: {_one_line(exc)}") from exc
-            exported[name] = Component(files=files)
-            log.info("exported %s (%s)", name, ", ".join(files))
+            exported[name] = Component(files=files, ort_fused=fused)
+            log.info("exported %s (%s)", name, ", ".join([*files, *(f"{p} ORT-fused" for p in fused)]))
         for name in encoder_names:
             tokenizer_dir = staging / TEXT_ENCODERS[name]
             tokenizer_dir.mkdir()
@@ -302,9 +313,17 @@ def _export_folder(
 
 
 def _export_network(
-    module: torch.nn.Module, spec: networks.NetworkSpec, staging: Path, precisions: Sequence[str], opset: int
+    module: torch.nn.Module,
+    spec: networks.NetworkSpec,
+    staging: Path,
+    precisions: Sequence[str],
+    opset: int,
+    fuse: Callable[[Path, networks.NetworkSpec, Path, Sequence[str]], None] | None = None,
 ) -> dict[str, ComponentFile]:
-    """Write one network's ONNX files at ``precisions`` into ``staging``; returns them by precision."""
+    """Write one network's ONNX files at ``precisions`` into ``staging``; returns them by precision.
+
+    ``fuse`` is called with the fp32 file, the spec, ``staging`` and ``precisions`` while the fp32 file is
+    there (an export without fp32 removes it after)."""
     fp32_path = staging / f"{spec.name}.onnx"
     export_fp32(module.float(), spec, fp32_path, opset=opset)  # traces under no_grad
     files: dict[str, ComponentFile] = {}
@@ -312,6 +331,8 @@ def _export_network(
         fp16_path = staging / f"{spec.name}.fp16.onnx"
         convert_fp16(fp32_path, spec, fp16_path)
         files["fp16"] = _component_file(fp16_path, spec, "fp16")
+    if fuse is not None:
+        fuse(fp32_path, spec, staging, precisions)
     if "fp32" in precisions:
         files["fp32"] = _component_file(fp32_path, spec, "fp32")
     else:
@@ -319,6 +340,29 @@ def _export_network(
             file.unlink()
         map_path(fp32_path).unlink(missing_ok=True)
     return files
+
+
+def _export_fused(
+    fp32_path: Path,
+    spec: networks.NetworkSpec,
+    staging: Path,
+    precisions: Sequence[str],
+    *,
+    into: dict[str, ComponentFile],
+    upcast_attention: bool,
+) -> None:
+    """Write ONNX Runtime's fused graphs of the plain ``fp32_path`` into ``staging`` and their entries ``into``
+    by precision (none for a network it does not fuse): the CUDA provider's at fp16, the CPU provider's at fp32,
+    as ``precisions`` ask."""
+    if spec.name not in ort_fusion.MODEL_TYPES:
+        return
+    targets = {"fp16": "gpu"} if "fp16" in precisions else {}
+    if spec.name in ort_fusion.CPU_FUSED and "fp32" in precisions:
+        targets["fp32"] = "cpu"
+    for precision, target in targets.items():
+        path = staging / f"{spec.name}.ort{'.fp16' if precision == 'fp16' else ''}.onnx"
+        report = ort_fusion.fuse(fp32_path, spec, target, path, upcast_attention=upcast_attention)
+        into[precision] = replace(_component_file(path, spec, precision), fusion=report.to_dict())
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:

@@ -65,10 +65,20 @@ def _parser() -> argparse.ArgumentParser:
         "--precision", nargs="+", choices=PRECISIONS, default=["fp32"], help="ONNX variants (default: fp32)"
     )
     export.add_argument(
-        "--components", nargs="+", choices=COMPONENTS, default=None, help="networks (default: all the model uses)"
+        "--components",
+        nargs="+",
+        choices=[c for c in COMPONENTS if c != "unet_controlnet"],  # that one comes with add-controlnet
+        default=None,
+        help="networks (default: all the model uses)",
     )
     export.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing artifact folder")
+    export.add_argument(
+        "--ort-fused",
+        action="store_true",
+        help="also write ONNX Runtime's fused graphs of the UNet and VAE (fused attention, GroupNorm, ...): "
+        "fp16 ones for ort-cuda with --precision fp16, the UNet's fp32 one for ort-cpu with fp32",
+    )
     export.add_argument(
         "--config",
         type=Path,
@@ -229,6 +239,7 @@ def _export(args: argparse.Namespace) -> None:
         config=args.config,
         prediction_type=args.prediction_type,
         allow_pickle=args.allow_pickle,
+        ort_fused=args.ort_fused,
     )
     print(f"exported {args.model} to {args.out}")
 
@@ -255,9 +266,10 @@ def _info(args: argparse.Namespace) -> None:
     tokenizers = ", ".join(f"{tok}/" for tok in m.tokenizers.values())
     print(f"scheduler: {m.scheduler.get('_class_name')}   tokenizers: {tokenizers} ({m.text_max_length} tokens)")
     for name, component in m.components.items():
+        listed = [*component.files.items(), *((f"{p} ORT-fused", f) for p, f in component.ort_fused.items())]
         files = ", ".join(
             f"{p}: {f.path} ({sum(x.stat().st_size for x in folder.glob(f.path + '*')) / 2**20:.1f} MiB)"
-            for p, f in component.files.items()
+            for p, f in listed
         )
         print(f"  {name}: {files}")
     fp16 = any("fp16" in component.files for component in m.components.values())
