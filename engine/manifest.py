@@ -16,7 +16,7 @@ from typing import Any
 
 from sdtrt.engine.errors import ManifestError
 from sdtrt.engine.fsutil import write_json_atomic
-from sdtrt.engine.networks import COMPONENTS
+from sdtrt.engine.networks import COMPONENTS, CONTROLNET_PREFIX, is_known_network
 from sdtrt.engine.session import TensorSpec
 
 FORMAT_VERSION = 1
@@ -149,6 +149,9 @@ class Manifest:
     # concatenated: {"text_encoder": "tokenizer"}, SDXL adds "text_encoder_2": "tokenizer_2"
     tokenizers: dict[str, str] = field(default_factory=lambda: {"text_encoder": "tokenizer"})
     force_zeros_for_empty_prompt: bool = False  # SDXL: no negative prompt means zero embeddings, not ""
+    # attached ControlNets by name (their network: "controlnet.<name>"): {"source": {"path", "sha256"},
+    # "global_pool_conditions": bool}; older manifests have none
+    controlnets: dict[str, dict[str, Any]] = field(default_factory=dict)
     sdtrt_version: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -173,6 +176,7 @@ class Manifest:
             "tokenizers": dict(self.tokenizers),
             "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt,
             "components": {name: c.to_dict() for name, c in self.components.items()},
+            "controlnets": {name: dict(facts) for name, facts in self.controlnets.items()},
         }
 
     @classmethod
@@ -197,6 +201,7 @@ class Manifest:
             tokenizers={str(k): str(v) for k, v in d["tokenizers"].items()},
             force_zeros_for_empty_prompt=bool(d["force_zeros_for_empty_prompt"]),
             components={str(k): Component.from_dict(v) for k, v in d["components"].items()},
+            controlnets={str(k): dict(v) for k, v in d.get("controlnets", {}).items()},
         )
 
     def component_file(self, component: str, precision: str, fused: bool = False) -> ComponentFile:
@@ -299,9 +304,12 @@ def read_manifest(folder: str | os.PathLike[str]) -> Manifest:
         raise damaged_export(folder, source, f"corrupt manifest {path}: {detail}") from exc
     if manifest.family not in FAMILIES:
         raise ManifestError(f"{path}: model family {manifest.family!r} is not supported (known: {FAMILIES})")
-    unknown = sorted(set(manifest.components) - set(COMPONENTS))
+    unknown = sorted(name for name in manifest.components if not is_known_network(name))
     if unknown:  # each network's batch rule, LoRA and fallback facts come from engine/networks.py
-        raise ManifestError(f"{path}: unknown networks {unknown} (known: {', '.join(COMPONENTS)})")
+        known = ", ".join((*COMPONENTS, f"{CONTROLNET_PREFIX}NAME"))
+        raise ManifestError(f"{path}: unknown networks {unknown} (known: {known})")
+    if missing := sorted(set(manifest.controlnets) - {n.removeprefix(CONTROLNET_PREFIX) for n in manifest.components}):
+        raise manifest.damaged(folder, f"{path}: ControlNets {missing} have no network in the manifest")
     if problem := manifest.size_problem():
         raise manifest.damaged(folder, f"{path}: {problem}")
     return manifest

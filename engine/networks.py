@@ -11,6 +11,7 @@ record, not an edit in six lists.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,8 +21,10 @@ Range = tuple[int, int, int]  # (min, opt, max)
 #   "cfg": the UNet runs both halves of a CFG step as one batch: 2B with guidance, else B;
 #   "prompts": text encoders see the prompts, then the negative prompts: 1 .. 2B;
 #   "source": the VAE encoder sees one source (or masked) image, repeated in latent space: 1 .. B;
-#   "images": one row per image (the VAE decoder).
-BatchRule = Literal["cfg", "prompts", "source", "images"]
+#   "images": one row per image (the VAE decoder);
+#   "control": a ControlNet: the CFG batch, or in guess mode only its conditional half: B .. 2B.
+BatchRule = Literal["cfg", "prompts", "source", "images", "control"]
+CONTROLNET_PREFIX = "controlnet."  # attached ControlNets are networks named "controlnet.<name>"
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,12 @@ class Network:
     lora: bool = False  # LoRA may change its weights: the export writes its weight map
     fp32_fallback: bool = False  # fp16 output checked for NaN/inf and recomputed by the fp32 variant
     tokenizer: str | None = None  # text encoders: the tokenizer folder beside the ONNX files
+    lora_keys: str | None = None  # the network whose LoRA keys adapt this one, where not its own name
+
+    @property
+    def lora_component(self) -> str:
+        """The component a LoRA file names for this network's weights ("unet." keys for both UNets)."""
+        return self.lora_keys or self.name
 
     def batch_range(self, images: Range, cfg: bool, static: bool) -> Range:
         """(min, opt, max) batch of this network when a request holds ``images`` (min, opt, max) images."""
@@ -42,22 +51,55 @@ class Network:
             return 1, opt, factor * hi
         if self.batch == "source":
             return 1, 1, hi
+        if self.batch == "control":
+            return lo, factor * opt, factor * hi
         return lo, opt, hi
 
 
-NETWORKS: dict[str, Network] = {
-    network.name: network
+class NetworkTable(dict[str, Network]):
+    """The records by name; an attached ControlNet "controlnet.<name>" has the "controlnet" record."""
+
+    def __missing__(self, name: str) -> Network:
+        if is_controlnet(name):
+            return self["controlnet"]
+        raise KeyError(name)
+
+
+def is_controlnet(name: str) -> bool:
+    """Whether ``name`` is an attached ControlNet's network ("controlnet.<name>")."""
+    return name.startswith(CONTROLNET_PREFIX) and len(name) > len(CONTROLNET_PREFIX)
+
+
+NETWORKS: NetworkTable = NetworkTable(
+    (network.name, network)
     for network in (
         Network("text_encoder", "prompts", lora=True, tokenizer="tokenizer"),
         Network("text_encoder_2", "prompts", lora=True, tokenizer="tokenizer_2"),  # SDXL's second encoder
         Network("unet", "cfg", lora=True),
         Network("vae_decoder", "images", fp32_fallback=True),  # SD 1.x VAE decoders overflow in fp16
         Network("vae_encoder", "source"),
+        # ControlNet: the UNet that takes the ControlNets' down/mid residuals as inputs, exported beside the plain
+        # UNet when the first ControlNet is attached (export/controlnet.py), and the ControlNets themselves
+        Network("unet_controlnet", "cfg", lora=True, lora_keys="unet"),
+        Network("controlnet", "control"),
     )
-}
-COMPONENTS = tuple(NETWORKS)  # in the order an export writes them
+)
+# the networks an export may hold under their own name, in the order it writes them; attached ControlNets
+# follow as "controlnet.<name>" (is_known_network)
+COMPONENTS = tuple(name for name in NETWORKS if name != "controlnet")
 TEXT_ENCODERS = {n.name: n.tokenizer for n in NETWORKS.values() if n.tokenizer}  # network -> tokenizer folder
 LORA_NETWORKS = tuple(n.name for n in NETWORKS.values() if n.lora)
+
+
+def is_known_network(name: str) -> bool:
+    """Whether an export may hold a network named ``name``."""
+    return name in COMPONENTS or is_controlnet(name)
+
+
+def export_order(names: Iterable[str]) -> list[str]:
+    """``names`` in the order an export writes them: COMPONENTS', then the attached ControlNets by name."""
+    names = set(names)
+    return [c for c in COMPONENTS if c in names] + sorted(n for n in names if is_controlnet(n))
 
 
 def native_side_range(native: int, step: int) -> Range:

@@ -25,6 +25,8 @@ from sdtrt.engine.session import TensorSpec
 DEFAULT_BATCH = (1, 4)  # images per request in the default dynamic profile (the UNet sees twice this with CFG)
 
 Shape = tuple[int, ...]
+# "latent_height_4": the latent height divided by 4 (the UNet's down-sampled sides, ControlNet residuals)
+SCALED_LATENT_DIM = re.compile(r"(latent_height|latent_width)_([1-9][0-9]*)")
 ShapeRange = tuple[Shape, Shape, Shape]  # (min, opt, max) shapes of one input
 
 
@@ -192,6 +194,8 @@ def component_dims(manifest: Manifest, component: str, spec: ProfileSpec) -> dic
     dims = {}
     for file in manifest.components[component].files.values():
         for name in (dim for tensor in file.inputs for dim in tensor.shape if isinstance(dim, str)):
+            if (scaled := SCALED_LATENT_DIM.fullmatch(name)) is not None:  # a ControlNet residual's side
+                images[name] = tuple(side // int(scaled[2]) for side in images[scaled[1]])
             if name not in images:
                 raise ManifestError(f"{component}: unknown dynamic dimension {name!r} in the manifest's inputs")
             dims[name] = images[name]
@@ -223,7 +227,7 @@ def suggest_profile(manifest: Manifest, component: str, dims: Mapping[str, int],
     width = dims["latent_width"] * f if "latent_width" in dims else dims.get("width", built.width[1])
     batch, cfg = dims.get("batch", built.batch[1]), built.cfg
     rule = NETWORKS[component].batch  # the inverse of Network.batch_range
-    if rule == "cfg":
+    if rule in ("cfg", "control"):  # a ControlNet in guess mode runs B: that too fits the CFG profile
         cfg = cfg and batch % 2 == 0  # an odd UNet batch is a run without guidance
         batch = batch // 2 if cfg else batch
     elif rule == "prompts" and cfg:

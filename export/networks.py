@@ -176,7 +176,8 @@ class TextEncoderNet(torch.nn.Module):
 
 
 class UNetNet(torch.nn.Module):
-    """The UNet with its extra conditioning inputs, named as in unet_spec, after the first three."""
+    """The UNet with its extra conditioning inputs, named as in unet_spec, after the first three; the UNet that
+    takes ControlNet residuals has them last ("down_residual_<i>", "mid_residual": export/controlnet.py)."""
 
     def __init__(self, unet: torch.nn.Module, extra_inputs: tuple[str, ...] = ()) -> None:
         super().__init__()
@@ -188,6 +189,7 @@ class UNetNet(torch.nn.Module):
     ) -> torch.Tensor:
         named = dict(zip(self.extra_inputs, extra, strict=True))
         added = {k: named[k] for k in ("text_embeds", "time_ids") if k in named}  # SDXL micro-conditioning
+        down_residuals = [value for name, value in named.items() if name.startswith("down_residual_")]
         return self.unet(
             sample,
             timestep,
@@ -195,6 +197,8 @@ class UNetNet(torch.nn.Module):
             class_labels=named["noise_level"].long() if "noise_level" in named else None,
             timestep_cond=named.get("timestep_cond"),
             added_cond_kwargs=added or None,
+            down_block_additional_residuals=down_residuals or None,
+            mid_block_additional_residual=named.get("mid_residual"),
             return_dict=False,
         )[0]
 

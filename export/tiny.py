@@ -284,3 +284,45 @@ def build_tiny_upscaler(out_dir: str | os.PathLike[str], seed: int = 0, overwrit
         watermarker=None,
         max_noise_level=350,
     )
+
+
+def build_tiny_controlnet(
+    out_dir: str | os.PathLike[str], seed: int = 0, overwrite: bool = False, sdxl: bool = False, pooled: bool = False
+) -> Path:
+    """A tiny ControlNet for the tiny SD 1.x UNet (``sdxl``: the tiny SDXL base's), as a diffusers folder.
+
+    diffusers starts a ControlNet's output convolutions at zero (its residuals would be zero, and a parity test
+    vacuous): here they get seeded random weights. ``pooled`` sets global_pool_conditions (shuffle-style nets).
+    """
+    import torch
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    extra = {}
+    if sdxl:  # as build_tiny_sdxl's UNet
+        extra = {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 6 * 8 + 32,
+            "use_linear_projection": True,
+        }
+    controlnet = ControlNetModel(
+        in_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        cross_attention_dim=64 if sdxl else 32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+        conditioning_embedding_out_channels=(16, 16, 16, 16),  # three stride-2 convolutions: the VAE's 8x
+        global_pool_conditions=pooled,
+        **extra,
+    )
+    with torch.no_grad():
+        zero_initialized = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+        for conv in (*zero_initialized, controlnet.controlnet_cond_embedding.conv_out):
+            conv.weight.normal_(0.0, 0.1)
+            conv.bias.normal_(0.0, 0.1)
+    with atomic_dir(out_dir, overwrite=overwrite) as staging:
+        controlnet.save_pretrained(staging, safe_serialization=True)
+    return Path(out_dir)

@@ -21,6 +21,7 @@ from sdtrt.engine.errors import InvalidInputError
 from sdtrt.engine.manifest import Manifest
 from sdtrt.runtime import image as imageio
 from sdtrt.runtime.conditioning import Conditioner
+from sdtrt.runtime.control import Control
 from sdtrt.runtime.request import Limits, Request
 from sdtrt.runtime.schedulers import Scheduler, make_scheduler
 from sdtrt.runtime.sessions import Networks
@@ -56,8 +57,10 @@ class Generation:
         rng: NormalSource | None,
         progress: ProgressCallback | None,
         limits: Limits,
+        control: Control | None = None,
     ) -> None:
         self.start = time.perf_counter()
+        self.control = control  # checked ControlNet options (runtime/control.py), or None
         self.networks = networks
         self.conditioner = conditioner
         self.manifest: Manifest = networks.artifact.manifest
@@ -167,14 +170,21 @@ class Generation:
         t0 = time.perf_counter()
         if condition is not None and self.cfg:
             condition = np.concatenate([condition, condition])
+        control = self.control
+        if control is not None:  # its window counts the steps this run takes, as diffusers' controlnet_keep
+            f = self.manifest.vae_scale_factor
+            control.begin(len(sched.timesteps) - start, len(latents), self.cfg, *(f * n for n in latents.shape[2:]))
+            control_seconds = control.seconds
         for i in range(start, stop):
             model_input = np.concatenate([latents, latents]) if self.cfg else latents
             model_input = sched.scale_model_input(model_input, i)  # (2B or B, C, h, w) float32
+            timestep = np.full(model_input.shape[0], sched.timesteps[i], dtype=np.float32)
+            residuals = {} if control is None else control.residuals(i - start, model_input, timestep, feeds)
             if condition is not None:
                 model_input = np.concatenate([model_input, condition], axis=1)
-            timestep = np.full(model_input.shape[0], sched.timesteps[i], dtype=np.float32)
             u0 = time.perf_counter()
-            noise_pred = self.networks.run("unet", sample=model_input, timestep=timestep, **feeds)
+            unet = "unet_controlnet" if residuals else "unet"  # the UNet that takes ControlNet residuals
+            noise_pred = self.networks.run(unet, sample=model_input, timestep=timestep, **feeds, **residuals)
             unet_seconds += time.perf_counter() - u0
             if self.cfg:
                 uncond_pred, text_pred = np.split(noise_pred, 2)
@@ -186,7 +196,11 @@ class Generation:
             if self.progress is not None:
                 self.progress(i - start + 1, stop - start)
         self.add_time("unet", unet_seconds)
-        self.add_time("scheduler", time.perf_counter() - t0 - unet_seconds)
+        other_seconds = 0.0
+        if control is not None:
+            other_seconds = control.seconds - control_seconds
+            self.add_time("controlnet", other_seconds)
+        self.add_time("scheduler", time.perf_counter() - t0 - unet_seconds - other_seconds)
         return latents
 
     def decode(self, latents: np.ndarray) -> np.ndarray:

@@ -28,6 +28,7 @@ from sdtrt.engine.session import Session
 from sdtrt.runtime import image as imageio
 from sdtrt.runtime import inpainting, tasks
 from sdtrt.runtime.conditioning import Conditioner
+from sdtrt.runtime.control import CONTROL_OPTIONS, check_control
 from sdtrt.runtime.generation import Generation, GenerationResult, NormalSource, ProgressCallback
 from sdtrt.runtime.request import REQUEST_OPTIONS, Limits, Request
 from sdtrt.runtime.sessions import Networks
@@ -173,14 +174,15 @@ class Pipeline:
             raise InvalidInputError(f"run takes a Request (sdtrt.runtime.request), got {type(request).__name__}")
         function = TASK_FUNCTIONS[task]
         own = list(inspect.signature(function).parameters)[1:]  # after the Generation
-        if unknown := sorted(set(inputs) - set(own)):
+        if unknown := sorted(set(inputs) - set(own) - set(CONTROL_OPTIONS)):
             raise InvalidInputError(
                 f"{task} has no option {', '.join(map(repr, unknown))} (its own: {', '.join(own)}; "
                 f"shared: {', '.join(REQUEST_OPTIONS)}, progress, rng)"
             )
         checked = request.checked(task, self.limits)
+        control = check_control(task, inputs, self.networks)  # ControlNet options: images loaded, all checked
         try:
-            generation = Generation(self.networks, self.conditioner, checked, rng, progress, self.limits)
+            generation = Generation(self.networks, self.conditioner, checked, rng, progress, self.limits, control)
             return function(generation, **inputs)
         except Exception as exc:
             if isinstance(exc, SdtrtError) or (detail := _allocation_failure(exc)) is None:
@@ -203,6 +205,11 @@ class Pipeline:
         through img2img with ``denoising_start``); ``decode=False`` skips the VAE and returns only
         latents. Timings in the result, in seconds: text_encoder, unet (all steps), scheduler (the
         NumPy loop outside the UNet), vae_decode and total.
+
+        ControlNets (txt2img, img2img, inpaint), with diffusers' names: ``control_image`` (one per
+        ControlNet), ``controlnet`` (attached names; default all), ``controlnet_conditioning_scale``,
+        ``control_guidance_start`` / ``control_guidance_end`` and ``guess_mode`` (runtime/control.py).
+        Without height and width, txt2img draws at the first control image's size fitted to the model.
         """
         return self._task("txt2img", prompt, options)
 

@@ -17,6 +17,7 @@ import numpy as np
 from sdtrt.engine.artifact import Artifact
 from sdtrt.engine.errors import InvalidInputError
 from sdtrt.engine.manifest import rebuild_command
+from sdtrt.engine.networks import NETWORKS
 from sdtrt.engine.session import Session, TensorSpec
 from sdtrt.runtime.lora import LoraAdapter, compose, read_lora
 from sdtrt.runtime.request import is_real
@@ -37,7 +38,7 @@ class Networks:
         session = self.artifact.session(network)
         weight_map = self.artifact.weight_map(network)
         if not opened and self._loras and weight_map is not None:
-            session.set_weights(compose(weight_map, network, list(self._loras.values())))
+            session.set_weights(compose(weight_map, NETWORKS[network].lora_component, list(self._loras.values())))
         return session
 
     def inputs(self, network: str) -> dict[str, TensorSpec]:
@@ -108,7 +109,7 @@ class Networks:
         (a session whose weights stay the base ones does nothing)."""
         adapters = list(loras.values())
         composed = {  # all of them first: weights that do not compose change no session
-            network: compose(weight_map, network, adapters)
+            network: compose(weight_map, NETWORKS[network].lora_component, adapters)  # unet_controlnet: unet's
             for network, weight_map in self.artifact.weight_maps().items()
             if self.artifact.is_open(network)
         }

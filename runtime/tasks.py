@@ -35,6 +35,8 @@ def txt2img(
     r = gen.request
     height = m.default_height if r.height is None else r.height
     width = m.default_width if r.width is None else r.width
+    if gen.control is not None and r.height is None and r.width is None:  # diffusers: the control image's size
+        height, width = default_size(gen, gen.control.first_image)
     check_size(gen, height, width)
     shape = gen.latent_shape(height, width)
     if latents is not None:

@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     gen = command("generate", _run_task, "draw a prompt: text to image", "folder", "prompt")
-    _add_size_options(gen)
+    _add_size_options(gen, "the model's native size; with --control, the first control image's, fitted")
     _add_generation_options(gen, "txt2img", ("height", "width"), steps=30)
 
     img2img = command("img2img", _run_task, "transform an image by a prompt", "folder", "image", "prompt")
@@ -121,6 +121,20 @@ def _parser() -> argparse.ArgumentParser:
     outpaint.add_argument("--overlap", type=int, default=16, help="pixels of the old image repainted at the seam")
     outpaint.add_argument("--mask-blur", type=float, default=8.0, help="seam feathering in pixels (default 8)")
     _add_generation_options(outpaint, "outpaint", ("image", *sides, "overlap", "mask_blur"), steps=50)
+
+    for drawing in (gen, img2img, inpaint):
+        _add_control_options(drawing)
+
+    summary = "attach a ControlNet to an export"
+    more = (
+        "The first one also exports the UNet that takes ControlNet residuals, from the base model (the one the "
+        "manifest names, or --base). Then: sdtrt generate FOLDER PROMPT --control NAME=IMAGE."
+    )
+    attach = command("add-controlnet", _add_controlnet, summary, "folder", more=more)
+    attach.add_argument("controlnet", help="a diffusers ControlNet folder, a hub id, or one .safetensors file")
+    attach.add_argument("--name", default=None, help="what --control calls it (default: its folder or file name)")
+    attach.add_argument("--base", default=None, help="the model FOLDER was exported from (default: as recorded)")
+    attach.add_argument("--overwrite", action="store_true", help="replace a ControlNet attached under this name")
 
     summary = "4x super-resolution with an x4-upscaler export"
     upscale = command("upscale", _run_task, summary, "folder", "image", "prompt")
@@ -213,6 +227,29 @@ def _add_generation_options(
     )
 
 
+def _add_control_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--control",
+        action="append",
+        type=_control_option,
+        default=[],
+        metavar="NAME=IMAGE[:SCALE]",
+        help="condition on IMAGE through the attached ControlNet NAME at SCALE (default 1); repeatable",
+    )
+    parser.add_argument("--control-start", type=float, default=0.0, help="ControlNets act from this fraction of steps")
+    parser.add_argument("--control-end", type=float, default=1.0, help="... up to this fraction (default 1)")
+    parser.add_argument("--guess-mode", action="store_true", help="ControlNets see the conditional half only")
+
+
+def _control_option(text: str) -> tuple[str, Path, float]:
+    """NAME=IMAGE[:SCALE] -> (name, image, scale); a colon not followed by a number is part of the path."""
+    name, _, image = text.partition("=")
+    if not name or not image:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=IMAGE[:SCALE]")
+    path, scale = _lora_option(image)
+    return name, path, scale
+
+
 def _lora_option(text: str) -> Lora:
     """PATH[:SCALE] -> (path, scale); a colon not followed by a number is part of the path."""
     path, _, scale = text.rpartition(":")
@@ -247,9 +284,28 @@ def _export(args: argparse.Namespace) -> None:
 def _run_task(args: argparse.Namespace) -> None:
     """generate / img2img / inpaint / outpaint / upscale: pipeline method ``args.method``."""
     options = {PIPELINE_NAMES.get(name, name): getattr(args, name) for name in args.options}
+    if getattr(args, "control", None):
+        names, images, scales = (list(column) for column in zip(*args.control, strict=True))
+        options |= {
+            "controlnet": names,
+            "control_image": images,
+            "controlnet_conditioning_scale": scales,
+            "control_guidance_start": args.control_start,
+            "control_guidance_end": args.control_end,
+            "guess_mode": args.guess_mode,
+        }
+    elif "control" in vars(args) and (args.guess_mode or (args.control_start, args.control_end) != (0, 1)):
+        raise SdtrtError("--control-start, --control-end and --guess-mode need a --control NAME=IMAGE")
     generate_images(
         args.method, args.folder, args.prompt, args.out, args.quiet, args.backend, args.lora, args.precision, **options
     )
+
+
+def _add_controlnet(args: argparse.Namespace) -> None:
+    from sdtrt.export.controlnet import attach_controlnet
+
+    manifest = attach_controlnet(args.folder, args.controlnet, name=args.name, base=args.base, overwrite=args.overwrite)
+    print(f"attached {args.controlnet} to {args.folder} (ControlNets: {', '.join(manifest.controlnets)})")
 
 
 def _info(args: argparse.Namespace) -> None:
