@@ -8,14 +8,14 @@ TORCH  ?= torch==2.13.0
 MODEL  ?= export/assets/tiny-sd
 OUT    ?= artifacts/$(notdir $(MODEL))-onnx
 
-.PHONY: setup demo test lint format export engines bench train-tiny clean
+.PHONY: setup demo test lint format export engines bench serve train-tiny train-tiny-controlnet clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[export,cpu,bench,dev]"
+	$(PY) -m pip install -q -e ".[export,cpu,bench,dev,serve,controlnet]"
 	touch $@
 
 demo: setup  ## export the embedded demo model, draw one image on the CPU
@@ -42,9 +42,19 @@ BUILD ?=
 engines: setup  ## make engines DIR=artifacts/name-onnx [BUILD="--static HxW --batch N" | "--dynamic 256-1024"]
 	$(VENV)/bin/sdtrt build $(DIR) $(BUILD)
 
+# The demo model over HTTP on http://127.0.0.1:7860 (README "Serving"); e.g. make serve SERVE="--max-batch 8"
+SERVE ?=
+serve: setup  ## export the embedded demo model (once), then serve it: make serve [SERVE="--port N ..."]
+	$(VENV)/bin/sdtrt demo --quiet
+	$(VENV)/bin/sdtrt serve artifacts/tiny-sd-onnx $(SERVE)
+
 # Retrain the embedded demo model (about an hour on one CPU core; see README "The demo model").
 train-tiny: setup
 	$(PY) -m train.tiny --out export/assets/tiny-sd --overwrite
+
+# Retrain the demo model's tiny ControlNet (semantic maps) and its example maps (README "The demo model").
+train-tiny-controlnet: setup
+	$(PY) -m train.controlnet --out export/assets/tiny-controlnet --maps export/assets/maps --overwrite
 
 # sdtrt's backends beside diffusers in one run (README "Benchmarks"): JSONL rows, a markdown table and a PNG
 # under benchmarks/results/. With a GPU: SD-1.5-shaped, 512x512, every GPU backend and peer; without one:
@@ -57,8 +67,9 @@ else
 BENCH ?= --model sd15 --height 256 --width 256 --batch 2 --steps 10 --threads 1 --warmup 2 --no-interleave \
 	--out benchmarks/results/cpu.jsonl
 endif
-bench: setup  ## make bench [BENCH="--model sd15|sdxl|tiny|DIR --backend ... --sweep"]
+bench: setup  ## make bench [BENCH="--model sd15|sdxl|tiny|DIR --backend ... --sweep"]; then the serving row
 	$(PY) -m benchmarks.run $(BENCH)
+	$(PY) -m benchmarks.run --serving
 
 clean:
 	rm -rf artifacts .pytest_cache .ruff_cache

@@ -81,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
         help="measure the CPU backends one after another instead of turn by turn side by side",
     )
     p.add_argument("--no-report", action="store_true", help="skip the markdown table and the PNG")
+    p.add_argument(
+        "--serving",
+        action="store_true",
+        help="instead: the serving row (benchmarks/serving.py: `sdtrt serve` on the demo model or --export, "
+        "images/s and p50/p99 at 1/4/16 clients, batching on and off) into benchmarks/results/serving.jsonl",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="show a failed worker's traceback")
     return p
 
@@ -252,6 +258,12 @@ def _measure(jobs: Sequence[Job], rows: Sequence[dict[str, Any]], interleave: bo
 def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Parse the command line, measure, append the rows to --out, write the report; return the rows."""
     args = _parser().parse_args(argv)
+    if args.serving:
+        from benchmarks import serving
+
+        forwarded = ["--export", str(args.export)] if args.export else []
+        forwarded += ["--threads", str(args.threads)] if args.threads else []
+        return serving.run(forwarded)
     if args.verbose:
         log.setLevel(logging.DEBUG)
     gpu = gpu_name()

@@ -178,7 +178,61 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--grid", action="store_true", help="draw a labelled grid of example prompts: demo-grid.png")
+    _add_serve_command(command)
     return parser
+
+
+def _add_serve_command(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """`sdtrt serve`: its options, in groups (the defaults are sdtrt.serve.config's)."""
+    from sdtrt.engine.backends import BACKEND_NAMES
+
+    summary = "serve artifact folders over HTTP: native, OpenAI- and Automatic1111-compatible APIs"
+    more = (
+        "Each model is named by its folder's name. Needs `pip install 'sdtrt[serve]'`. An API key (Authorization: "
+        "Bearer KEY on every route but /healthz and /readyz) is read from the SDTRT_API_KEY environment variable."
+    )
+    serve = command("serve", _serve, summary, more=more)
+    serve.add_argument("folders", nargs="+", type=Path, metavar="ARTIFACTS", help=POSITIONAL_HELP["folder"])
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    serve.add_argument("--backend", choices=BACKEND_NAMES, default="auto", help="default: auto")
+    serve.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="openvino: bf16 or fp32")
+    serve.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="MODEL=PATH",
+        help="a LoRA adapter for MODEL that requests ask for by its file's name (loaded at scale 0); repeatable",
+    )
+    queue = serve.add_argument_group("queue and batching")
+    queue.add_argument(
+        "--queue-size", type=int, metavar="N", default=64, help="waiting requests per model before 429 (default 64)"
+    )
+    queue.add_argument(
+        "--max-batch", type=int, metavar="N", default=4, help="images per UNet batch; 1: no batching (default 4)"
+    )
+    queue.add_argument(
+        "--deadline", type=float, metavar="N", default=300.0, help="seconds a request may take in all (default 300)"
+    )
+    limits = serve.add_argument_group("limits per request")
+    limits.add_argument(
+        "--max-side", type=int, metavar="N", default=None, help="pixels per side (default: twice the native side)"
+    )
+    limits.add_argument("--max-steps", type=int, metavar="N", default=150, help="denoising steps (default 150)")
+    limits.add_argument("--max-images", type=int, metavar="N", default=8, help="images per request (default 8)")
+    limits.add_argument(
+        "--max-prompt-chars", type=int, metavar="N", default=2000, help="characters per prompt (default 2000)"
+    )
+    limits.add_argument("--max-body-mb", type=float, metavar="N", default=16.0, help="request body in MiB (default 16)")
+    ray = serve.add_argument_group("Ray Serve")
+    ray.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (needs ray[serve])")
+    ray.add_argument(
+        "--replicas", type=int, metavar="N", default=1, help="replicas, each with its own pipelines (default 1)"
+    )
+    ray.add_argument("--replica-cpus", type=float, metavar="N", default=1.0, help="CPUs per replica (default 1)")
+    ray.add_argument(
+        "--replica-gpus", type=float, metavar="N", default=0.0, help="GPUs per replica (default 0; 1 on a GPU node)"
+    )
 
 
 def _add_size_options(parser: argparse.ArgumentParser, default: str = "the model's native size") -> None:
@@ -367,6 +421,14 @@ def _build(args: argparse.Namespace) -> None:
         progress=not args.quiet,
     )
     print(f"{len(paths)} TensorRT plans for {profile.describe()} in {paths[0].parent}")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    try:
+        from sdtrt.serve.launch import serve
+    except ModuleNotFoundError as exc:
+        raise SdtrtError(f"{exc.name} is not installed; serving needs: pip install 'sdtrt[serve]'") from None
+    serve(args)
 
 
 def _demo(args: argparse.Namespace) -> None:

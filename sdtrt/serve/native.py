@@ -1,0 +1,63 @@
+"""The native JSON API: ``POST /v1/txt2img``, ``/v1/img2img``, ``/v1/inpaint``, ``/v1/outpaint``, ``/v1/upscale``.
+
+The body takes every option of the Python API's task (schemas.py). The answer is JSON with base64 PNGs,
+the seed and the stage timings, or, for one image asked for with ``Accept: image/png``, the PNG itself
+(seed and timings in the ``X-Seed`` and ``X-Timings`` headers).
+"""
+
+# no `from __future__ import annotations`: FastAPI reads each route's body type from its annotation at run time
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, Response
+
+from sdtrt.runtime.generation import GenerationResult
+from sdtrt.serve.errors import ApiError
+from sdtrt.serve.schemas import TASK_BODIES, GenerationBody, b64_png, encode_png
+from sdtrt.serve.server import Server
+from sdtrt.serve.worker import Job
+
+router = APIRouter(prefix="/v1", tags=["native"])
+
+
+def _route(task: str, body_type: type[GenerationBody]) -> Callable[..., Awaitable[Response]]:
+    async def generate(body: body_type, http: HttpRequest) -> Response:  # type: ignore[valid-type]
+        server: Server = http.app.state.server
+        inputs = await run_in_threadpool(body.task_inputs)  # decodes images: off the event loop
+        job = server.submit(task, body.to_request(), inputs, body.model, body.loras)
+        result = await server.wait(job, http)
+        return await run_in_threadpool(_answer, job, result, http.headers.get("accept", ""))
+
+    generate.__name__ = task
+    generate.__doc__ = f"{task}: every option of Pipeline.{task}, images as base64."
+    return generate
+
+
+for _task, _body in TASK_BODIES.items():
+    router.add_api_route(f"/{_task}", _route(_task, _body), methods=["POST"], name=_task)
+
+
+def _answer(job: Job, result: GenerationResult, accept: str) -> Response:
+    if "image/png" in accept and "application/json" not in accept:
+        if len(result.images) != 1:
+            raise ApiError("invalid_input", f"image/png answers one image, not {len(result.images)}: accept JSON")
+        headers = {"X-Seed": str(result.seed), "X-Timings": json.dumps(_timings(result))}
+        return Response(encode_png(result.images[0]), media_type="image/png", headers=headers)
+    body: dict[str, Any] = {
+        "images": [b64_png(image) for image in result.images],
+        "seed": result.seed,
+        "timings": _timings(result),
+        "model": job.model,
+        "scheduler": result.scheduler,
+        "backend": result.backend,
+        "request_id": job.id,
+    }
+    return JSONResponse(body)
+
+
+def _timings(result: GenerationResult) -> dict[str, float]:
+    return {stage: round(seconds, 6) for stage, seconds in result.timings.items()}
