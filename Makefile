@@ -58,14 +58,14 @@ train-tiny-controlnet: setup
 
 # sdtrt's backends beside diffusers in one run (README "Benchmarks"): JSONL rows, a markdown table and a PNG
 # under benchmarks/results/. With a GPU: SD-1.5-shaped, 512x512, every GPU backend and peer; without one:
-# 256x256 on OpenVINO (bf16 and fp32), ORT CPU and diffusers fp32 and bf16 on the CPU, one thread each,
-# one after the other (five SD-1.5 processes side by side need ~27 GiB; on a machine with room, drop
-# --no-interleave to let them take turns step by step). Anything else, e.g. make bench BENCH="--model sd15 --sweep".
+# 256x256 on OpenVINO (bf16), ORT CPU and diffusers fp32 and bf16 on the CPU, one thread each, side by side
+# taking turns step by step (~17 GiB together; add openvino-fp32 where ~22 GiB are free, or measure it with
+# --no-interleave). Anything else, e.g. make bench BENCH="--model sd15 --sweep".
 ifneq ($(shell command -v nvidia-smi 2>/dev/null),)
 BENCH ?= --model sd15 --height 512 --width 512 --batch 2 --steps 30 --out benchmarks/results/gpu.jsonl
 else
-BENCH ?= --model sd15 --height 256 --width 256 --batch 2 --steps 10 --threads 1 --warmup 2 --no-interleave \
-	--out benchmarks/results/cpu.jsonl
+BENCH ?= --model sd15 --backend openvino ort-cpu torch torch-bf16 --height 256 --width 256 --batch 2 --steps 10 \
+	--threads 1 --warmup 2 --out benchmarks/results/cpu.jsonl
 endif
 bench: setup  ## make bench [BENCH="--model sd15|sdxl|tiny|DIR --backend ... --sweep"]; then the serving row
 	$(PY) -m benchmarks.run $(BENCH)
