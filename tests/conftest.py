@@ -81,3 +81,14 @@ def tiny_upscaler_export(tiny_upscaler_dir: Path, tmp_path_factory: pytest.TempP
     out = tmp_path_factory.mktemp("exports") / "tiny-upscaler"
     export_model(tiny_upscaler_dir, out, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped demo model exported (fp32) once per session: the serving tests' model."""
+    from sdtrt.demo import demo_model_dir
+    from sdtrt.export.exporter import export_model
+
+    out = tmp_path_factory.mktemp("serve") / "tiny-sd"
+    export_model(demo_model_dir(), out, progress=False)
+    return out

@@ -28,7 +28,6 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 from PIL import Image  # noqa: E402
 
-from sdtrt.demo import demo_model_dir  # noqa: E402
 from sdtrt.runtime.pipeline import Pipeline  # noqa: E402
 
 API_KEY = "test-key-123"
@@ -74,16 +73,6 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-
-
-@pytest.fixture(scope="session")
-def demo_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shipped demo model exported (fp32) once per session (tests/test_serve_ray.py shares it)."""
-    from sdtrt.export.exporter import export_model
-
-    out = tmp_path_factory.mktemp("serve") / "tiny-sd"
-    export_model(demo_model_dir(), out, progress=False)
-    return out
 
 
 @pytest.fixture(scope="module")

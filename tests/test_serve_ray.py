@@ -17,13 +17,13 @@ import pytest
 pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
-from test_serve import ServerProcess, demo_export, png  # noqa: E402, F401  (demo_export: the shared fixture)
+from test_serve import ServerProcess, png  # noqa: E402
 
 REQUESTS, CLIENTS = 32, 8
 
 
 @pytest.fixture(scope="module")
-def ray_server(demo_export: Path) -> Iterator[ServerProcess]:  # noqa: F811
+def ray_server(demo_export: Path) -> Iterator[ServerProcess]:
     args = [str(demo_export), "--backend", "ort-cpu", "--ray", "--replicas", "2", "--replica-cpus", "1"]
     proc = ServerProcess(args, env={"RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}, ready_timeout=180)
     yield proc

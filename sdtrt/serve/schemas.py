@@ -15,6 +15,7 @@ from typing import Any
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from sdtrt.runtime.control import CONTROL_OPTIONS
 from sdtrt.runtime.request import Request
 from sdtrt.serve.errors import ApiError
 
@@ -62,19 +63,42 @@ class SizedBody(GenerationBody):
     width: int | None = None
 
 
-class Txt2ImgBody(SizedBody):
+class ControlledBody(SizedBody):
+    """A task that takes ControlNets (runtime/control.py), with diffusers' names; images as base64."""
+
+    controlnet: str | list[str] | None = Field(default=None, description="attached names; default: all of them")
+    control_image: str | list[str] | None = Field(default=None, description="one base64 image per ControlNet")
+    controlnet_conditioning_scale: float | list[float] | None = None
+    control_guidance_start: float | list[float] | None = None
+    control_guidance_end: float | list[float] | None = None
+    guess_mode: bool | None = None
+
+    def control_inputs(self) -> dict[str, Any]:
+        """The ControlNet options given, control images decoded (the pipeline checks the rest)."""
+        given = self.model_dump(include=set(CONTROL_OPTIONS), exclude_none=True)
+        if isinstance(images := given.get("control_image"), str):
+            given["control_image"] = decode_image(images, "control_image")
+        elif images is not None:
+            given["control_image"] = [decode_image(image, f"control_image[{i}]") for i, image in enumerate(images)]
+        return given
+
+    def task_inputs(self) -> dict[str, Any]:
+        return self.control_inputs()
+
+
+class Txt2ImgBody(ControlledBody):
     pass
 
 
-class Img2ImgBody(SizedBody):
+class Img2ImgBody(ControlledBody):
     image: str = Field(description="base64 PNG/JPEG/WebP")
     strength: float = 0.8
 
     def task_inputs(self) -> dict[str, Any]:
-        return {"image": decode_image(self.image, "image"), "strength": self.strength}
+        return {"image": decode_image(self.image, "image"), "strength": self.strength, **self.control_inputs()}
 
 
-class InpaintBody(SizedBody):
+class InpaintBody(ControlledBody):
     image: str
     mask: str = Field(description="base64 image of the image's size: white = repaint")
     strength: float = 1.0
@@ -82,7 +106,8 @@ class InpaintBody(SizedBody):
 
     def task_inputs(self) -> dict[str, Any]:
         image, mask = decode_image(self.image, "image"), decode_image(self.mask, "mask")
-        return {"image": image, "mask": mask, "strength": self.strength, "mask_blur": self.mask_blur}
+        own = {"image": image, "mask": mask, "strength": self.strength, "mask_blur": self.mask_blur}
+        return own | self.control_inputs()
 
 
 class OutpaintBody(GenerationBody):

@@ -13,6 +13,7 @@ from typing import Any
 from starlette.requests import Request as HttpRequest
 
 from sdtrt.engine.errors import SdtrtError
+from sdtrt.runtime.control import CONTROL_OPTIONS
 from sdtrt.runtime.generation import GenerationResult
 from sdtrt.runtime.request import Request
 from sdtrt.serve.config import ServeConfig, model_name
@@ -91,7 +92,7 @@ class Server:
         )
         if (rid := request_id.get()) != "-":  # the HTTP request's id: its log lines and the job's match
             job.id = rid
-        job.batch_key = self._batch_key(worker, task, checked, loras)
+        job.batch_key = self._batch_key(worker, task, checked, loras, job.inputs)
         worker.submit(job)
         return job
 
@@ -110,9 +111,12 @@ class Server:
                 f"a prompt of {longest} characters is above this server's limit of {limits.max_prompt_chars}",
             )
 
-    def _batch_key(self, worker: ModelWorker, task: str, checked: Request, loras: dict[str, float]) -> tuple | None:
-        """What jobs must share to run as one UNet batch: task, size, steps, scheduler, guidance on/off, LoRA scales."""
-        if task not in BATCHED_TASKS or self.config.max_batch < 2:
+    def _batch_key(
+        self, worker: ModelWorker, task: str, checked: Request, loras: dict[str, float], inputs: dict[str, Any]
+    ) -> tuple | None:
+        """What jobs must share to run as one UNet batch: task, size, steps, scheduler, guidance on/off, LoRA scales.
+        A request with ControlNets runs alone (its UNet takes residuals that others have not)."""
+        if task not in BATCHED_TASKS or self.config.max_batch < 2 or any(name in inputs for name in CONTROL_OPTIONS):
             return None
         m = worker.pipeline.manifest
         height = m.default_height if checked.height is None else checked.height

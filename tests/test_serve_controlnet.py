@@ -1,0 +1,75 @@
+"""`sdtrt serve` with a ControlNet attached: the native API's ControlNet options give the Python API's pixels,
+and a wrong control image count is one JSON error."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+from PIL import Image, ImageDraw  # noqa: E402
+from test_serve import STEPS, ServerProcess, b64, png  # noqa: E402
+
+from sdtrt.demo import demo_model_dir  # noqa: E402
+from sdtrt.runtime.pipeline import Pipeline  # noqa: E402
+
+PROMPT = "a red circle on a blue background"
+
+
+@pytest.fixture(scope="module")
+def controlnet_export(demo_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the demo export with a ControlNet "map" made from its UNet, its zero convolutions seeded so that
+    its residuals are not zero."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from sdtrt.export.controlnet import attach_controlnet
+
+    root = tmp_path_factory.mktemp("serve-controlnet")
+    folder = Path(shutil.copytree(demo_export, root / "tiny-sd"))
+    torch.manual_seed(0)
+    controlnet = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(demo_model_dir() / "unet"))
+    with torch.no_grad():
+        for name, parameter in controlnet.named_parameters():
+            if "controlnet_" in name and "cond_embedding" not in name:  # the zero convolutions
+                parameter.normal_(0, 0.05)
+    controlnet.save_pretrained(root / "controlnet")
+    attach_controlnet(folder, root / "controlnet", name="map")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def controlnet_server(controlnet_export: Path) -> Iterator[ServerProcess]:
+    proc = ServerProcess([str(controlnet_export), "--backend", "ort-cpu"])
+    yield proc
+    proc.close()
+
+
+def _map() -> Image.Image:
+    image = Image.new("RGB", (64, 64), "black")
+    ImageDraw.Draw(image).ellipse((8, 8, 32, 32), fill="white")
+    return image
+
+
+def test_controlnet_options_over_http_match_the_python_api(
+    controlnet_export: Path, controlnet_server: ServerProcess
+) -> None:
+    options = {"num_inference_steps": STEPS, "guidance_scale": 5.0, "seed": 3, "controlnet_conditioning_scale": 0.7}
+    with Pipeline.load(controlnet_export, backend="ort-cpu") as pipe:
+        expected = pipe.txt2img(PROMPT, controlnet="map", control_image=_map(), **options).images[0]
+        plain = pipe.txt2img(PROMPT, **{k: v for k, v in options.items() if not k.startswith("controlnet")}).images[0]
+    body = {"prompt": PROMPT, "controlnet": "map", "control_image": b64(_map()), **options}
+    with httpx.Client(base_url=controlnet_server.url, timeout=120) as client:
+        answer = client.post("/v1/txt2img", json=body)
+        assert answer.status_code == 200, answer.text
+        np.testing.assert_array_equal(png(answer.json()["images"][0]), np.asarray(expected))
+        assert not np.array_equal(np.asarray(expected), np.asarray(plain))  # the map changed the picture
+
+        wrong = client.post("/v1/txt2img", json={**body, "control_image": [b64(_map()), b64(_map())]})
+        assert wrong.status_code == 400
+        assert "take 1 control image(s), got 2" in wrong.json()["error"]["message"]
