@@ -1,12 +1,14 @@
-"""The training script of the demo model (train/tiny.py), run for a few steps: seeded, reproducible, loadable."""
+"""The training scripts of the demo model (train/tiny.py) and its ControlNet (train/controlnet.py), run for a
+few steps: seeded, reproducible, loadable."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from train import tiny
+from train import controlnet, tiny
 
 pytest.importorskip("torch")
 
@@ -59,3 +61,53 @@ def test_main_refuses_an_existing_out_before_training(
             tiny.main(args)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def few_steps_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny.train(tmp_path_factory.mktemp("base") / "tiny-sd", FEW_STEPS)
+
+
+def test_finetuning_keeps_the_vae_and_starts_from_the_weights(few_steps_model: Path, tmp_path: Path) -> None:
+    settings = tiny.Settings(**{**vars(FEW_STEPS), "finetune_from": str(few_steps_model), "unet_steps": 0})
+    out = tiny.train(tmp_path / "tiny-sd", settings)
+    assert _weights(out) == _weights(few_steps_model)  # no steps: the same model back
+
+
+def test_a_two_level_unet_fills_the_outer_levels(few_steps_model: Path, tmp_path: Path) -> None:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    two_levels = UNet2DConditionModel.from_pretrained(few_steps_model / "unet")
+    unet = tiny.build_unet(levels=3)
+    tiny.load_pretrained(few_steps_model, tiny.build_text_encoder(), unet)
+    new = unet.state_dict()
+    for key, value in two_levels.state_dict().items():
+        moved = key.replace("up_blocks.1.", "up_blocks.2.").replace("up_blocks.0.", "up_blocks.1.")
+        assert torch.equal(new[moved], value), key
+
+
+def test_the_controlnet_trains_seeded_and_loads(few_steps_model: Path, tmp_path: Path) -> None:
+    from diffusers import ControlNetModel
+    from safetensors.numpy import load_file
+
+    settings = controlnet.Settings(base=str(few_steps_model), images=8, steps=2, batch=4, warmup=1)
+    first = controlnet.train(tmp_path / "first", settings)
+    second = controlnet.train(tmp_path / "second", settings)
+    assert _weights(first) == _weights(second) != {}
+    for weights in first.rglob("*.safetensors"):
+        assert {str(array.dtype) for array in load_file(weights).values()} == {"float16"}, weights
+    net = ControlNetModel.from_pretrained(first)
+    assert list(net.config.block_out_channels) == list(tiny.build_unet().config.block_out_channels)
+    assert (first / "training.json").is_file()
+
+
+def test_the_example_maps_are_semantic_maps(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from train import shapes
+
+    for path in controlnet.write_example_maps(tmp_path):
+        kind, region = shapes.read_map(np.asarray(Image.open(path).convert("RGB")))
+        assert kind in path.stem
+        assert 0 < region.mean() < 0.5

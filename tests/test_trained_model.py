@@ -1,13 +1,17 @@
 """The shipped demo model draws what it is asked, through export, engine and runtime, on every backend present.
 
 The model (export/assets/tiny-sd, trained by train/tiny.py) knows one coloured shape on a coloured
-background. Its pictures are judged by pixel statistics (train.shapes.dominant_colours): the
-background is the commonest palette colour on the border, the shape the commonest other colour
-around the centre of mass of the rest.
+background. Its pictures are judged by pixel statistics (train.shapes): the background is the
+commonest palette colour on the border, the shape the commonest other colour around the centre of
+mass of the rest (dominant_colours); the shape's kind is read from the share of its bounding box it
+fills (shape_kind), its place from its centroid (shape_position). The shipped tiny ControlNet
+(export/assets/tiny-controlnet, train/controlnet.py) is judged by train.evaluate.map_accuracy.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -20,27 +24,33 @@ from sdtrt.demo import DEMO_GRID_PROMPTS, demo_model_dir
 from sdtrt.engine.backends import BACKENDS
 from sdtrt.engine.errors import BackendUnavailableError
 from sdtrt.runtime.pipeline import Pipeline
-from train import shapes
+from train import evaluate, shapes
 
-# (prompt, shape colour, background colour): every colour as a shape and as a background, in every caption form
+# (prompt, shape colour, background colour, kind, place or None): every colour as a shape and as a
+# background, every kind four times, every place, in every caption form
 CASES = [
-    ("a red circle on a blue background", "red", "blue"),
-    ("a yellow square on a black background, top left", "yellow", "black"),
-    ("a small green triangle on a white background, bottom right", "green", "white"),
-    ("a large blue circle on a yellow background, top right", "blue", "yellow"),
-    ("a white square on a red background, center", "white", "red"),
-    ("a black triangle on a green background", "black", "green"),
-    ("a large red square on a white background", "red", "white"),
-    ("a small yellow circle on a blue background, bottom left", "yellow", "blue"),
-    ("a green circle on a black background, center", "green", "black"),
-    ("a blue triangle on a white background, top left", "blue", "white"),
-    ("a white circle on a green background, bottom right", "white", "green"),
-    ("a black square on a yellow background, top right", "black", "yellow"),
+    ("a red circle on a blue background", "red", "blue", "circle", None),
+    ("a yellow square on a black background, top left", "yellow", "black", "square", "top left"),
+    ("a small green triangle on a white background, bottom right", "green", "white", "triangle", "bottom right"),
+    ("a large blue circle on a yellow background, top right", "blue", "yellow", "circle", "top right"),
+    ("a white square on a red background, center", "white", "red", "square", "center"),
+    ("a black triangle on a green background", "black", "green", "triangle", None),
+    ("a large red square on a white background", "red", "white", "square", None),
+    ("a small yellow circle on a blue background, bottom left", "yellow", "blue", "circle", "bottom left"),
+    ("a green circle on a black background, center", "green", "black", "circle", "center"),
+    ("a blue triangle on a white background, top left", "blue", "white", "triangle", "top left"),
+    ("a white triangle on a green background, bottom right", "white", "green", "triangle", "bottom right"),
+    ("a black square on a yellow background, top right", "black", "yellow", "square", "top right"),
 ]
 STEPS = 20
 GUIDANCE = 5.0
-MIN_ACCURACY = 0.9
+MIN_COLOUR_ACCURACY = 0.9
+MIN_KIND_ACCURACY = 0.8  # python -m train.evaluate's bars for kind and place, on a dozen captions
+MIN_POSITION_ACCURACY = 0.8
+MIN_MAP_ACCURACY = 0.9  # the ControlNet: centroid, coverage and colours all right
+MAP_CASES = 10
 MAX_SHIPPED_MB = 20
+MAX_CONTROLNET_MB = 5
 
 
 @pytest.fixture(scope="session")
@@ -69,14 +79,46 @@ def _draw(pipe: Pipeline, prompt: str, seed: int) -> np.ndarray:
     return np.asarray(result.images[0])
 
 
-def test_colours_match_the_prompt(pipe: Pipeline) -> None:
+@pytest.fixture(scope="module")
+def drawn(pipe: Pipeline) -> list[np.ndarray]:
+    """The pictures of CASES on ``pipe``'s backend, one seed each."""
+    return [_draw(pipe, case[0], seed) for seed, case in enumerate(CASES)]
+
+
+def _assert_share(pipe: Pipeline, misses: list[str], total: int, bar: float, what: str) -> None:
+    accuracy = 1 - len(misses) / total
+    assert accuracy >= bar, f"{what} {accuracy:.0%} right on {pipe.backend.kind}; " + "; ".join(misses)
+
+
+def test_colours_match_the_prompt(pipe: Pipeline, drawn: list[np.ndarray]) -> None:
     misses = []
-    for seed, (prompt, colour, background) in enumerate(CASES):
-        got = shapes.dominant_colours(_draw(pipe, prompt, seed))
+    for seed, ((prompt, colour, background, _, _), image) in enumerate(zip(CASES, drawn, strict=True)):
+        got = shapes.dominant_colours(image)
         if got != (colour, background):
             misses.append(f"{prompt!r} (seed {seed}) drew a {got[0]} shape on {got[1]}")
-    accuracy = 1 - len(misses) / len(CASES)
-    assert accuracy >= MIN_ACCURACY, f"{accuracy:.0%} right on {pipe.backend.kind}; " + "; ".join(misses)
+    _assert_share(pipe, misses, len(CASES), MIN_COLOUR_ACCURACY, "colours")
+
+
+def test_kind_matches_the_prompt(pipe: Pipeline, drawn: list[np.ndarray]) -> None:
+    misses = []
+    for seed, ((prompt, _, _, kind, _), image) in enumerate(zip(CASES, drawn, strict=True)):
+        if (got := shapes.shape_kind(image)) != kind:
+            misses.append(f"{prompt!r} (seed {seed}) drew a {got}")
+    _assert_share(pipe, misses, len(CASES), MIN_KIND_ACCURACY, "kind")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 13: the shipped demo model ignores the place words (the seed decides where the shape goes); "
+    "README 'The demo model'. Remove this mark with a model that passes.",
+)
+def test_place_matches_the_prompt(pipe: Pipeline, drawn: list[np.ndarray]) -> None:
+    placed = [(seed, case, image) for seed, (case, image) in enumerate(zip(CASES, drawn, strict=True)) if case[4]]
+    misses = []
+    for seed, (prompt, _, _, _, position), image in placed:
+        if (got := shapes.shape_position(image)) != position:
+            misses.append(f"{prompt!r} (seed {seed}) drew it at {got}")
+    _assert_share(pipe, misses, len(placed), MIN_POSITION_ACCURACY, "place")
 
 
 def test_the_prompt_changes_the_picture(pipe: Pipeline) -> None:
@@ -96,13 +138,68 @@ def test_demo_grid_reuses_a_current_export(trained_export: Path, tmp_path: Path)
     assert Image.open(tmp_path / "demo-grid.png").size == (4 * 192, rows * (192 + 30))  # 4 columns of 3x 64 px
 
 
-def test_the_classifier_reads_the_training_images() -> None:
+def test_the_classifiers_read_the_training_images() -> None:
     scenes, images = shapes.make_dataset(200, seed=1)
     for scene, image in zip(scenes, images, strict=True):
         assert shapes.dominant_colours(image) == (scene.colour, scene.background), scene
+        assert shapes.shape_kind(image) == scene.shape, scene
+        assert shapes.shape_position(image) == scene.position, scene
+    assert shapes.shape_kind(np.full((64, 64, 3), 40, np.uint8)) is None  # no shape: nothing to classify
+    assert shapes.shape_position(np.full((64, 64, 3), 40, np.uint8)) is None
 
 
-def test_the_shipped_model_is_small() -> None:
-    files = [p for p in demo_model_dir().rglob("*") if p.is_file()]
-    assert any(p.suffix == ".safetensors" for p in files)
-    assert sum(p.stat().st_size for p in files) <= MAX_SHIPPED_MB * 2**20
+def test_the_map_score_passes_the_map_and_fails_the_mirror() -> None:
+    cases = evaluate.map_cases(20)
+    scenes = {case.seed: case.scene for case in cases}
+
+    def faithful(control: np.ndarray, prompt: str, seed: int) -> np.ndarray:
+        return shapes.render(scenes[seed])
+
+    def mirrored(control: np.ndarray, prompt: str, seed: int) -> np.ndarray:
+        return shapes.render(scenes[seed])[::-1, ::-1]
+
+    assert evaluate.map_accuracy(faithful, cases) == {"centroid": 1.0, "iou": 1.0, "colours": 1.0, "all": 1.0}
+    assert evaluate.map_accuracy(mirrored, cases)["all"] < 0.5
+    kind, region = shapes.read_map(cases[0].map)
+    assert kind == cases[0].scene.shape and region.any()
+
+
+def test_the_controlnet_draws_where_the_map_says() -> None:
+    pytest.importorskip("torch")
+    from train.controlnet import diffusers_drawer
+
+    draw = diffusers_drawer(demo_model_dir(), controlnet_dir(), steps=STEPS, guidance=GUIDANCE)
+    shares = evaluate.map_accuracy(draw, evaluate.map_cases(MAP_CASES))
+    assert shares["all"] >= MIN_MAP_ACCURACY, shares
+
+
+def test_the_controlnet_draws_where_the_map_says_on_the_runtime(trained_export: Path, tmp_path: Path) -> None:
+    from sdtrt.export.controlnet import attach_controlnet
+
+    export = shutil.copytree(trained_export, tmp_path / "tiny-sd-onnx")
+    attach_controlnet(export, controlnet_dir(), name="map")
+    shares = evaluate.map_accuracy_on_runtime(export, "map", MAP_CASES, steps=STEPS, guidance=GUIDANCE)
+    assert shares["all"] >= MIN_MAP_ACCURACY, shares
+
+
+def test_the_controlnet_fits_the_shipped_demo_model() -> None:
+    report = json.loads((controlnet_dir() / "training.json").read_text())
+    unet = demo_model_dir() / "unet" / "diffusion_pytorch_model.safetensors"
+    assert report["base_unet_sha256"] == hashlib.sha256(unet.read_bytes()).hexdigest()
+    maps = sorted((controlnet_dir().parent / "maps").glob("*.png"))
+    assert len(maps) >= 2
+    for path in maps:
+        kind, region = shapes.read_map(np.asarray(Image.open(path).convert("RGB")))
+        assert kind in shapes.SHAPES and region.any(), path
+
+
+def test_the_shipped_models_are_small() -> None:
+    for folder, budget_mb in ((demo_model_dir(), MAX_SHIPPED_MB), (controlnet_dir(), MAX_CONTROLNET_MB)):
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        assert any(p.suffix == ".safetensors" for p in files), folder
+        assert sum(p.stat().st_size for p in files) <= budget_mb * 2**20, folder
+
+
+def controlnet_dir() -> Path:
+    """The shipped tiny ControlNet (a diffusers ControlNetModel folder) beside the demo model."""
+    return demo_model_dir().parent / "tiny-controlnet"

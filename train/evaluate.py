@@ -1,13 +1,25 @@
-"""How often the demo model draws the asked colours: ``python -m train.evaluate EXPORT_DIR [--count N]``.
+"""How often the demo model draws what it is asked: ``python -m train.evaluate EXPORT_DIR [--count N]``.
 
-Random captions of the shapes data set (seeded), one picture each through the NumPy runtime; a
-picture counts when train.shapes.dominant_colours reads the asked shape colour and background.
+Random captions of the shapes data set (seeded), one picture each through the NumPy runtime. A
+picture is read back by pixel statistics (train.shapes): its shape colour and background
+(dominant_colours), its shape's kind (shape_kind) and place (shape_position). Every caption names
+the colours and the kind; the place is scored on the captions that name one (about half).
+
+``python -m train.evaluate --controlnet FOLDER [--base FOLDER]`` scores the tiny ControlNet instead
+(map_accuracy): seeded semantic maps with prompts naming the kind and the colours, drawn through
+diffusers' StableDiffusionControlNetPipeline (train.controlnet.diffusers_drawer);
+``python -m train.evaluate EXPORT_DIR --attached NAME`` draws them through the NumPy runtime with the
+ControlNet attached to the export as NAME (``sdtrt add-controlnet``). A picture counts when
+its shape's centroid lies within 6 px of the map's, its region covers the map's (IoU >= 0.6) and its
+colours are the asked ones.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,35 +27,130 @@ import numpy as np
 from sdtrt.runtime.pipeline import Pipeline
 from train import shapes
 
+SCORES = ("shape_colour", "background", "colours", "kind", "position")
+MAP_SCORES = ("centroid", "iou", "colours", "all")
+MAX_CENTROID_DISTANCE = 6.0  # pixels
+MIN_IOU = 0.6
 
-def colour_accuracy(
+
+@dataclass(frozen=True)
+class MapCase:
+    scene: shapes.Scene
+    map: np.ndarray  # (64, 64, 3) uint8, shapes.semantic_map(scene)
+    prompt: str  # the scene's colours and kind, no size or place: those come from the map
+    seed: int
+
+
+def map_cases(count: int, seed: int = 7) -> list[MapCase]:
+    """``count`` seeded semantic maps (shapes anywhere in the middle half of the image) with their prompts."""
+    rng = np.random.default_rng(seed)
+    scenes = [shapes.sample_free_scene(rng) for _ in range(count)]
+    return [
+        MapCase(s, shapes.semantic_map(s), s.caption(with_size=False, with_position=False), i)
+        for i, s in enumerate(scenes)
+    ]
+
+
+def map_accuracy(draw: Callable[[np.ndarray, str, int], np.ndarray], cases: Sequence[MapCase]) -> dict[str, float]:
+    """Shares of ``cases`` where ``draw(map, prompt, seed)`` -> (H, W, 3) uint8 follows the map and the prompt.
+
+    "centroid": the drawn shape's centroid within MAX_CENTROID_DISTANCE of the map region's; "iou": its
+    region covers the map's with IoU >= MIN_IOU; "colours": the asked shape colour and background; "all": all three.
+    """
+    hits = dict.fromkeys(MAP_SCORES, 0)
+    for case in cases:
+        image = draw(case.map, case.prompt, case.seed)
+        region = shapes.shape_region(image)
+        _, wanted = shapes.read_map(case.map)
+        centroid, target = shapes.shape_centroid(image), _centre(wanted)
+        near = centroid is not None and math.dist(centroid, target) <= MAX_CENTROID_DISTANCE
+        covers = (region & wanted).sum() / max(1, (region | wanted).sum()) >= MIN_IOU
+        colours = shapes.dominant_colours(image) == (case.scene.colour, case.scene.background)
+        for name, hit in zip(MAP_SCORES, (near, covers, colours, near and covers and colours), strict=True):
+            hits[name] += bool(hit)
+    return {name: hits[name] / len(cases) for name in MAP_SCORES}
+
+
+def map_accuracy_on_runtime(
+    export: Path, name: str, count: int, backend: str = "ort-cpu", steps: int = 20, guidance: float = 5.0
+) -> dict[str, float]:
+    """map_accuracy of ``count`` map_cases through the runtime, the ControlNet attached to ``export`` as ``name``."""
+    with Pipeline.load(export, backend=backend) as pipe:
+
+        def draw(control: np.ndarray, prompt: str, seed: int) -> np.ndarray:
+            result = pipe.txt2img(
+                prompt,
+                controlnet=name,
+                control_image=control,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                seed=seed,
+            )
+            return np.asarray(result.images[0])
+
+        return map_accuracy(draw, map_cases(count))
+
+
+def _centre(region: np.ndarray) -> tuple[float, float]:
+    """(x, y) in pixels of the centre of an (H, W) bool region, as shapes.shape_centroid measures it."""
+    ys, xs = np.nonzero(region)
+    return float(xs.mean() + 0.5), float(ys.mean() + 0.5)
+
+
+def semantic_accuracy(
     export: Path, count: int, backend: str = "ort-cpu", steps: int = 20, guidance: float = 5.0, seed: int = 123
 ) -> dict[str, float]:
-    """Shares of ``count`` random captions whose picture has the asked shape colour, background, and both."""
+    """Shares of ``count`` random captions whose picture has the asked shape colour, background, both, kind, place.
+
+    "position" is the share of the captions that name a place.
+    """
     rng = np.random.default_rng(seed)
-    hits = np.zeros(3)
+    hits = dict.fromkeys(SCORES, 0)
+    placed = 0  # captions that name a place
     with Pipeline.load(export, backend=backend) as pipe:
         for i in range(count):
             scene = shapes.sample_scene(rng)
             caption = shapes.sample_caption(scene, rng)
-            image = pipe.txt2img(caption, num_inference_steps=steps, guidance_scale=guidance, seed=i).images[0]
-            colour, background = shapes.dominant_colours(np.asarray(image))
-            hits += (
-                colour == scene.colour,
-                background == scene.background,
-                (colour, background) == (scene.colour, scene.background),
+            image = np.asarray(
+                pipe.txt2img(caption, num_inference_steps=steps, guidance_scale=guidance, seed=i).images[0]
             )
-    return dict(zip(("shape_colour", "background", "both"), (hits / count).tolist(), strict=True))
+            colour, background = shapes.dominant_colours(image)
+            hits["shape_colour"] += colour == scene.colour
+            hits["background"] += background == scene.background
+            hits["colours"] += (colour, background) == (scene.colour, scene.background)
+            hits["kind"] += shapes.shape_kind(image) == scene.shape
+            if caption.endswith(scene.position):
+                placed += 1
+                hits["position"] += shapes.shape_position(image) == scene.position
+    return {name: hits[name] / (placed if name == "position" else count) for name in SCORES}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("export", type=Path, help="an sdtrt export of the demo model (e.g. artifacts/tiny-sd-onnx)")
+    parser.add_argument(
+        "export", type=Path, nargs="?", help="an sdtrt export of the demo model (e.g. artifacts/tiny-sd-onnx)"
+    )
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--backend", default="ort-cpu")
+    parser.add_argument("--controlnet", type=Path, help="score this ControlNet folder (diffusers, torch) instead")
+    parser.add_argument("--base", type=Path, default=Path("export/assets/tiny-sd"), help="its demo model folder")
+    parser.add_argument("--attached", metavar="NAME", help="score the ControlNet attached to the export as NAME")
     args = parser.parse_args(argv)
-    shares = colour_accuracy(args.export, args.count, args.backend)
-    print(", ".join(f"{name} {share:.1%}" for name, share in shares.items()) + f" of {args.count} captions")
+    if args.controlnet:
+        import torch
+
+        from train.controlnet import diffusers_drawer
+
+        torch.set_num_threads(1)
+        shares = map_accuracy(diffusers_drawer(args.base, args.controlnet), map_cases(args.count))
+    elif args.export and args.attached:
+        shares = map_accuracy_on_runtime(args.export, args.attached, args.count, args.backend)
+    elif args.export:
+        shares = semantic_accuracy(args.export, args.count, args.backend)
+    else:
+        parser.error("give an export folder or --controlnet FOLDER")
+    unit = "maps" if args.controlnet or args.attached else "captions"
+    print(", ".join(f"{name} {share:.1%}" for name, share in shares.items()) + f" of {args.count} {unit}")
 
 
 if __name__ == "__main__":

@@ -3,15 +3,21 @@
 Everything is drawn from a seed, so the same seed gives the same images and captions. A caption
 names the shape's colour and kind and the background colour, and optionally its size and place:
 "a large red circle on a blue background, top left". The same palette classifies generated
-images in the semantic tests (``dominant_colours``).
+images in the semantic tests: ``dominant_colours``, ``shape_kind`` and ``shape_position`` read a
+picture's colours, kind and place back.
+
+A scene's semantic map (``semantic_map``, the tiny ControlNet's control image) is an image of the
+same size, black except for the shape's region, painted in its kind's colour (``MAP_COLOURS``):
+circle red (255, 0, 0), square green (0, 255, 0), triangle blue (0, 0, 255).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+from scipy import ndimage
 
 IMAGE_SIZE = 64  # pixels per side
 SUPERSAMPLE = 4  # shapes are drawn at 4x and averaged down: anti-aliased edges
@@ -35,6 +41,10 @@ POSITIONS = {  # the shape's centre as (x, y) shares of the image side
     "center": (0.5, 0.5),
 }
 JITTER = 0.04  # uniform +- jitter of the centre, as a share of the image side
+# the semantic map's colour of each kind of shape; the map is black (0, 0, 0) elsewhere
+MAP_COLOURS: dict[str, tuple[int, int, int]] = {"circle": (255, 0, 0), "square": (0, 255, 0), "triangle": (0, 0, 255)}
+# the share of its bounding box a shape's region fills: circle pi/4, square 1, triangle 1/2; the thresholds between
+FILL_THRESHOLDS = (("triangle", 0.64), ("circle", 0.9), ("square", float("inf")))
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,22 @@ def sample_scene(rng: np.random.Generator) -> Scene:
         cx=float(x + dx),
         cy=float(y + dy),
     )
+
+
+def sample_free_scene(rng: np.random.Generator) -> Scene:
+    """A scene whose centre lies anywhere in the middle half of the image, not only at the five places.
+
+    Its ``position`` is the named place nearest to the centre (the semantic maps' scenes: the map says
+    where the shape is, the caption need not).
+    """
+    scene = sample_scene(rng)
+    cx, cy = rng.uniform(0.25, 0.75, size=2)
+    return replace(scene, cx=float(cx), cy=float(cy), position=nearest_position(float(cx), float(cy)))
+
+
+def nearest_position(x: float, y: float) -> str:
+    """The name of the place in POSITIONS nearest to (x, y), shares of the image side."""
+    return min(POSITIONS, key=lambda name: (POSITIONS[name][0] - x) ** 2 + (POSITIONS[name][1] - y) ** 2)
 
 
 def sample_caption(scene: Scene, rng: np.random.Generator) -> str:
@@ -104,6 +130,23 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
     return np.round(cover * fg + (1 - cover) * bg).astype(np.uint8)
 
 
+def semantic_map(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
+    """(size, size, 3) uint8: pixels half covered by the shape or more in its kind's MAP_COLOURS, black elsewhere."""
+    inside = shape_mask(scene, size)[..., None] >= 0.5
+    return (inside * np.asarray(MAP_COLOURS[scene.shape], np.uint8)).astype(np.uint8)
+
+
+def read_map(image: np.ndarray) -> tuple[str | None, np.ndarray]:
+    """(kind, region) of an (H, W, 3) semantic map: the kind whose MAP_COLOURS fills most of it, (H, W) bool.
+
+    A pixel is in the region when it is nearer to a map colour than to black; a map without one gives (None, region).
+    """
+    colours = np.asarray([(0, 0, 0), *MAP_COLOURS.values()], np.float32)  # (1 + kinds, 3)
+    labels = ((image[:, :, None, :3].astype(np.float32) - colours) ** 2).sum(-1).argmin(-1)  # (H, W); 0 = black
+    counts = np.bincount(labels.ravel(), minlength=len(colours))[1:]
+    return (list(MAP_COLOURS)[counts.argmax()] if counts.any() else None), labels > 0
+
+
 def make_dataset(count: int, seed: int) -> tuple[list[Scene], np.ndarray]:
     """``count`` scenes and their images, (count, size, size, 3) uint8, from ``seed``."""
     rng = np.random.default_rng(seed)
@@ -118,6 +161,12 @@ def nearest_colours(image: np.ndarray) -> np.ndarray:
     return distance.argmin(-1)
 
 
+def _background(labels: np.ndarray) -> int:
+    """The PALETTE index commonest on the border of an (H, W) map of nearest_colours."""
+    border = np.concatenate([labels[0], labels[-1], labels[1:-1, 0], labels[1:-1, -1]])
+    return Counter(border.tolist()).most_common(1)[0][0]
+
+
 def dominant_colours(image: np.ndarray) -> tuple[str, str]:
     """(shape colour, background colour) of an (H, W, 3) uint8 image, by pixel statistics.
 
@@ -128,8 +177,7 @@ def dominant_colours(image: np.ndarray) -> tuple[str, str]:
     """
     names = list(PALETTE)
     labels = nearest_colours(image)
-    border = np.concatenate([labels[0], labels[-1], labels[1:-1, 0], labels[1:-1, -1]])
-    background = Counter(border.tolist()).most_common(1)[0][0]
+    background = _background(labels)
     ys, xs = np.nonzero(labels != background)
     if len(xs) == 0:
         return names[background], names[background]
@@ -139,3 +187,43 @@ def dominant_colours(image: np.ndarray) -> tuple[str, str]:
     chosen = labels[ys[near], xs[near]] if near.any() else labels[ys, xs]
     shape = Counter(chosen.tolist()).most_common(1)[0][0]
     return names[shape], names[background]
+
+
+def shape_region(image: np.ndarray) -> np.ndarray:
+    """(H, W) bool: the largest 8-connected patch of pixels that are not the background's colour.
+
+    The background is as in dominant_colours; stray specks elsewhere are not part of the shape.
+    """
+    labels = nearest_colours(image)
+    patches, count = ndimage.label(labels != _background(labels), structure=np.ones((3, 3)))
+    if count == 0:
+        return np.zeros(labels.shape, bool)
+    sizes = np.bincount(patches.ravel())[1:]  # pixels per patch, 1..count
+    return patches == 1 + sizes.argmax()
+
+
+def shape_centroid(image: np.ndarray) -> tuple[float, float] | None:
+    """(x, y) in pixels of the centre of the shape's region in an (H, W, 3) image; None where there is no shape."""
+    ys, xs = np.nonzero(shape_region(image))
+    return (float(xs.mean() + 0.5), float(ys.mean() + 0.5)) if len(xs) else None
+
+
+def shape_position(image: np.ndarray) -> str | None:
+    """The place in POSITIONS nearest to the shape's centroid in an (H, W, 3) image; None where there is no shape."""
+    centroid = shape_centroid(image)
+    if centroid is None:
+        return None
+    return nearest_position(centroid[0] / image.shape[1], centroid[1] / image.shape[0])
+
+
+def shape_kind(image: np.ndarray) -> str | None:
+    """ "circle", "square" or "triangle": the share of its bounding box the shape's region fills (FILL_THRESHOLDS).
+
+    None where there is no shape.
+    """
+    region = shape_region(image)
+    ys, xs = np.nonzero(region)
+    if len(xs) == 0:
+        return None
+    fill = len(xs) / ((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1))
+    return next(kind for kind, below in FILL_THRESHOLDS if fill < below)

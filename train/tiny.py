@@ -3,9 +3,11 @@
 A Stable Diffusion 1.x-architecture pipeline, small enough to train on a CPU in about an hour:
 CLIP text encoder (the real 49408-id CLIP BPE vocabulary), a 4-level AutoencoderKL (8x down-sampling,
 4 latent channels) and a 2-level UNet2DConditionModel, with SD 1.x's scheduler. Images are 64x64
-pixels, latents 8x8.
+pixels, latents 8x8. ``--unet-levels 3`` adds a third UNet level on 2x2 latents, where the zero
+padding of the convolutions tells each cell which quadrant it is: a UNet has no positional encoding
+of its own, and the 2-level one (the shipped model) never learned where "top left" is.
 
-Two stages, both seeded:
+Two stages, both seeded (``--finetune-from FOLDER`` skips the first: see Settings.finetune_from):
 1. the VAE learns to reconstruct the shapes images (MSE + a small KL term); its scaling factor is
    then set so that the scaled latents have unit standard deviation, as SD's 0.18215 was chosen;
 2. the text encoder and the UNet learn together, from scratch, to predict the noise (epsilon) of
@@ -20,6 +22,7 @@ give the same weights.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -54,6 +57,10 @@ class Settings:
     seed: int = 0
     threads: int = 1
     images: int = 40_000  # the data set: scenes drawn once from the seed
+    # a trained tiny-sd folder: keep its VAE (frozen, with its scaling factor) and start the text encoder and
+    # the UNet from its weights (a 2-level UNet's levels become a 3-level UNet's outer two); "": from scratch
+    finetune_from: str = ""
+    unet_levels: int = 2  # 2: 8x8 and 4x4 latents; 3: and 2x2
     vae_steps: int = 2_000
     vae_batch: int = 32
     vae_lr: float = 2e-3
@@ -64,8 +71,8 @@ class Settings:
     warmup: int = 200
     empty_caption_rate: float = 0.1  # classifier-free guidance dropout
     snr_gamma: float = 5.0  # min-SNR loss weighting: the x0 error counts at most this much ...
-    snr_floor: float = 0.05  # ... and at least this much (see train_denoiser)
-    offset_noise: float = 0.1  # std of a per-channel constant added to the noise (see train_denoiser)
+    snr_floor: float = 0.05  # ... and at least this much (see Denoising)
+    offset_noise: float = 0.1  # std of a per-channel constant added to the noise (see Denoising)
     ema_decay: float = 0.999
 
 
@@ -101,15 +108,19 @@ def build_vae() -> AutoencoderKL:
     )
 
 
-def build_unet() -> UNet2DConditionModel:
+def build_unet(levels: int = 2) -> UNet2DConditionModel:
+    """The demo UNet: two cross-attention levels (8x8, 4x4 latents), and with ``levels=3`` a plain one on 2x2."""
+    if levels not in (2, 3):
+        raise ValueError(f"the demo UNet has 2 or 3 levels, not {levels}")
+    inner = ("DownBlock2D",), ("UpBlock2D",)
     return UNet2DConditionModel(
         sample_size=shapes.IMAGE_SIZE // 8,  # latent pixels
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
+        block_out_channels=(32, 64, 64)[:levels],
         layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D") + inner[0] * (levels - 2),
+        up_block_types=inner[1] * (levels - 2) + ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=TEXT_HIDDEN,
         attention_head_dim=2,  # diffusers reads this as the number of heads: 2 wide heads run faster than 8 thin
         norm_num_groups=32,
@@ -121,12 +132,12 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def _batches(rng: np.random.Generator, count: int, batch: int, steps: int) -> Iterator[np.ndarray]:
+def batches(rng: np.random.Generator, count: int, batch: int, steps: int) -> Iterator[np.ndarray]:
     for _ in range(steps):
         yield rng.integers(0, count, size=batch)
 
 
-def _lr_factor(step: int, steps: int, warmup: int) -> float:
+def lr_factor(step: int, steps: int, warmup: int) -> float:
     """Linear warm-up, then cosine decay to zero."""
     if step < warmup:
         return (step + 1) / warmup
@@ -136,10 +147,10 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
 def train_vae(vae: AutoencoderKL, images: np.ndarray, s: Settings, rng: np.random.Generator) -> float:
     """Fit the VAE to ``images`` (N, H, W, 3) uint8; returns the last mean-squared reconstruction error."""
     opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _lr_factor(i, s.vae_steps, s.warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, s.vae_steps, s.warmup))
     vae.train()
     mse = float("nan")
-    bar = tqdm(_batches(rng, len(images), s.vae_batch, s.vae_steps), total=s.vae_steps, desc="vae", mininterval=10)
+    bar = tqdm(batches(rng, len(images), s.vae_batch, s.vae_steps), total=s.vae_steps, desc="vae", mininterval=10)
     for indices in bar:
         x = _to_tensor(images[indices])  # (B, 3, 64, 64) float32
         posterior = vae.encode(x).latent_dist
@@ -182,6 +193,54 @@ class CaptionIds:
         return torch.from_numpy(np.stack([self._cache[c] for c in captions])).long()  # (B, 77) int64
 
 
+class Denoising:
+    """Noised posterior samples of the latents and their loss-weighted epsilon error (SD 1.x's noise schedule)."""
+
+    def __init__(self, latents: tuple[torch.Tensor, torch.Tensor], s: Settings) -> None:
+        self.mean, self.std = latents  # (N, 4, 8, 8) each, already scaled
+        self.offset_noise = s.offset_noise
+        self.schedule = DDPMScheduler.from_config(SD1_SCHEDULER)
+        alphas_cumprod = self.schedule.alphas_cumprod  # (1000,) float32
+        # The epsilon loss is snr(t) times the x0 loss. Min-SNR caps the x0 weight at gamma (the easy, low-noise
+        # steps); the floor lifts it at the noisiest steps, where SD's schedule leaves snr ~ 0.005: there the
+        # picture's colours and the shape's place can only come from the text (or the control image), and an
+        # unweighted loss barely asks for them.
+        snr = alphas_cumprod / (1 - alphas_cumprod)
+        self.loss_weight = torch.clamp(snr, min=s.snr_floor, max=s.snr_gamma) / snr
+
+    def noised(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(noisy latents, noise) (B, 4, 8, 8) each and timesteps (B,) for the data set's latents ``indices``."""
+        index = torch.from_numpy(indices)
+        x0 = self.mean[index] + self.std[index] * torch.randn_like(self.mean[index])  # a posterior sample
+        # offset noise: on 8x8 latents the noise's per-channel mean (std 1/8) outweighs the signal's
+        # at t ~ 999; a random offset teaches the model to take the picture's mean colour from the text
+        noise = torch.randn_like(x0) + self.offset_noise * torch.randn(len(indices), x0.shape[1], 1, 1)
+        t = torch.randint(0, len(self.loss_weight), (len(indices),))
+        return self.schedule.add_noise(x0, noise, t), noise, t
+
+    def loss(self, pred: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (self.loss_weight[t] * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+
+
+class Ema:
+    """An exponential moving average of ``params``, with a short memory early on, while the weights move fast."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], decay: float) -> None:
+        self.params = list(params)
+        self.decay = decay
+        self.average = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1 - decay)
+
+    @torch.no_grad()
+    def copy_to_params(self) -> None:
+        for p, average in zip(self.params, self.average, strict=True):
+            p.copy_(average)
+
+
 def train_denoiser(
     text_encoder: CLIPTextModel,
     unet: UNet2DConditionModel,
@@ -192,51 +251,33 @@ def train_denoiser(
     rng: np.random.Generator,
 ) -> float:
     """Train text encoder + UNet on epsilon prediction; leaves the EMA weights in the modules, returns the loss."""
-    mean, std = latents  # (N, 4, 8, 8) each, already scaled
-    noise_schedule = DDPMScheduler.from_config(SD1_SCHEDULER)
-    alphas_cumprod = noise_schedule.alphas_cumprod  # (1000,) float32
-    # The epsilon loss is snr(t) times the x0 loss. Min-SNR caps the x0 weight at gamma (the easy, low-noise
-    # steps); the floor lifts it at the noisiest steps, where SD's schedule leaves snr ~ 0.005: there the
-    # picture's colours can only come from the text, and an unweighted loss barely asks for them.
-    snr = alphas_cumprod / (1 - alphas_cumprod)
-    loss_weight = torch.clamp(snr, min=s.snr_floor, max=s.snr_gamma) / snr
-
+    denoising = Denoising(latents, s)
     params = [*text_encoder.parameters(), *unet.parameters()]
-    ema = [p.detach().clone() for p in params]
+    ema = Ema(params, s.ema_decay)
     opt = torch.optim.AdamW(params, lr=s.unet_lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _lr_factor(i, s.unet_steps, s.warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, s.unet_steps, s.warmup))
     text_encoder.train()
     unet.train()
     avg = float("nan")
-    bar = tqdm(_batches(rng, len(scenes), s.unet_batch, s.unet_steps), total=s.unet_steps, desc="unet", mininterval=10)
+    bar = tqdm(batches(rng, len(scenes), s.unet_batch, s.unet_steps), total=s.unet_steps, desc="unet", mininterval=10)
     for step, indices in enumerate(bar):
         captions = [
             "" if rng.random() < s.empty_caption_rate else shapes.sample_caption(scenes[i], rng) for i in indices
         ]
         ids = caption_ids(captions)  # (B, 77)
-        index = torch.from_numpy(indices)
-        x0 = mean[index] + std[index] * torch.randn_like(mean[index])  # (B, 4, 8, 8): a posterior sample
-        # offset noise: on 8x8 latents the noise's per-channel mean (std 1/8) outweighs the signal's
-        # at t ~ 999; a random offset teaches the model to take the picture's mean colour from the text
-        noise = torch.randn_like(x0) + s.offset_noise * torch.randn(len(indices), x0.shape[1], 1, 1)
-        t = torch.randint(0, len(alphas_cumprod), (len(indices),))
-        noisy = noise_schedule.add_noise(x0, noise, t)
+        noisy, noise, t = denoising.noised(indices)
         hidden = text_encoder(ids, return_dict=False)[0]  # (B, 77, 64)
         pred = unet(noisy, t, hidden, return_dict=False)[0]
-        loss = (loss_weight[t] * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        loss = denoising.loss(pred, noise, t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        with torch.no_grad():
-            decay = min(s.ema_decay, (1 + step) / (10 + step))  # short memory early on, while weights move fast
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        ema.update(step)
         avg = 0.98 * avg + 0.02 * loss.item() if math.isfinite(avg) else loss.item()
         bar.set_postfix(loss=f"{avg:.4f}", refresh=False)
-    with torch.no_grad():
-        for p, e in zip(params, ema, strict=True):
-            p.copy_(e)
+    ema.copy_to_params()
     text_encoder.eval()
     unet.eval()
     return avg
@@ -270,6 +311,35 @@ def save_pipeline(
         write_json_atomic(staging / "training.json", report)
 
 
+def load_pretrained(folder: Path, text_encoder: CLIPTextModel, unet: UNet2DConditionModel) -> AutoencoderKL:
+    """Load ``folder``'s text encoder and UNet weights into the given ones; returns its VAE, float32 and frozen.
+
+    A 2-level UNet fills a 3-level UNet's outer levels: its down blocks,
+    middle block and up blocks 0, 1 become down blocks 0, 1, the middle block and up blocks 1, 2;
+    the innermost level (down block 2, up block 0, down block 1's down-sampler) starts fresh.
+    """
+    text_encoder.load_state_dict(CLIPTextModel.from_pretrained(folder / "text_encoder").state_dict())
+    old = UNet2DConditionModel.from_pretrained(folder / "unet")
+    shift = len(unet.config.block_out_channels) - len(old.config.block_out_channels)
+    weights = {}
+    for key, value in old.state_dict().items():
+        if key.startswith("up_blocks."):
+            index, rest = key.removeprefix("up_blocks.").split(".", 1)
+            key = f"up_blocks.{int(index) + shift}.{rest}"
+        weights[key] = value
+    missing, unexpected = unet.load_state_dict(weights, strict=False)
+    if unexpected or (missing and shift == 0):
+        raise ValueError(f"{folder / 'unet'} does not fit the demo UNet: {unexpected or missing}")
+    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval()
+    return vae.requires_grad_(False)
+
+
+def _trained_vae_mse(folder: Path) -> float | None:
+    """The VAE's reconstruction error as the folder's training.json records it, if it does."""
+    report = folder / "training.json"
+    return json.loads(report.read_text(encoding="utf-8")).get("vae_mse") if report.is_file() else None
+
+
 def train(out: Path, s: Settings, overwrite: bool = False) -> Path:
     """Train both stages and save the diffusers folder ``out`` (float16 safetensors)."""
     torch.set_num_threads(s.threads)
@@ -279,13 +349,21 @@ def train(out: Path, s: Settings, overwrite: bool = False) -> Path:
     log.info("drawing %d scenes", s.images)
     scenes, images = shapes.make_dataset(s.images, s.seed)
 
-    vae, text_encoder, unet = build_vae(), build_text_encoder(), build_unet()
-    vae_mse = train_vae(vae, images, s, rng)
-    mean, std = encode_latents(vae, images)
-    scaling_factor = float(1.0 / mean.std())  # scaled latents have unit standard deviation
-    vae.register_to_config(scaling_factor=scaling_factor)
+    # the networks draw their initial weights from the seed in the order they are built
+    if s.finetune_from:
+        text_encoder, unet = build_text_encoder(), build_unet(s.unet_levels)
+        vae = load_pretrained(Path(s.finetune_from), text_encoder, unet)
+        vae_mse = _trained_vae_mse(Path(s.finetune_from))
+        mean, std = encode_latents(vae, images)
+        scaling_factor = float(vae.config.scaling_factor)
+    else:
+        vae, text_encoder, unet = build_vae(), build_text_encoder(), build_unet(s.unet_levels)
+        vae_mse = train_vae(vae, images, s, rng)
+        mean, std = encode_latents(vae, images)
+        scaling_factor = float(1.0 / mean.std())  # scaled latents have unit standard deviation
+        vae.register_to_config(scaling_factor=scaling_factor)
     vae_seconds = time.perf_counter() - started
-    log.info("vae: mse %.5f, scaling factor %.4f, %.0f s", vae_mse, scaling_factor, vae_seconds)
+    log.info("vae: mse %s, scaling factor %.4f, %.0f s", vae_mse, scaling_factor, vae_seconds)
 
     with tempfile.TemporaryDirectory() as tmp:
         write_clip_tokenizer(Path(tmp), TEXT_MAX_LENGTH)
