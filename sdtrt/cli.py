@@ -9,8 +9,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from sdtrt.demo import DEMO_GUIDANCE, DEMO_PROMPT, DEMO_ROOT, run_demo
-from sdtrt.engine.errors import SdtrtError
+from sdtrt.demo import DEMO_GUIDANCE, DEMO_PROMPT, DEMO_ROOT, demo_maps, run_demo
+from sdtrt.engine.errors import InvalidInputError, SdtrtError
 from sdtrt.generate import Lora, generate_images
 
 Handler = Callable[[argparse.Namespace], int | None]  # None: success; else the exit code
@@ -171,13 +171,22 @@ def _parser() -> argparse.ArgumentParser:
     summary = "export the embedded demo model (a tiny SD 1.x trained on coloured shapes), draw on the CPU"
     demo = command("demo", _demo, summary, more="Writes ROOT/demo.png; needs no download and no GPU.")
     demo.add_argument("--root", type=Path, default=DEMO_ROOT, help="the demo's folder (default: artifacts)")
-    demo.add_argument("--prompt", default=DEMO_PROMPT, help=f'what to draw (default: "{DEMO_PROMPT}")')
+    demo.add_argument(
+        "--prompt", help=f'what to draw (default: "{DEMO_PROMPT}"; with an example --map, its own: colours and kind)'
+    )
     demo.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
     demo.add_argument(
         "--guidance", type=float, default=DEMO_GUIDANCE, help=f"guidance scale (default: {DEMO_GUIDANCE})"
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--grid", action="store_true", help="draw a labelled grid of example prompts: demo-grid.png")
+    demo.add_argument(
+        "--map",
+        metavar="MAP",
+        help="draw where a semantic map says, with the demo's tiny ControlNet: a PNG the picture's size, black, the "
+        "shape's region red for a circle, green for a square, blue for a triangle (--prompt names the colours); "
+        f"or an example's name ({', '.join(demo_maps())}), or 'examples' for a grid of them all: demo-map.png",
+    )
     _add_serve_command(command)
     return parser
 
@@ -432,7 +441,9 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    run_demo(args.root, args.prompt, args.steps, args.guidance, args.seed, args.grid, args.quiet)
+    if args.map and args.grid:
+        raise InvalidInputError("--map draws one picture; --grid draws the example prompts: choose one")
+    run_demo(args.root, args.prompt, args.steps, args.guidance, args.seed, args.grid, args.quiet, args.map)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
-from sdtrt.engine.errors import ManifestError
+from sdtrt.engine.errors import InvalidInputError, ManifestError
 
 log = logging.getLogger("sdtrt")
 
@@ -24,37 +25,70 @@ DEMO_GRID_PROMPTS = (
     "a large white circle on a black background, bottom left",
 )
 
+# Prompts for the shipped example maps (export/assets/maps): the map says where the shape is and which kind,
+# the prompt its colours; `sdtrt demo --map examples` draws them all
+EXAMPLE_MAP_PROMPTS = {
+    "circle-top-left": "a yellow circle on a blue background",
+    "small-circle-right": "a small white circle on a red background",
+    "square-bottom-right": "a red square on a white background",
+    "triangle-center": "a green triangle on a black background",
+}
+
 
 def demo_model_dir() -> Path:
     """The embedded demo model: a diffusers folder shipped in the package (trained by train/tiny.py)."""
+    return _assets() / "tiny-sd"
+
+
+def demo_controlnet_dir() -> Path:
+    """The demo model's tiny ControlNet: a diffusers folder shipped in the package (trained by train/controlnet.py),
+    whose control image is a semantic map of the shapes world."""
+    return _assets() / "tiny-controlnet"
+
+
+def demo_maps() -> dict[str, Path]:
+    """The example semantic maps shipped with the package, by name (file name without .png)."""
+    return {path.stem: path for path in sorted((_assets() / "maps").glob("*.png"))}
+
+
+def _assets() -> Path:
     import sdtrt.export
 
-    return Path(sdtrt.export.__file__).parent / "assets" / "tiny-sd"
+    return Path(sdtrt.export.__file__).parent / "assets"
 
 
-def run_demo(root: Path, prompt: str, steps: int, guidance: float, seed: int, grid: bool, quiet: bool) -> None:
+def run_demo(
+    root: Path,
+    prompt: str | None,
+    steps: int,
+    guidance: float,
+    seed: int,
+    grid: bool,
+    quiet: bool,
+    semantic_map: str | None = None,
+) -> None:
     """Export the demo model to ROOT/tiny-sd-onnx unless a current export is there, then draw on ONNX Runtime CPU.
 
-    Writes ROOT/demo.png, or with ``grid`` ROOT/demo-grid.png (DEMO_GRID_PROMPTS, one seed).
+    Writes ROOT/demo.png (``prompt``, default DEMO_PROMPT), or with ``grid`` ROOT/demo-grid.png
+    (DEMO_GRID_PROMPTS, one seed), or with ``semantic_map`` ROOT/demo-map.png: drawn where the map says by the
+    demo's tiny ControlNet, attached to the export first. ``semantic_map`` is a PNG's path, the name of a shipped
+    example map (its prompt from EXAMPLE_MAP_PROMPTS unless one is given), or "examples": a grid of them all.
     """
-    from sdtrt.engine.manifest import load_manifest
-    from sdtrt.export.exporter import export_model, source_hash
     from sdtrt.generate import check_output, generate_images
 
-    out = root / ("demo-grid.png" if grid else "demo.png")
+    out = root / ("demo-grid.png" if grid else "demo-map.png" if semantic_map else "demo.png")
     check_output(out)  # before the export and the drawing, not after them
-    model, export_dir = demo_model_dir(), root / "tiny-sd-onnx"
-    try:  # none, another format_version, or from another model: stale
-        current = load_manifest(export_dir).source.get("sha256") == source_hash(model)
-    except ManifestError as exc:
-        log.debug("re-exporting the demo model: %s", exc)
-        current = False
-    if not current:
-        log.info("exporting the embedded demo model to %s", export_dir)
-        export_model(model, export_dir, overwrite=True, progress=not quiet)
-    if grid:
-        _demo_grid(export_dir, out, steps, guidance, seed, quiet)
+    export_dir = _current_export(root, quiet, with_controlnet=semantic_map is not None)
+    if grid or semantic_map == "examples":
+        cells = [(p, {}) for p in DEMO_GRID_PROMPTS]
+        if semantic_map == "examples":
+            maps = demo_maps()
+            cells = [(EXAMPLE_MAP_PROMPTS[name], _control(maps[name])) for name in EXAMPLE_MAP_PROMPTS]
+        _demo_grid(export_dir, out, cells, steps, guidance, seed, quiet)
         return
+    control = {} if semantic_map is None else _control(_map_path(semantic_map))
+    if prompt is None:
+        prompt = EXAMPLE_MAP_PROMPTS.get(semantic_map or "", DEMO_PROMPT)
     generate_images(
         "txt2img",
         export_dir,
@@ -65,11 +99,65 @@ def run_demo(root: Path, prompt: str, steps: int, guidance: float, seed: int, gr
         num_inference_steps=steps,
         guidance_scale=guidance,
         seed=seed,
+        **control,
     )
 
 
-def _demo_grid(folder: Path, out: Path, steps: int, guidance: float, seed: int, quiet: bool) -> None:
-    """Draw DEMO_GRID_PROMPTS with one seed into one PNG: each picture enlarged 3x, its prompt below it."""
+def _control(path: Path) -> dict[str, Any]:
+    """The txt2img options that draw where the semantic map at ``path`` says."""
+    return {"controlnet": "map", "control_image": path}
+
+
+def _map_path(semantic_map: str) -> Path:
+    """A shipped example map by name, else the path given; one clear error for neither."""
+    maps = demo_maps()
+    if semantic_map in maps:
+        return maps[semantic_map]
+    if not Path(semantic_map).is_file():
+        raise InvalidInputError(
+            f"--map {semantic_map}: no such file, and no example map of that name "
+            f"(examples: {', '.join(maps)}; or 'examples' for all of them)"
+        )
+    return Path(semantic_map)
+
+
+def _current_export(root: Path, quiet: bool, with_controlnet: bool) -> Path:
+    """ROOT/tiny-sd-onnx, exported again where it is missing or stale; with the demo ControlNet attached as "map"
+    where asked (again where the shipped one changed)."""
+    from sdtrt.engine.manifest import load_manifest
+    from sdtrt.export.exporter import export_model, source_hash
+
+    model, export_dir = demo_model_dir(), root / "tiny-sd-onnx"
+    try:  # none, another format_version, or from another model: stale
+        current = load_manifest(export_dir).source.get("sha256") == source_hash(model)
+    except ManifestError as exc:
+        log.debug("re-exporting the demo model: %s", exc)
+        current = False
+    if not current:
+        log.info("exporting the embedded demo model to %s", export_dir)
+        export_model(model, export_dir, overwrite=True, progress=not quiet)
+    if with_controlnet:
+        from sdtrt.engine.fsutil import sha256_tree
+        from sdtrt.export.controlnet import attach_controlnet
+
+        attached = load_manifest(export_dir).controlnets.get("map", {}).get("source", {}).get("sha256")
+        if attached != sha256_tree(demo_controlnet_dir()):
+            log.info("attaching the demo ControlNet to %s", export_dir)
+            attach_controlnet(export_dir, demo_controlnet_dir(), name="map", overwrite=True)
+    return export_dir
+
+
+def _demo_grid(
+    folder: Path,
+    out: Path,
+    cells: list[tuple[str, dict[str, Any]]],
+    steps: int,
+    guidance: float,
+    seed: int,
+    quiet: bool,
+) -> None:
+    """Draw each (prompt, options) of ``cells`` with one seed into one PNG: each picture enlarged 3x (beside its
+    control image, where it has one), its prompt below it."""
     import textwrap
 
     from PIL import Image, ImageDraw
@@ -78,18 +166,22 @@ def _demo_grid(folder: Path, out: Path, steps: int, guidance: float, seed: int, 
     from sdtrt.generate import save_png
     from sdtrt.runtime.pipeline import Pipeline
 
+    tiles = []
     with Pipeline.load(folder, backend="ort-cpu") as pipe:
-        images = [
-            pipe.txt2img(prompt, num_inference_steps=steps, guidance_scale=guidance, seed=seed).images[0]
-            for prompt in tqdm(DEMO_GRID_PROMPTS, desc="grid", unit="image", disable=quiet)
-        ]
-    columns, side, label = 4, 3 * images[0].width, 30  # label: pixels for two lines of the default font
-    rows = -(-len(images) // columns)
-    sheet = Image.new("RGB", (columns * side, rows * (side + label)), "white")
+        for prompt, options in tqdm(cells, desc="grid", unit="image", disable=quiet):
+            image = pipe.txt2img(prompt, num_inference_steps=steps, guidance_scale=guidance, seed=seed, **options)
+            control = options.get("control_image")
+            shown = [Image.open(control).convert("RGB")] if control is not None else []
+            tiles.append([*shown, image.images[0]])
+    columns, side, label = 4, 3 * tiles[0][-1].width, 30  # label: pixels for two lines of the default font
+    width = side * len(tiles[0])
+    rows = -(-len(tiles) // columns)
+    sheet = Image.new("RGB", (columns * width, rows * (side + label)), "white")
     draw = ImageDraw.Draw(sheet)
-    for i, (prompt, image) in enumerate(zip(DEMO_GRID_PROMPTS, images, strict=True)):
-        x, y = i % columns * side, i // columns * (side + label)
-        sheet.paste(image.resize((side, side), Image.Resampling.NEAREST), (x, y))
-        draw.multiline_text((x + 4, y + side + 2), textwrap.fill(prompt, side // 6), fill="black", spacing=1)
+    for i, ((prompt, _), pictures) in enumerate(zip(cells, tiles, strict=True)):
+        x, y = i % columns * width, i // columns * (side + label)
+        for k, picture in enumerate(pictures):
+            sheet.paste(picture.resize((side, side), Image.Resampling.NEAREST), (x + k * side, y))
+        draw.multiline_text((x + 4, y + side + 2), textwrap.fill(prompt, width // 6), fill="black", spacing=1)
     save_png(sheet, out)
-    print(f"wrote {out} ({len(images)} prompts, seed {seed}, {steps} steps, guidance {guidance})")
+    print(f"wrote {out} ({len(tiles)} prompts, seed {seed}, {steps} steps, guidance {guidance})")

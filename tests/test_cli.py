@@ -310,6 +310,26 @@ def test_demo_re_exports_a_manifest_of_another_format(tmp_path: Path) -> None:
     assert (tmp_path / "demo" / "demo.png").is_file()
 
 
+def test_demo_map_draws_where_the_map_says(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`sdtrt demo --map`: the demo ControlNet is attached once, and the shape lands on the map's region."""
+    from sdtrt.demo import demo_maps
+    from sdtrt.engine.manifest import load_manifest
+    from train import shapes
+
+    root = tmp_path / "demo"
+    for name in ("square-bottom-right", "circle-top-left"):
+        assert main(["-q", "demo", "--root", str(root), "--map", name]) == 0
+        drawn = np.asarray(Image.open(root / "demo-map.png").convert("RGB"))
+        _, region = shapes.read_map(np.asarray(Image.open(demo_maps()[name]).convert("RGB")))
+        ys, xs = np.nonzero(region)
+        centroid = shapes.shape_centroid(drawn)
+        assert centroid is not None and np.hypot(centroid[0] - xs.mean() - 0.5, centroid[1] - ys.mean() - 0.5) <= 6
+    assert list(load_manifest(root / "tiny-sd-onnx").controlnets) == ["map"]
+    assert main(["-q", "demo", "--root", str(root), "--map", "nosuch"]) == 2
+    assert "--map nosuch: no such file, and no example map of that name" in capsys.readouterr().err
+    assert main(["-q", "demo", "--root", str(root), "--map", "examples", "--grid"]) == 2
+
+
 def test_an_unexpected_error_is_one_line_and_debug_adds_its_traceback(
     tiny_export: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
