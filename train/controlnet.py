@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import math
 import os
 import platform
 import time
@@ -136,14 +135,7 @@ def train_controlnet(
         pred = unet(
             noisy, t, hidden, down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False
         )[0]
-        loss = denoising.loss(pred, noise, t)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema.update(step)
-        avg = 0.98 * avg + 0.02 * loss.item() if math.isfinite(avg) else loss.item()
+        avg = tiny.optimizer_step(denoising.loss(pred, noise, t), opt, params, sched, ema, step, avg)
     ema.copy_to_params()
     controlnet.eval()
     return avg

@@ -241,6 +241,26 @@ class Ema:
             p.copy_(average)
 
 
+def optimizer_step(
+    loss: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    params: Sequence[torch.nn.Parameter],
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    ema: Ema,
+    step: int,
+    avg: float,
+) -> float:
+    """One step of training on ``loss`` (gradients clipped to norm 1, then the schedule and the EMA); returns the
+    loss's running average after ``avg`` (nan at first)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    ema.update(step)
+    return 0.98 * avg + 0.02 * loss.item() if math.isfinite(avg) else loss.item()
+
+
 def train_denoiser(
     text_encoder: CLIPTextModel,
     unet: UNet2DConditionModel,
@@ -268,14 +288,7 @@ def train_denoiser(
         noisy, noise, t = denoising.noised(indices)
         hidden = text_encoder(ids, return_dict=False)[0]  # (B, 77, 64)
         pred = unet(noisy, t, hidden, return_dict=False)[0]
-        loss = denoising.loss(pred, noise, t)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema.update(step)
-        avg = 0.98 * avg + 0.02 * loss.item() if math.isfinite(avg) else loss.item()
+        avg = optimizer_step(denoising.loss(pred, noise, t), opt, params, sched, ema, step, avg)
         bar.set_postfix(loss=f"{avg:.4f}", refresh=False)
     ema.copy_to_params()
     text_encoder.eval()
