@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -51,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on loopback now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -67,35 +70,33 @@ def _demo_export() -> Path:
     return DEMO_EXPORT
 
 
-class _Server:
-    """`sdtrt serve` in a process of its own, ready when constructed."""
+class ServerProcess:
+    """`sdtrt serve ARGS` in a process of its own on a free loopback port, ready (/readyz) when constructed; its
+    output is drained into ``log`` (so a chatty server never stalls on a full pipe); stopped at close."""
 
-    def __init__(self, export: Path, backend: str, max_batch: int, threads: int) -> None:
-        self.url = f"http://127.0.0.1:{_free_port()}"
-        port = self.url.rsplit(":", 1)[1]
-        command = [sys.executable, "-m", "sdtrt", "-q", "serve", str(export), "--backend", backend, "--port", port]
-        command += ["--max-batch", str(max_batch), "--queue-size", "256", "--max-images", "16"]
-        env = {**os.environ, "SDTRT_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
-        self.proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 300
+    def __init__(
+        self, args: Sequence[str], env: dict[str, str] | None = None, ready_timeout: float = 120.0, threads: int = 1
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = io.StringIO()
+        command = [sys.executable, "-m", "sdtrt", "serve", *args, "--host", "127.0.0.1", "--port", str(self.port)]
+        env = {**os.environ, "SDTRT_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads), **(env or {})}
+        self.proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self._reader = threading.Thread(target=lambda: [self.log.write(line) for line in self.proc.stdout], daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.proc.stderr.read()[-2000:]}")
+                raise RuntimeError(f"the server exited:\n{self.log.getvalue()}")
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
-            time.sleep(0.3)
+            time.sleep(0.25)
         self.close()
-        raise RuntimeError("the server was not ready in 300 s")
-
-    def unet_batch(self) -> tuple[float, float]:
-        """(sum, count) of the server's UNet batch-size histogram so far."""
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        total = re.search(r"^sdtrt_unet_batch_size_sum\{.*\} (\S+)$", text, re.MULTILINE)
-        count = re.search(r"^sdtrt_unet_batch_size_count\{.*\} (\S+)$", text, re.MULTILINE)
-        return (float(total[1]), float(count[1])) if total and count else (0.0, 0.0)
+        raise RuntimeError(f"the server was not ready in {ready_timeout} s:\n{self.log.getvalue()}")
 
     def close(self) -> None:
         self.proc.terminate()
@@ -103,6 +104,15 @@ class _Server:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
+
+
+def _unet_batch(url: str) -> tuple[float, float]:
+    """(sum, count) of the server's UNet batch-size histogram so far."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    total = re.search(r"^sdtrt_unet_batch_size_sum\{.*\} (\S+)$", text, re.MULTILINE)
+    count = re.search(r"^sdtrt_unet_batch_size_count\{.*\} (\S+)$", text, re.MULTILINE)
+    return (float(total[1]), float(count[1])) if total and count else (0.0, 0.0)
 
 
 async def _level(url: str, clients: int, per_client: int, body: dict[str, Any]) -> dict[str, Any]:
@@ -173,23 +183,27 @@ def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         "threads": threads,
         "rounds": args.rounds,
     }
-    servers: dict[int, _Server] = {}
+    servers: dict[int, ServerProcess] = {}
     rows = []
     try:
         for max_batch in (args.max_batch, 1):
-            servers[max_batch] = server = _Server(export, args.backend, max_batch, threads)
+            limits = ["--max-batch", str(max_batch), "--queue-size", "256", "--max-images", "16"]
+            server = ServerProcess(
+                ["-q", str(export), "--backend", args.backend, *limits], ready_timeout=300, threads=threads
+            )
+            servers[max_batch] = server
             asyncio.run(_level(server.url, max_batch, 2, body))  # warm-up: the batch shapes compiled, caches filled
         base["backend"] = httpx.post(f"{server.url}/v1/txt2img", json=body, timeout=600).json()["backend"]
         for clients in args.concurrency:
             per_client = max(1, -(-args.requests // (clients * args.rounds)))
             parts: dict[int, list[dict[str, Any]]] = {mb: [] for mb in servers}
-            before = {mb: server.unet_batch() for mb, server in servers.items()}
+            before = {mb: _unet_batch(server.url) for mb, server in servers.items()}
             for round_ in range(args.rounds):
                 for max_batch, server in servers.items():
                     print(f"{clients} client(s), round {round_ + 1}, max batch {max_batch} ...", flush=True)
                     parts[max_batch].append(asyncio.run(_level(server.url, clients, per_client, body)))
             for max_batch, server in servers.items():
-                after = server.unet_batch()
+                after = _unet_batch(server.url)
                 unet = (after[0] - before[max_batch][0], after[1] - before[max_batch][1])
                 row = {**base, "max_batch": max_batch, "concurrency": clients}
                 rows.append(row | _summary(parts[max_batch], unet))

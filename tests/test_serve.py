@@ -11,11 +11,8 @@ import asyncio
 import base64
 import io
 import json
-import os
 import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,51 +25,13 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 from PIL import Image  # noqa: E402
 
+from benchmarks.serving import ServerProcess  # noqa: E402
 from sdtrt.runtime.pipeline import Pipeline  # noqa: E402
 
 API_KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 PROMPTS = ["a red circle on a blue background", "a yellow square on a black background", "a green triangle"]
 STEPS = 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`sdtrt serve ...` in a process of its own on a free loopback port; stopped (SIGTERM, then kill) at close."""
-
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, ready_timeout: float = 120.0) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = io.StringIO()
-        command = [sys.executable, "-m", "sdtrt", "serve", *args, "--host", "127.0.0.1", "--port", str(self.port)]
-        env = {**os.environ, "SDTRT_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-        self.proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self._reader = threading.Thread(target=lambda: [self.log.write(line) for line in self.proc.stdout], daemon=True)
-        self._reader.start()
-        deadline = time.monotonic() + ready_timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"the server exited:\n{self.log.getvalue()}"
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        self.close()
-        raise AssertionError(f"the server was not ready in {ready_timeout} s:\n{self.log.getvalue()}")
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,9 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 from PIL import Image, ImageDraw  # noqa: E402
-from test_serve import STEPS, ServerProcess, b64, png  # noqa: E402
+from test_serve import STEPS, b64, png  # noqa: E402
 
+from benchmarks.serving import ServerProcess  # noqa: E402
 from sdtrt.demo import demo_model_dir  # noqa: E402
 from sdtrt.runtime.pipeline import Pipeline  # noqa: E402
 

@@ -17,7 +17,9 @@ import pytest
 pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
-from test_serve import ServerProcess, png  # noqa: E402
+from test_serve import png  # noqa: E402
+
+from benchmarks.serving import ServerProcess  # noqa: E402
 
 REQUESTS, CLIENTS = 32, 8
 
