@@ -133,7 +133,7 @@ class OpenVinoSession:
         model = self._read()
         if self._weights:
             _replace_constants(model, self._weights)
-        if self.precision == "bf16":
+        if self.precision == "bf16" and (self._source == self._onnx or self._weights):  # the IR's are fp16 already
             _compress_to_fp16(model)
         model.reshape({name: list(shape) for name, shape in zip(self.inputs, key, strict=True)})
         config = dict(self._config)
