@@ -14,6 +14,7 @@ The ControlNet is exported at conditioning scale 1 and without guess mode: the r
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -200,6 +201,7 @@ def attach_controlnet(
     layout = residual_layout(config)
     check_fits(manifest, config, layout, what=str(controlnet), folder=folder)
     precisions = tuple(sorted(manifest.components["unet"].files))
+    ort_fused = bool(manifest.components["unet"].ort_fused)  # as the base: export --ort-fused
     pooled = bool(config.get("global_pool_conditions", False))
     spec = controlnet_spec(manifest, name, int(config.get("conditioning_channels", 3)), layout, pooled)
     with tempfile.TemporaryDirectory(prefix=f".{folder.name}.", suffix=".controlnet", dir=folder.parent) as work:
@@ -213,9 +215,15 @@ def attach_controlnet(
                     raise ExportError(_misfit(str(controlnet), folder, "residuals", layout, base_layout))
                 unet_spec = unet_controlnet_spec(manifest, layout)
                 extra = tuple(s.name for s in unet_spec.inputs[3:])
-                components[UNET_CONTROLNET] = _export(UNetNet(unet, extra), unet_spec, staging, precisions, opset)
+                upcast = bool(unet.config.get("upcast_attention"))
+                components[UNET_CONTROLNET] = _export(
+                    UNetNet(unet, extra), unet_spec, staging, precisions, opset, fused=ort_fused, upcast=upcast
+                )
         extra = tuple(s.name for s in spec.inputs[4:])
-        components[spec.name] = _export(ControlNetNet(model, extra), spec, staging, precisions, opset)
+        upcast = bool(config.get("upcast_attention"))
+        components[spec.name] = _export(
+            ControlNetNet(model, extra), spec, staging, precisions, opset, fused=ort_fused, upcast=upcast
+        )
         facts = {"source": record, "global_pool_conditions": pooled}
         updated = replace(manifest, components=components, controlnets={**manifest.controlnets, name: facts})
         _move_in(staging, folder)
@@ -327,17 +335,27 @@ def _load_base_unet(source: Path) -> torch.nn.Module:
 
 
 def _export(
-    module: torch.nn.Module, spec: NetworkSpec, staging: Path, precisions: Sequence[str], opset: int
+    module: torch.nn.Module,
+    spec: NetworkSpec,
+    staging: Path,
+    precisions: Sequence[str],
+    opset: int,
+    *,
+    fused: bool,
+    upcast: bool,
 ) -> Component:
-    """One network's ONNX files in ``staging``, as the base export writes them (exporter._export_network)."""
+    """One network's ONNX files in ``staging``, as the base export writes them (exporter._export_network); with
+    ``fused``, ONNX Runtime's fused graphs too, as the base's UNet has them (``upcast``: its upcast_attention)."""
+    fused_files: dict[str, ComponentFile] = {}
+    fuse = functools.partial(exporter._export_fused, into=fused_files, upcast_attention=upcast) if fused else None
     try:
-        files = exporter._export_network(module.eval(), spec, staging, precisions, opset)
+        files = exporter._export_network(module.eval(), spec, staging, precisions, opset, fuse)
     except (SdtrtError, ModuleNotFoundError):
         raise
     except Exception as exc:  # torch, diffusers, onnx: a long message and a deep traceback (see --debug)
         raise ExportError(f"exporting {spec.name} failed: {exporter._one_line(exc)}") from exc
-    log.info("exported %s (%s)", spec.name, ", ".join(files))
-    return Component(files=files)
+    log.info("exported %s (%s)", spec.name, ", ".join([*files, *(f"{p} ORT-fused" for p in fused_files)]))
+    return Component(files=files, ort_fused=fused_files)
 
 
 def _move_in(staging: Path, folder: Path) -> None:

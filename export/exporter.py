@@ -354,10 +354,11 @@ def _export_fused(
     """Write ONNX Runtime's fused graphs of the plain ``fp32_path`` into ``staging`` and their entries ``into``
     by precision (none for a network it does not fuse): the CUDA provider's at fp16, the CPU provider's at fp32,
     as ``precisions`` ask."""
-    if spec.name not in ort_fusion.MODEL_TYPES:
+    kind = ort_fusion.fused_kind(spec.name)
+    if kind is None:
         return
     targets = {"fp16": "gpu"} if "fp16" in precisions else {}
-    if spec.name in ort_fusion.CPU_FUSED and "fp32" in precisions:
+    if kind in ort_fusion.CPU_FUSED and "fp32" in precisions:
         targets["fp32"] = "cpu"
     for precision, target in targets.items():
         path = staging / f"{spec.name}.ort{'.fp16' if precision == 'fp16' else ''}.onnx"

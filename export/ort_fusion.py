@@ -32,13 +32,14 @@ What it takes, and why:
   (or Attention) node; where some do not, the report says how many fused out of how many, and those
   unfused islands are kept in fp32 on networks whose attention overflows in fp16 (``upcast_attention``).
 
-Which networks: the UNet (both targets) and the VAE halves (gpu only, and without their attention:
-ORT 1.32's VAE attention fusion writes zeros for the q/k/v biases — fusion_attention_vae's
-create_attention_node, "No bias, use zeros" — while diffusers' VAE attention has them, so the fused
-layer differs from the model by 1e-2 to 6e-2 relative on the tiny VAE; GroupNorm, SkipGroupNorm and
-NhwcConv fuse, and the CPU has none of those kernels). The text encoders are not fused: ORT's clip
-pattern finds none of the attention layers of transformers 5's CLIP export (0 of 2 on the tiny model,
-eager or SDPA), and they run once per request.
+Which networks: the UNet (both targets), and where ControlNets are attached (export/controlnet.py) the UNet
+that takes their residuals and each ControlNet, which the optimizer fuses as UNets; the VAE halves (gpu
+only, and without their attention: ORT 1.32's VAE attention fusion writes zeros for the q/k/v biases —
+fusion_attention_vae's create_attention_node, "No bias, use zeros" — while diffusers' VAE attention has
+them, so the fused layer differs from the model by 1e-2 to 6e-2 relative on the tiny VAE; GroupNorm,
+SkipGroupNorm and NhwcConv fuse, and the CPU has none of those kernels). The text encoders are not fused:
+ORT's clip pattern finds none of the attention layers of transformers 5's CLIP export (0 of 2 on the tiny
+model, eager or SDPA), and they run once per request.
 """
 
 from __future__ import annotations
@@ -57,15 +58,19 @@ import onnx
 from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
 from sdtrt.engine.errors import ExportError
+from sdtrt.engine.networks import NETWORKS, is_known_network
 from sdtrt.export.networks import NetworkSpec
 from sdtrt.export.onnx_export import save_onnx
 
 log = logging.getLogger(__name__)
 
 TARGETS = ("gpu", "cpu")
-MODEL_TYPES = {"unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}  # network -> ORT's optimizer model type
-CPU_FUSED = ("unet",)  # the networks whose cpu target is written (see above)
-ATTENTION_FUSED = ("unet",)  # whose attention ORT fuses correctly (not the VAE's: see above)
+# network (its NETWORKS record: "controlnet" for every attached ControlNet) -> ORT's optimizer model type;
+# a ControlNet and the UNet that takes its residuals are UNet graphs to the optimizer
+UNETS = ("unet", "unet_controlnet", "controlnet")
+MODEL_TYPES = {**dict.fromkeys(UNETS, "unet"), "vae_decoder": "vae", "vae_encoder": "vae"}
+CPU_FUSED = UNETS  # the networks whose cpu target is written (see above)
+ATTENTION_FUSED = UNETS  # whose attention ORT fuses correctly (not the VAE's: see above)
 ATTENTION_OPS = ("MultiHeadAttention", "Attention")  # self-attention with unpacked QKV becomes Attention
 # fusions whose ops only the CUDA provider runs (the CPU provider has no kernel for them)
 CUDA_ONLY_FUSIONS = (
@@ -133,11 +138,12 @@ def fuse(
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    if target not in TARGETS or spec.name not in MODEL_TYPES:
+    network = fused_kind(spec.name)
+    if target not in TARGETS or network is None:
         raise ExportError(f"ONNX Runtime's {target!r} fusions are not for {spec.name} (targets: {TARGETS})")
-    model_type = MODEL_TYPES[spec.name]
+    model_type = MODEL_TYPES[network]
     options = FusionOptions(model_type)
-    options.enable_attention = spec.name in ATTENTION_FUSED
+    options.enable_attention = network in ATTENTION_FUSED
     if target == "cpu":
         for fusion in CUDA_ONLY_FUSIONS:
             setattr(options, fusion, False)
@@ -158,6 +164,12 @@ def fuse(
     save_onnx(fused, out_path, external=[t.name for t in fused.graph.initializer if t.ByteSize() >= 1024])
     (log.info if report.complete else log.warning)("%s", report.summary())
     return report
+
+
+def fused_kind(name: str) -> str | None:
+    """The MODEL_TYPES key of network ``name`` ("controlnet" for "controlnet.<name>"); None where nothing fuses."""
+    kind = NETWORKS[name].name if is_known_network(name) else name
+    return kind if kind in MODEL_TYPES else None
 
 
 def _to_fp16(model: onnx.ModelProto, spec: NetworkSpec, keep_softmax_fp32: bool) -> onnx.ModelProto:

@@ -11,6 +11,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from test_controlnet import (  # the ControlNet parity suite's references and fixture
+    assert_parity,
+    control_image,
+    diffusers_controlnet,
+    reference_outputs,
+    tiny_controlnet_dirs,  # noqa: F401 - a fixture
+)
 from test_gpu import gpu, ort_cuda  # noqa: F401 - fixtures: skip GPU tests before the export is built
 from test_pipeline import (  # the parity suite's references and bounds
     LATENT_TOLERANCE,
@@ -150,6 +157,57 @@ def test_txt2img_on_the_fused_graph_matches_diffusers(fused_export: Path, diffus
     assert np.abs(ours_image - expected_image).max() <= PIXEL_TOLERANCE
     assert (ours_image != expected_image).mean() <= PIXELS_OFF_BY_ONE
     assert ours_image.std() > 10  # a real picture
+
+
+def test_controlnets_attach_with_fused_graphs_that_match_diffusers(
+    fused_export: Path,
+    tiny_model_dir: Path,
+    tiny_controlnet_dirs: dict[str, Path],  # noqa: F811 - the fixture
+    tmp_path: Path,
+) -> None:
+    """A ControlNet attached to an export made with --ort-fused gets fused graphs too, for itself and for the UNet
+    that takes its residuals; ORT CPU runs both, as diffusers' ControlNet pipeline computes."""
+    import shutil
+
+    import torch
+
+    from sdtrt.export.controlnet import attach_controlnet
+
+    export = shutil.copytree(fused_export, tmp_path / "fused-controlnet")
+    manifest = attach_controlnet(export, tiny_controlnet_dirs["edges"], name="edges")
+    for name in ("unet_controlnet", "controlnet.edges"):
+        fused = manifest.components[name].ort_fused
+        assert sorted(fused) == ["fp16", "fp32"]
+        for file in fused.values():
+            assert file.fusion["fused_attention"] == file.fusion["attention_layers"] > 0
+            assert (export / file.path).is_file()
+    cuda_ops = manifest.components["controlnet.edges"].ort_fused["fp16"].fusion["ops"]
+    assert cuda_ops["GroupNorm"] > 0 and cuda_ops["NhwcConv"] > 0
+    reference = diffusers_controlnet(
+        "StableDiffusionControlNetPipeline", tiny_model_dir, [tiny_controlnet_dirs["edges"]], "ddim"
+    )
+    latents = np.random.default_rng(7).standard_normal((1, 4, 16, 16), dtype=np.float32)
+    hint = control_image(0)
+    options = {"negative_prompt": NEGATIVE, "num_inference_steps": 6, "guidance_scale": 7.5}
+
+    def run(output_type: str):
+        return reference(
+            PROMPT,
+            image=hint,
+            latents=torch.from_numpy(latents),
+            output_type=output_type,
+            height=128,
+            width=128,
+            **options,
+        )
+
+    with Pipeline.load(export, backend="ort-cpu") as pipe:
+        ours = pipe.txt2img(
+            PROMPT, controlnet="edges", control_image=hint, latents=latents, scheduler="ddim", **options
+        )
+        assert pipe.artifact.fused("unet_controlnet") and pipe.artifact.fused("controlnet.edges")
+        assert pipe.artifact.file("controlnet.edges").path == "controlnet.edges.ort.onnx"
+    assert_parity(ours, *reference_outputs(run, reference), LATENT_TOLERANCE)
 
 
 def test_lora_runs_the_plain_graph(fused_export: Path) -> None:
