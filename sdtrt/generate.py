@@ -64,27 +64,34 @@ def generate_images(
 ) -> None:
     """Run pipeline method ``task`` with a progress bar, write the PNGs, print seed and stage timings.
 
-    ``loras``: (path, scale) of the LoRA adapters to apply first. Where the PNGs go is checked first.
+    ``loras``: (path, scale) of the LoRA adapters to apply first. Where the PNGs go, and the options every task
+    shares, are checked before the model loads; the progress bar starts with the first step, after every check.
     """
     from tqdm.auto import tqdm
 
     from sdtrt.runtime.pipeline import Pipeline
+    from sdtrt.runtime.request import REQUEST_OPTIONS, Request
 
     for path in image_paths(out, options.get("num_images", 1)):
         check_output(path)
-    steps = options["num_inference_steps"]
-    with (
-        Pipeline.load(folder, backend=backend, precision=precision) as pipe,
-        tqdm(total=steps, desc="denoise", unit="step", disable=quiet) as bar,
-    ):
+    Request(prompt, **{name: options[name] for name in REQUEST_OPTIONS if name in options}).checked(task)
+    bar: tqdm | None = None
+    with Pipeline.load(folder, backend=backend, precision=precision) as pipe:
         for path, scale in loras:
             pipe.load_lora(path, name=str(path), scale=scale)
 
         def advance(done: int, total: int) -> None:
+            nonlocal bar
+            if bar is None:
+                bar = tqdm(total=total, desc="denoise", unit="step", disable=quiet)
             bar.total = total  # a scheduler may take more UNet steps than asked (PNDM: one more)
             bar.update(done - bar.n)
 
-        result = getattr(pipe, task)(prompt, progress=advance, **options)
+        try:
+            result = getattr(pipe, task)(prompt, progress=advance, **options)
+        finally:
+            if bar is not None:
+                bar.close()
     paths = image_paths(out, len(result.images))
     for image, path in zip(result.images, paths, strict=True):
         save_png(image, path)

@@ -130,6 +130,17 @@ def test_generate_bad_input_is_one_line(tiny_export: Path, tmp_path: Path, args:
     assert not out.exists()
 
 
+def test_bad_options_are_refused_before_the_model_loads(tiny_export: Path, tmp_path: Path) -> None:
+    """Without -q too: options every task shares are checked before the backend is chosen (whose INFO line would
+    come first), and no progress bar starts before the model's own checks (sizes) pass."""
+    shared = _sdtrt("generate", str(tiny_export), "a cat", "-o", str(tmp_path / "x.png"), "--steps", "0")
+    assert shared.returncode == 2
+    assert shared.stderr.strip().splitlines() == ["sdtrt: error: num_inference_steps must be an integer >= 1, got 0"]
+    size = _sdtrt("generate", str(tiny_export), "a cat", "-o", str(tmp_path / "x.png"), "--height", "100")
+    assert size.returncode == 2 and "denoise" not in size.stderr
+    assert size.stderr.strip().splitlines()[-1] == "sdtrt: error: height 100 is not divisible by 8"
+
+
 def test_unknown_scheduler_and_missing_folder(tmp_path: Path) -> None:
     result = _sdtrt("generate", str(tmp_path / "nothing"), "a cat", "--scheduler", "heun++")
     assert result.returncode == 2 and "invalid choice: 'heun++'" in result.stderr
