@@ -169,9 +169,25 @@ def _swap_in(staging: Path, final: Path) -> None:
         _release(lock)
 
 
-def _new_staging(final: Path) -> tuple[Path, int | None]:
+@contextlib.contextmanager
+def scratch_dir(beside: str | os.PathLike[str], suffix: str) -> Iterator[Path]:
+    """Yield a new work folder ``.NAME.XXXXXXXX<suffix>`` beside ``beside`` (e.g. a checkpoint converted on the
+    way to an export: gigabytes), owner-locked as staging folders are, and removed on exit. Folders of the same
+    name and suffix that killed runs left behind are removed first."""
+    beside = Path(beside)
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(beside, suffix)
+    folder, lock = _new_staging(beside, suffix)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        _release(lock)
+
+
+def _new_staging(final: Path, suffix: str = STAGING_SUFFIX) -> tuple[Path, int | None]:
     """A new staging folder beside ``final`` and its owner lock's descriptor (held until _release)."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=STAGING_SUFFIX, dir=final.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=suffix, dir=final.parent))
     if fcntl is None:
         return staging, None
     lock = staging / LOCK_NAME
@@ -196,15 +212,16 @@ def _release(lock: int | None) -> None:
         os.close(lock)  # closing drops the flock
 
 
-def remove_stale_staging(final: str | os.PathLike[str]) -> list[Path]:
-    """Remove the staging folders beside ``final`` whose owner is gone; returns those removed.
+def remove_stale_staging(final: str | os.PathLike[str], suffix: str = STAGING_SUFFIX) -> list[Path]:
+    """Remove the staging folders (or ``suffix``'s scratch folders) beside ``final`` whose owner is gone; returns
+    those removed.
 
     A folder is stale when nobody holds its owner lock (see the module's docstring). Folders without a lock
     file (an older sdtrt's, or one being created or renamed this instant) and those whose lock cannot be
     tried are left alone.
     """
     final = Path(final)
-    pattern = re.compile(rf"\.{re.escape(final.name)}\.[a-z0-9_]{{8}}{re.escape(STAGING_SUFFIX)}")
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.[a-z0-9_]{{8}}{re.escape(suffix)}")
     try:
         candidates = sorted(p for p in final.parent.iterdir() if pattern.fullmatch(p.name))
     except OSError:

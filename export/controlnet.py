@@ -19,7 +19,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 
 from sdtrt.engine.errors import ExportError, SdtrtError
-from sdtrt.engine.fsutil import sha256_file, sha256_tree
+from sdtrt.engine.fsutil import scratch_dir, sha256_file, sha256_tree
 from sdtrt.engine.manifest import Component, ComponentFile, Manifest, load_manifest
 from sdtrt.engine.networks import CONTROLNET_PREFIX
 from sdtrt.engine.session import TensorSpec
@@ -204,8 +203,7 @@ def attach_controlnet(
     ort_fused = bool(manifest.components["unet"].ort_fused)  # as the base: export --ort-fused
     pooled = bool(config.get("global_pool_conditions", False))
     spec = controlnet_spec(manifest, name, int(config.get("conditioning_channels", 3)), layout, pooled)
-    with tempfile.TemporaryDirectory(prefix=f".{folder.name}.", suffix=".controlnet", dir=folder.parent) as work:
-        staging = Path(work)
+    with scratch_dir(folder, ".controlnet") as staging:
         components = dict(manifest.components)
         if UNET_CONTROLNET not in components:
             with _base_model(manifest, folder, base) as source:

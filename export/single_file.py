@@ -14,14 +14,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from sdtrt.engine.errors import ExportError
-from sdtrt.engine.fsutil import sha256_file, write_json_atomic
+from sdtrt.engine.fsutil import scratch_dir, sha256_file, write_json_atomic
 from sdtrt.export.clip_vocab import EOS, write_clip_tokenizer
 
 log = logging.getLogger(__name__)
@@ -77,10 +76,7 @@ def converted_checkpoint(
             f"{path} is a pickled PyTorch checkpoint, and unpickling can run arbitrary code hidden in the file: "
             "convert it to .safetensors, or pass --allow-pickle (allow_pickle=True) if you trust its source"
         )
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".convert", dir=out_dir.parent))
-    try:
+    with scratch_dir(Path(out_dir), ".convert") as work:  # a killed run's folder is removed by the next one
         weights = path if file_format == "safetensors" else _unpickle(path, work / "checkpoint.safetensors")
         shapes, metadata = _read_header(weights)
         model_type = _model_type(path, shapes, config is not None)
@@ -97,8 +93,6 @@ def converted_checkpoint(
             "prediction_type_from": prediction_source,
         }
         yield folder, source
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _file_format(path: Path) -> str:

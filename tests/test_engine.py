@@ -259,6 +259,22 @@ def test_stale_staging_folders_are_removed_live_ones_kept(tmp_path: Path, caplog
     assert not (final / fsutil.LOCK_NAME).exists() and (final / "a").read_text() == "done"
 
 
+def test_scratch_folders_are_owner_locked_and_cleaned_up_like_staging(tmp_path: Path) -> None:
+    """A checkpoint converted on the way to an export (gigabytes) works in a scratch folder: a killed run's is
+    removed by the next run, another kind's is left alone, and its own is gone when the work ends."""
+    final = tmp_path / "out"
+    killed, lock = fsutil._new_staging(final, ".convert")
+    fsutil._release(lock)
+    (killed / "model.safetensors").write_bytes(b"gigabytes")
+    staging, lock = fsutil._new_staging(final)  # an export's staging folder, not a scratch folder: not this kind
+    fsutil._release(lock)
+    with fsutil.scratch_dir(final, ".convert") as work:
+        assert not killed.exists() and staging.is_dir()
+        assert work.name.startswith(".out.") and work.name.endswith(".convert") and (work / fsutil.LOCK_NAME).is_file()
+        assert fsutil.remove_stale_staging(final, ".convert") == []  # held while the work runs
+    assert not work.exists()
+
+
 def test_the_manifest_records_file_sizes(tiny_export: Path) -> None:
     manifest = load_manifest(tiny_export)
     for component in manifest.components.values():
