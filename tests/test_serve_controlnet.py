@@ -74,3 +74,57 @@ def test_controlnet_options_over_http_match_the_python_api(
         wrong = client.post("/v1/txt2img", json={**body, "control_image": [b64(_map()), b64(_map())]})
         assert wrong.status_code == 400
         assert "take 1 control image(s), got 2" in wrong.json()["error"]["message"]
+
+
+def test_a1111_controlnet_units_match_the_python_api(controlnet_export: Path, controlnet_server: ServerProcess) -> None:
+    """The sd-webui-controlnet extension's units (alwayson_scripts.controlnet.args) drive the attached ControlNets."""
+    from sdtrt.runtime.control_images import canny
+
+    edges = canny(_map(), 50, 150)
+    with Pipeline.load(controlnet_export, backend="ort-cpu") as pipe:
+        expected = pipe.txt2img(
+            PROMPT,
+            controlnet=["map", "map"],
+            control_image=[_map(), edges],
+            controlnet_conditioning_scale=[0.7, 0.3],
+            control_guidance_end=[1.0, 0.5],
+            guess_mode=True,
+            num_inference_steps=STEPS,
+            guidance_scale=5.0,
+            seed=3,
+        ).images[0]
+    unit = {"model": "map [0a1b2c3d]", "control_mode": "ControlNet is more important"}
+    units = [
+        {**unit, "image": b64(_map()), "weight": 0.7, "module": "none"},
+        {**unit, "enabled": False, "image": b64(_map()), "module": "depth_midas"},  # off: not read
+        {
+            **unit,
+            "image": b64(_map()),
+            "weight": 0.3,
+            "guidance_end": 0.5,
+            "module": "canny",
+            "threshold_a": 50,
+            "threshold_b": 150,
+        },
+    ]
+    body = {
+        "prompt": PROMPT,
+        "steps": STEPS,
+        "cfg_scale": 5.0,
+        "seed": 3,
+        "alwayson_scripts": {"controlnet": {"args": units}},
+    }
+    with httpx.Client(base_url=controlnet_server.url, timeout=120) as client:
+        answer = client.post("/sdapi/v1/txt2img", json=body)
+        assert answer.status_code == 200, answer.text
+        np.testing.assert_array_equal(png(answer.json()["images"][0]), np.asarray(expected))
+        assert client.get("/controlnet/model_list").json() == {"model_list": ["map"]}
+        assert client.get("/controlnet/module_list").json() == {"module_list": ["none", "canny"]}
+        for bad, message in [
+            ({"module": "openpose"}, "module 'openpose' is not run here (modules: none, canny)"),
+            ({"control_mode": 1}, "control_mode 1 is not supported"),
+            ({"model": "depth"}, "depth"),
+        ]:
+            args = [{**units[0], **bad}]
+            wrong = client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"controlnet": {"args": args}}})
+            assert wrong.status_code == 400 and message in wrong.json()["error"]["message"], wrong.text

@@ -5,19 +5,29 @@ inpaints), ``GET /sdapi/v1/progress`` (progress, ETA and a preview of the curren
 Its clients send many fields of the web UI's own (restore_faces, tiling, ...): those are ignored, as are
 sizes and steps left at 0. A size or step count left out is the model's and the task's default, as in
 the Python API. The model is ``override_settings.sd_model_checkpoint`` (a served model's name).
+
+ControlNets come as the sd-webui-controlnet extension sends them, ``alwayson_scripts.controlnet.args``: one unit
+per ControlNet, ``model`` an attached ControlNet's name (the web UI's "name [hash]" is read as the name),
+``image`` base64, ``weight``, ``guidance_start`` / ``guidance_end``, ``control_mode`` "Balanced" (0) or
+"ControlNet is more important" (2: diffusers' guess mode), ``module`` "none" (the image is the map) or "canny"
+(``threshold_a`` / ``threshold_b``: its thresholds). ``GET /controlnet/model_list`` and ``/controlnet/module_list``
+answer as the extension does.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request as HttpRequest
 
+from sdtrt.engine.errors import SdtrtError
+from sdtrt.runtime.control_images import canny
 from sdtrt.runtime.generation import GenerationResult
 from sdtrt.runtime.request import Request
 from sdtrt.serve.errors import ApiError
@@ -25,6 +35,7 @@ from sdtrt.serve.schemas import b64_png, decode_image
 from sdtrt.serve.server import Server
 
 router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"])
+controlnet_router = APIRouter(prefix="/controlnet", tags=["automatic1111"])
 
 # the web UI's sampler names -> sdtrt's schedulers (sdtrt's own names are accepted too)
 SAMPLERS = {
@@ -38,6 +49,44 @@ SAMPLERS = {
     "DPM++ 2M Karras": "dpmpp_2m_karras",
     "LCM": "lcm",
 }
+
+
+CONTROL_MODULES = ("none", "canny")  # the extension's preprocessors this server runs
+GUESS_MODES = {0: False, "Balanced": False, 2: True, "ControlNet is more important": True}  # control_mode ->
+
+
+class ControlNetUnit(BaseModel):
+    """One ControlNet unit of the sd-webui-controlnet extension's API."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    enabled: bool = True
+    image: str | dict[str, Any] | None = None  # base64, or {"image": base64, "mask": ...}
+    input_image: str | None = None  # the extension's older name for image
+    model: str = ""
+    module: str = "none"
+    weight: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    control_mode: int | str = 0
+    threshold_a: float = -1  # canny's low threshold; -1: the module's default (100)
+    threshold_b: float = -1  # canny's high threshold; -1: 200
+
+    def control_image(self, index: int) -> Any:
+        """The unit's control image, decoded and run through its module."""
+        where = f"alwayson_scripts.controlnet.args[{index}]"
+        data = self.image.get("image") if isinstance(self.image, dict) else self.image or self.input_image
+        if not isinstance(data, str):
+            raise ApiError("invalid_input", f"{where}: give the control image as base64 in image")
+        image = decode_image(data, f"{where}.image")
+        if self.module == "none":
+            return image
+        low = int(self.threshold_a) if self.threshold_a >= 0 else 100
+        high = int(self.threshold_b) if self.threshold_b >= 0 else 200
+        try:
+            return canny(image, low, high)
+        except SdtrtError as exc:  # OpenCV is not installed here
+            raise ApiError("invalid_input", f"{where}: module canny: {exc}") from None
 
 
 class A1111Body(BaseModel):
@@ -55,6 +104,7 @@ class A1111Body(BaseModel):
     batch_size: int = Field(default=1, ge=1)
     n_iter: int = Field(default=1, ge=1, le=1, description="batch count: 1 (ask for batch_size images instead)")
     override_settings: dict[str, Any] = Field(default_factory=dict)
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
 
     def to_request(self) -> Request:
         return Request(
@@ -83,6 +133,43 @@ class A1111Body(BaseModel):
     def model(self) -> str | None:
         return self.override_settings.get("sd_model_checkpoint")
 
+    def control_inputs(self) -> dict[str, Any]:
+        """The enabled units of ``alwayson_scripts.controlnet`` as the Python API's ControlNet options."""
+        script = {name.lower(): value for name, value in self.alwayson_scripts.items()}.get("controlnet") or {}
+        args = script.get("args", []) if isinstance(script, dict) else None
+        if not isinstance(args, list):
+            raise ApiError("invalid_input", "alwayson_scripts.controlnet.args must be a list of ControlNet units")
+        try:
+            units = [(i, ControlNetUnit.model_validate(unit)) for i, unit in enumerate(args)]
+        except ValidationError as exc:
+            raise ApiError("invalid_input", f"alwayson_scripts.controlnet: {exc.errors()[0]['msg']}") from None
+        units = [(i, unit) for i, unit in units if unit.enabled]
+        if not units:
+            return {}
+        for i, unit in units:
+            if unit.module not in CONTROL_MODULES:
+                raise ApiError(
+                    "invalid_input",
+                    f"alwayson_scripts.controlnet.args[{i}]: module {unit.module!r} is not run here (modules: "
+                    f"{', '.join(CONTROL_MODULES)}); send the preprocessed map with module none",
+                )
+            if unit.control_mode not in GUESS_MODES:
+                raise ApiError(
+                    "invalid_input",
+                    f"alwayson_scripts.controlnet.args[{i}]: control_mode {unit.control_mode!r} is not supported "
+                    "(Balanced: 0, ControlNet is more important: 2)",
+                )
+        if len({GUESS_MODES[unit.control_mode] for _, unit in units}) > 1:
+            raise ApiError("invalid_input", "alwayson_scripts.controlnet: give every unit the same control_mode")
+        return {
+            "controlnet": [re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", unit.model) for _, unit in units],
+            "control_image": [unit.control_image(i) for i, unit in units],
+            "controlnet_conditioning_scale": [unit.weight for _, unit in units],
+            "control_guidance_start": [unit.guidance_start for _, unit in units],
+            "control_guidance_end": [unit.guidance_end for _, unit in units],
+            "guess_mode": GUESS_MODES[units[0][1].control_mode],
+        }
+
 
 class A1111Img2ImgBody(A1111Body):
     init_images: list[str] = Field(min_length=1)
@@ -94,7 +181,7 @@ class A1111Img2ImgBody(A1111Body):
 @router.post("/txt2img")
 async def txt2img(body: A1111Body, http: HttpRequest) -> dict[str, Any]:
     server: Server = http.app.state.server
-    job = server.submit("txt2img", body.to_request(), model=body.model)
+    job = server.submit("txt2img", body.to_request(), await run_in_threadpool(body.control_inputs), model=body.model)
     return await _answer(body, await server.wait(job, http))
 
 
@@ -107,7 +194,7 @@ async def img2img(body: A1111Img2ImgBody, http: HttpRequest) -> dict[str, Any]:
         own["strength"] = body.denoising_strength
         if body.mask is not None:
             own.update(mask=decode_image(body.mask, "mask"), mask_blur=body.mask_blur)
-        return own
+        return own | body.control_inputs()
 
     task = "img2img" if body.mask is None else "inpaint"
     job = server.submit(task, body.to_request(), await run_in_threadpool(inputs), model=body.model)
@@ -128,7 +215,7 @@ async def _answer(body: A1111Body, result: GenerationResult) -> dict[str, Any]:
         "height": result.images[0].height,
         "timings": result.timings,
     }
-    parameters = body.model_dump(exclude={"init_images", "mask"})
+    parameters = body.model_dump(exclude={"init_images", "mask", "alwayson_scripts"})
     return {"images": images, "parameters": parameters, "info": json.dumps(info)}
 
 
@@ -162,3 +249,17 @@ async def sd_models(http: HttpRequest) -> list[dict[str, str]]:
 @router.get("/samplers")
 async def samplers() -> list[dict[str, Any]]:
     return [{"name": name, "aliases": [ours], "options": {}} for name, ours in SAMPLERS.items()]
+
+
+@controlnet_router.get("/model_list")
+async def controlnet_models(http: HttpRequest) -> dict[str, list[str]]:
+    """The ControlNets attached to the served models, by name."""
+    server: Server = http.app.state.server
+    loaded = [worker.pipeline for worker in server.workers.values() if worker.pipeline is not None]
+    names = {name for pipeline in loaded for name in pipeline.manifest.controlnets}
+    return {"model_list": sorted(names)}
+
+
+@controlnet_router.get("/module_list")
+async def controlnet_modules() -> dict[str, list[str]]:
+    return {"module_list": list(CONTROL_MODULES)}

@@ -52,6 +52,7 @@ def create_app(config: ServeConfig, server: Server | None = None) -> FastAPI:
     app.include_router(native.router)
     app.include_router(openai.router)
     app.include_router(a1111.router)
+    app.include_router(a1111.controlnet_router)
     app.add_api_route("/healthz", healthz, methods=["GET"])
     app.add_api_route("/readyz", readyz, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
