@@ -159,22 +159,33 @@ def test_txt2img_on_the_fused_graph_matches_diffusers(fused_export: Path, diffus
     assert ours_image.std() > 10  # a real picture
 
 
-def test_controlnets_attach_with_fused_graphs_that_match_diffusers(
+@pytest.fixture(scope="module")
+def fused_controlnet_export(
     fused_export: Path,
-    tiny_model_dir: Path,
     tiny_controlnet_dirs: dict[str, Path],  # noqa: F811 - the fixture
-    tmp_path: Path,
-) -> None:
-    """A ControlNet attached to an export made with --ort-fused gets fused graphs too, for itself and for the UNet
-    that takes its residuals; ORT CPU runs both, as diffusers' ControlNet pipeline computes."""
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
+    """A copy of the fused export with the tiny ControlNet "edges" attached."""
     import shutil
-
-    import torch
 
     from sdtrt.export.controlnet import attach_controlnet
 
-    export = shutil.copytree(fused_export, tmp_path / "fused-controlnet")
-    manifest = attach_controlnet(export, tiny_controlnet_dirs["edges"], name="edges")
+    export = shutil.copytree(fused_export, tmp_path_factory.mktemp("exports") / "fused-controlnet")
+    attach_controlnet(export, tiny_controlnet_dirs["edges"], name="edges")
+    return export
+
+
+def test_controlnets_attach_with_fused_graphs_that_match_diffusers(
+    fused_controlnet_export: Path,
+    tiny_model_dir: Path,
+    tiny_controlnet_dirs: dict[str, Path],  # noqa: F811 - the fixture
+) -> None:
+    """A ControlNet attached to an export made with --ort-fused gets fused graphs too, for itself and for the UNet
+    that takes its residuals; ORT CPU runs both, as diffusers' ControlNet pipeline computes."""
+    import torch
+
+    export = fused_controlnet_export
+    manifest = read_manifest(export)
     for name in ("unet_controlnet", "controlnet.edges"):
         fused = manifest.components[name].ort_fused
         assert sorted(fused) == ["fp16", "fp32"]
@@ -331,6 +342,23 @@ def test_ort_cuda_keeps_no_dynamic_twin(ort_cuda: None, fused_export: Path) -> N
     assert sorted(session.graph_ids.values()) == [1, 2]
     assert len({id(binding.session) for binding in session._bindings.values()}) == 2
     session.close()
+
+
+@pytest.mark.gpu
+def test_controlnet_on_the_fused_fp16_graphs_on_cuda(ort_cuda: None, fused_controlnet_export: Path) -> None:  # noqa: F811
+    """ORT CUDA runs the fused fp16 UNet-with-residuals and ControlNet as ORT CPU runs the fused fp32 ones."""
+    from test_gpu import FP16_TOL
+
+    options = {"num_inference_steps": 4, "seed": 7, "guidance_scale": 7.5, "controlnet": "edges"}
+    with (
+        Pipeline.load(fused_controlnet_export, backend="ort-cpu") as on_cpu,
+        Pipeline.load(fused_controlnet_export, backend="ort-cuda") as on_cuda,
+    ):
+        want = on_cpu.txt2img(PROMPT, control_image=control_image(0), **options)
+        got = on_cuda.txt2img(PROMPT, control_image=control_image(0), **options)
+        assert on_cuda.artifact.fused("unet_controlnet") and on_cuda.artifact.fused("controlnet.edges")
+    error = np.abs(got.latents - want.latents).max()
+    assert error <= 5 * FP16_TOL * max(1.0, float(np.abs(want.latents).max())), f"latents: {error:.3g}"
 
 
 def test_info_lists_and_verify_hashes_the_fused_graphs(
