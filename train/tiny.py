@@ -1,18 +1,30 @@
 """Train the tiny embedded demo model on the shapes data set: ``python -m train.tiny --out export/assets/tiny-sd``.
 
-A Stable Diffusion 1.x-architecture pipeline, small enough to train on a CPU in about an hour:
+A Stable Diffusion 1.x-architecture pipeline, small enough to train on a CPU in an hour or two:
 CLIP text encoder (the real 49408-id CLIP BPE vocabulary), a 4-level AutoencoderKL (8x down-sampling,
-4 latent channels) and a 2-level UNet2DConditionModel, with SD 1.x's scheduler. Images are 64x64
-pixels, latents 8x8. ``--unet-levels 3`` adds a third UNet level on 2x2 latents, where the zero
-padding of the convolutions tells each cell which quadrant it is: a UNet has no positional encoding
-of its own, and the 2-level one (the shipped model) never learned where "top left" is.
+4 latent channels) and a 3-level UNet2DConditionModel. Images are 64x64 pixels, latents 8x8; the
+UNet's innermost level works on 2x2 latents, where the zero padding of the convolutions tells each
+cell which quadrant it is (a UNet has no positional encoding of its own).
 
-Two stages, both seeded (``--finetune-from FOLDER`` skips the first: see Settings.finetune_from):
-1. the VAE learns to reconstruct the shapes images (MSE + a small KL term); its scaling factor is
-   then set so that the scaled latents have unit standard deviation, as SD's 0.18215 was chosen;
-2. the text encoder and the UNet learn together, from scratch, to predict the noise (epsilon) of
-   noised latents, with min-SNR loss weights, 10 % empty captions (so classifier-free guidance
-   works) and an exponential moving average of the weights, which is what is saved.
+The noise schedule is SD 1.x's betas rescaled to zero terminal SNR, with v-prediction and "trailing"
+timesteps (Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed", 2023; diffusers'
+``rescale_betas_zero_snr``), and the model ships with that scheduler config. On SD 1.x's own schedule
+the most-noised training latents still hold 7 % of the picture: on 8x8 latents enough to see where
+the shape is, so the model learned to read the place from that trace instead of from the words, and
+at inference, which starts from pure noise, the noise decided where the shape went (the place came
+out right 20 % of the time, chance). At zero terminal SNR the last step holds nothing of the picture,
+so the place, like the colours, can only come from the caption.
+
+Two stages, both seeded:
+1. the VAE learns to reconstruct the shapes images (MSE + a small KL term); ``--vae-from FOLDER``
+   keeps a trained model's VAE instead;
+2. the text encoder and the UNet learn together, from scratch, to predict v of noised latents of the
+   VAE as it is saved (float16 weights), with min-SNR loss weights (a floor keeps the pure-noise steps,
+   where the caption is all there is, in the loss), 10 % empty captions (so classifier-free guidance
+   works) and an exponential moving average of the weights, which is what is saved. The VAE's scaling
+   factor is set so that the scaled latents have unit standard deviation, as SD's 0.18215 was chosen.
+   This stage has its own seeds, so a VAE trained in stage 1 and the same VAE kept with ``--vae-from``
+   give the same weights.
 
 The saved weights are float16 safetensors (the package stays small); diffusers and transformers
 load them back, and the exporter casts every network to float32. The same seed and thread count
@@ -50,6 +62,13 @@ from train import shapes
 log = logging.getLogger("train.tiny")
 
 TEXT_HIDDEN = 64  # CLIP text width = the UNet's cross-attention width
+# the schedule the model learns and ships with: SD 1.x's betas at zero terminal SNR, v-prediction (see above)
+DEMO_SCHEDULER = {
+    **SD1_SCHEDULER,
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "timestep_spacing": "trailing",
+}
 
 
 @dataclass(frozen=True)
@@ -57,10 +76,8 @@ class Settings:
     seed: int = 0
     threads: int = 1
     images: int = 40_000  # the data set: scenes drawn once from the seed
-    # a trained tiny-sd folder: keep its VAE (frozen, with its scaling factor) and start the text encoder and
-    # the UNet from its weights (a 2-level UNet's levels become a 3-level UNet's outer two); "": from scratch
-    finetune_from: str = ""
-    unet_levels: int = 2  # 2: 8x8 and 4x4 latents; 3: and 2x2
+    vae_from: str = ""  # a trained tiny-sd folder whose VAE to keep (stage 1 skipped); "": train one
+    unet_levels: int = 3  # 8x8, 4x4 and 2x2 latents; 2: the first two only
     vae_steps: int = 2_000
     vae_batch: int = 32
     vae_lr: float = 2e-3
@@ -71,8 +88,7 @@ class Settings:
     warmup: int = 200
     empty_caption_rate: float = 0.1  # classifier-free guidance dropout
     snr_gamma: float = 5.0  # min-SNR loss weighting: the x0 error counts at most this much ...
-    snr_floor: float = 0.05  # ... and at least this much (see Denoising)
-    offset_noise: float = 0.1  # std of a per-channel constant added to the noise (see Denoising)
+    snr_floor: float = 0.5  # ... and at least this much (see Denoising)
     ema_decay: float = 0.999
 
 
@@ -108,8 +124,8 @@ def build_vae() -> AutoencoderKL:
     )
 
 
-def build_unet(levels: int = 2) -> UNet2DConditionModel:
-    """The demo UNet: two cross-attention levels (8x8, 4x4 latents), and with ``levels=3`` a plain one on 2x2."""
+def build_unet(levels: int = 3) -> UNet2DConditionModel:
+    """The demo UNet: two cross-attention levels (8x8, 4x4 latents) and a plain one on 2x2 (``levels=2``: not that)."""
     if levels not in (2, 3):
         raise ValueError(f"the demo UNet has 2 or 3 levels, not {levels}")
     inner = ("DownBlock2D",), ("UpBlock2D",)
@@ -194,32 +210,28 @@ class CaptionIds:
 
 
 class Denoising:
-    """Noised posterior samples of the latents and their loss-weighted epsilon error (SD 1.x's noise schedule)."""
+    """Noised posterior samples of the latents and their loss-weighted v error (DEMO_SCHEDULER's noise schedule)."""
 
     def __init__(self, latents: tuple[torch.Tensor, torch.Tensor], s: Settings) -> None:
         self.mean, self.std = latents  # (N, 4, 8, 8) each, already scaled
-        self.offset_noise = s.offset_noise
-        self.schedule = DDPMScheduler.from_config(SD1_SCHEDULER)
-        alphas_cumprod = self.schedule.alphas_cumprod  # (1000,) float32
-        # The epsilon loss is snr(t) times the x0 loss. Min-SNR caps the x0 weight at gamma (the easy, low-noise
-        # steps); the floor lifts it at the noisiest steps, where SD's schedule leaves snr ~ 0.005: there the
-        # picture's colours and the shape's place can only come from the text (or the control image), and an
-        # unweighted loss barely asks for them.
+        self.schedule = DDPMScheduler.from_config(DEMO_SCHEDULER)
+        alphas_cumprod = self.schedule.alphas_cumprod  # (1000,) float32, the last one 0
+        # The v loss is (snr + 1) times the x0 loss. Min-SNR caps the x0 weight at gamma (the easy, low-noise
+        # steps); the floor keeps it up at the noisiest steps, down to pure noise (snr 0), where the picture's
+        # colours and the shape's place and kind can only come from the text (or the control image).
         snr = alphas_cumprod / (1 - alphas_cumprod)
-        self.loss_weight = torch.clamp(snr, min=s.snr_floor, max=s.snr_gamma) / snr
+        self.loss_weight = torch.clamp(snr, min=s.snr_floor, max=s.snr_gamma) / (snr + 1)
 
     def noised(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(noisy latents, noise) (B, 4, 8, 8) each and timesteps (B,) for the data set's latents ``indices``."""
+        """(noisy latents, v target) (B, 4, 8, 8) each and timesteps (B,) for the data set's latents ``indices``."""
         index = torch.from_numpy(indices)
         x0 = self.mean[index] + self.std[index] * torch.randn_like(self.mean[index])  # a posterior sample
-        # offset noise: on 8x8 latents the noise's per-channel mean (std 1/8) outweighs the signal's
-        # at t ~ 999; a random offset teaches the model to take the picture's mean colour from the text
-        noise = torch.randn_like(x0) + self.offset_noise * torch.randn(len(indices), x0.shape[1], 1, 1)
+        noise = torch.randn_like(x0)
         t = torch.randint(0, len(self.loss_weight), (len(indices),))
-        return self.schedule.add_noise(x0, noise, t), noise, t
+        return self.schedule.add_noise(x0, noise, t), self.schedule.get_velocity(x0, noise, t), t
 
-    def loss(self, pred: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return (self.loss_weight[t] * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (self.loss_weight[t] * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
 
 
 class Ema:
@@ -270,7 +282,7 @@ def train_denoiser(
     s: Settings,
     rng: np.random.Generator,
 ) -> float:
-    """Train text encoder + UNet on epsilon prediction; leaves the EMA weights in the modules, returns the loss."""
+    """Train text encoder + UNet on v-prediction; leaves the EMA weights in the modules, returns the loss."""
     denoising = Denoising(latents, s)
     params = [*text_encoder.parameters(), *unet.parameters()]
     ema = Ema(params, s.ema_decay)
@@ -285,10 +297,10 @@ def train_denoiser(
             "" if rng.random() < s.empty_caption_rate else shapes.sample_caption(scenes[i], rng) for i in indices
         ]
         ids = caption_ids(captions)  # (B, 77)
-        noisy, noise, t = denoising.noised(indices)
+        noisy, target, t = denoising.noised(indices)
         hidden = text_encoder(ids, return_dict=False)[0]  # (B, 77, 64)
         pred = unet(noisy, t, hidden, return_dict=False)[0]
-        avg = optimizer_step(denoising.loss(pred, noise, t), opt, params, sched, ema, step, avg)
+        avg = optimizer_step(denoising.loss(pred, target, t), opt, params, sched, ema, step, avg)
         bar.set_postfix(loss=f"{avg:.4f}", refresh=False)
     ema.copy_to_params()
     text_encoder.eval()
@@ -312,7 +324,7 @@ def save_pipeline(
             text_encoder=text_encoder.half(),
             tokenizer=HFCLIPTokenizer.from_pretrained(staging / "tokenizer"),
             unet=unet.half(),
-            scheduler=DDIMScheduler.from_config(SD1_SCHEDULER),  # SD's betas; DDIM draws it best (README)
+            scheduler=DDIMScheduler.from_config(DEMO_SCHEDULER),  # DDIM draws it best (README)
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
@@ -324,29 +336,6 @@ def save_pipeline(
         write_json_atomic(staging / "training.json", report)
 
 
-def load_pretrained(folder: Path, text_encoder: CLIPTextModel, unet: UNet2DConditionModel) -> AutoencoderKL:
-    """Load ``folder``'s text encoder and UNet weights into the given ones; returns its VAE, float32 and frozen.
-
-    A 2-level UNet fills a 3-level UNet's outer levels: its down blocks,
-    middle block and up blocks 0, 1 become down blocks 0, 1, the middle block and up blocks 1, 2;
-    the innermost level (down block 2, up block 0, down block 1's down-sampler) starts fresh.
-    """
-    text_encoder.load_state_dict(CLIPTextModel.from_pretrained(folder / "text_encoder").state_dict())
-    old = UNet2DConditionModel.from_pretrained(folder / "unet")
-    shift = len(unet.config.block_out_channels) - len(old.config.block_out_channels)
-    weights = {}
-    for key, value in old.state_dict().items():
-        if key.startswith("up_blocks."):
-            index, rest = key.removeprefix("up_blocks.").split(".", 1)
-            key = f"up_blocks.{int(index) + shift}.{rest}"
-        weights[key] = value
-    missing, unexpected = unet.load_state_dict(weights, strict=False)
-    if unexpected or (missing and shift == 0):
-        raise ValueError(f"{folder / 'unet'} does not fit the demo UNet: {unexpected or missing}")
-    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval()
-    return vae.requires_grad_(False)
-
-
 def _trained_vae_mse(folder: Path) -> float | None:
     """The VAE's reconstruction error as the folder's training.json records it, if it does."""
     report = folder / "training.json"
@@ -354,36 +343,35 @@ def _trained_vae_mse(folder: Path) -> float | None:
 
 
 def train(out: Path, s: Settings, overwrite: bool = False) -> Path:
-    """Train both stages and save the diffusers folder ``out`` (float16 safetensors)."""
+    """Train both stages (or the second on ``s.vae_from``'s VAE) and save the diffusers folder ``out``."""
     torch.set_num_threads(s.threads)
+    torch.set_flush_denormal(True)  # Adam's moments of unused token rows decay to denormals: 10x slower on x86
     torch.manual_seed(s.seed)
-    rng = np.random.default_rng([s.seed, 1])  # batches, captions: a stream apart from the data set's
     started = time.perf_counter()
     log.info("drawing %d scenes", s.images)
     scenes, images = shapes.make_dataset(s.images, s.seed)
 
     # the networks draw their initial weights from the seed in the order they are built
-    if s.finetune_from:
-        text_encoder, unet = build_text_encoder(), build_unet(s.unet_levels)
-        vae = load_pretrained(Path(s.finetune_from), text_encoder, unet)
-        vae_mse = _trained_vae_mse(Path(s.finetune_from))
-        mean, std = encode_latents(vae, images)
-        scaling_factor = float(vae.config.scaling_factor)
+    vae, text_encoder, unet = build_vae(), build_text_encoder(), build_unet(s.unet_levels)
+    if s.vae_from:
+        vae = AutoencoderKL.from_pretrained(Path(s.vae_from) / "vae", torch_dtype=torch.float32)
+        vae_mse = _trained_vae_mse(Path(s.vae_from))
     else:
-        vae, text_encoder, unet = build_vae(), build_text_encoder(), build_unet(s.unet_levels)
-        vae_mse = train_vae(vae, images, s, rng)
-        mean, std = encode_latents(vae, images)
-        scaling_factor = float(1.0 / mean.std())  # scaled latents have unit standard deviation
-        vae.register_to_config(scaling_factor=scaling_factor)
+        vae_mse = train_vae(vae, images, s, np.random.default_rng([s.seed, 1]))
+    vae = vae.half().float().eval().requires_grad_(False)  # the VAE as it is saved: float16 weights
+    mean, std = encode_latents(vae, images)
+    scaling_factor = float(1.0 / mean.std())  # scaled latents have unit standard deviation
+    vae.register_to_config(scaling_factor=scaling_factor)
     vae_seconds = time.perf_counter() - started
     log.info("vae: mse %s, scaling factor %.4f, %.0f s", vae_mse, scaling_factor, vae_seconds)
 
+    torch.manual_seed(s.seed + 1)  # stage 2's own seeds: the same whether stage 1 ran or not
     with tempfile.TemporaryDirectory() as tmp:
         write_clip_tokenizer(Path(tmp), TEXT_MAX_LENGTH)
         caption_ids = CaptionIds(Path(tmp))
-        loss = train_denoiser(
-            text_encoder, unet, (mean * scaling_factor, std * scaling_factor), scenes, caption_ids, s, rng
-        )
+        latents = (mean * scaling_factor, std * scaling_factor)
+        rng = np.random.default_rng([s.seed, 3])  # batches, captions
+        loss = train_denoiser(text_encoder, unet, latents, scenes, caption_ids, s, rng)
     seconds = time.perf_counter() - started
     log.info("unet: loss %.4f; trained in %.0f s", loss, seconds)
 
