@@ -85,10 +85,11 @@ def tiny_upscaler_export(tiny_upscaler_dir: Path, tmp_path_factory: pytest.TempP
 
 @pytest.fixture(scope="session")
 def demo_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shipped demo model exported (fp32) once per session: the serving tests' model."""
+    """The shipped demo model exported once per session, fp32 and fp16: the trained-model and serving tests' model
+    (tests copy it before changing it)."""
     from sdtrt.demo import demo_model_dir
     from sdtrt.export.exporter import export_model
 
-    out = tmp_path_factory.mktemp("serve") / "tiny-sd"
-    export_model(demo_model_dir(), out, progress=False)
+    out = tmp_path_factory.mktemp("exports") / "tiny-sd"
+    export_model(demo_model_dir(), out, precisions=("fp32", "fp16"), progress=False)
     return out

@@ -53,20 +53,10 @@ MAX_SHIPPED_MB = 20
 MAX_CONTROLNET_MB = 5
 
 
-@pytest.fixture(scope="session")
-def trained_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shipped demo model exported once per test session, fp32 and fp16."""
-    from sdtrt.export.exporter import export_model
-
-    out = tmp_path_factory.mktemp("exports") / "tiny-sd"
-    export_model(demo_model_dir(), out, precisions=("fp32", "fp16"), progress=False)
-    return out
-
-
 @pytest.fixture(scope="module", params=list(BACKENDS))
-def pipe(request: pytest.FixtureRequest, trained_export: Path) -> Pipeline:
+def pipe(request: pytest.FixtureRequest, demo_export: Path) -> Pipeline:
     try:
-        pipeline = Pipeline.load(trained_export, backend=request.param)
+        pipeline = Pipeline.load(demo_export, backend=request.param)
     except BackendUnavailableError as exc:
         pytest.skip(str(exc))
     with pipeline:
@@ -129,8 +119,8 @@ def test_the_prompt_changes_the_picture(pipe: Pipeline) -> None:
     assert np.abs(first - second).mean() > 30  # 0..255 levels: a different picture, not a few pixels
 
 
-def test_demo_grid_reuses_a_current_export(trained_export: Path, tmp_path: Path) -> None:
-    export = shutil.copytree(trained_export, tmp_path / "tiny-sd-onnx")  # the demo's own export, up to date
+def test_demo_grid_reuses_a_current_export(demo_export: Path, tmp_path: Path) -> None:
+    export = shutil.copytree(demo_export, tmp_path / "tiny-sd-onnx")  # the demo's own export, up to date
     exported_at = (export / "manifest.json").stat().st_mtime_ns
     assert main(["-q", "demo", "--grid", "--root", str(tmp_path), "--steps", "2"]) == 0
     assert (export / "manifest.json").stat().st_mtime_ns == exported_at  # not exported again
@@ -173,10 +163,10 @@ def test_the_controlnet_draws_where_the_map_says() -> None:
     assert shares["all"] >= MIN_MAP_ACCURACY, shares
 
 
-def test_the_controlnet_draws_where_the_map_says_on_the_runtime(trained_export: Path, tmp_path: Path) -> None:
+def test_the_controlnet_draws_where_the_map_says_on_the_runtime(demo_export: Path, tmp_path: Path) -> None:
     from sdtrt.export.controlnet import attach_controlnet
 
-    export = shutil.copytree(trained_export, tmp_path / "tiny-sd-onnx")
+    export = shutil.copytree(demo_export, tmp_path / "tiny-sd-onnx")
     attach_controlnet(export, controlnet_dir(), name="map")
     shares = evaluate.map_accuracy_on_runtime(export, "map", MAP_CASES, steps=STEPS, guidance=GUIDANCE)
     assert shares["all"] >= MIN_MAP_ACCURACY, shares
