@@ -48,7 +48,8 @@ serve: setup  ## export the embedded demo model (once), then serve it: make serv
 	$(VENV)/bin/sdtrt demo --quiet
 	$(VENV)/bin/sdtrt serve artifacts/tiny-sd-onnx $(SERVE)
 
-# Retrain the embedded demo model (about an hour on one CPU core; see README "The demo model").
+# Retrain the embedded demo model (an hour or more on one CPU core; see README "The demo model"), then its
+# ControlNet (make train-tiny-controlnet), which fits one base model's weights.
 train-tiny: setup
 	$(PY) -m train.tiny --out export/assets/tiny-sd --overwrite
 
