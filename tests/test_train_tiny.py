@@ -108,3 +108,11 @@ def test_the_example_maps_are_semantic_maps(tmp_path: Path) -> None:
         kind, region = shapes.read_map(np.asarray(Image.open(path).convert("RGB")))
         assert kind in path.stem
         assert 0 < region.mean() < 0.5
+
+
+def test_word_sensitivity_measures_the_first_step(few_steps_model: Path) -> None:
+    from train import evaluate
+
+    changes = evaluate.word_sensitivity(few_steps_model, seeds=2)
+    assert set(changes) == {"place", "colour"}
+    assert all(np.isfinite(value) and value > 0 for value in changes.values())

@@ -5,6 +5,10 @@ picture is read back by pixel statistics (train.shapes): its shape colour and ba
 (dominant_colours), its shape's kind (shape_kind) and place (shape_position). Every caption names
 the colours and the kind; the place is scored on the captions that name one (about half).
 
+``python -m train.evaluate --sensitivity FOLDER`` measures, through diffusers, how much the first denoising step's
+UNet output moves when a prompt's place words change and when its colour words change (word_sensitivity): a
+model that ignores the place words moves by almost nothing.
+
 ``python -m train.evaluate --controlnet FOLDER [--base FOLDER]`` scores the tiny ControlNet instead
 (map_accuracy): seeded semantic maps with prompts naming the kind and the colours, drawn through
 diffusers' StableDiffusionControlNetPipeline (train.controlnet.diffusers_drawer);
@@ -125,6 +129,35 @@ def semantic_accuracy(
     return {name: hits[name] / (placed if name == "position" else count) for name in SCORES}
 
 
+SENSITIVITY_PROMPTS = (  # (the prompt, its place changed, its colour changed)
+    "a red circle on a blue background, top left",
+    "a red circle on a blue background, bottom right",
+    "a green circle on a blue background, top left",
+)
+
+
+def word_sensitivity(folder: Path, seeds: int = 8) -> dict[str, float]:
+    """Mean |change| of a diffusers model folder's UNet output at the first of 20 steps, same noise, when the
+    prompt's place words change ("place") and when its shape colour changes ("colour")."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe.scheduler.set_timesteps(20)
+    ids = pipe.tokenizer(list(SENSITIVITY_PROMPTS), padding="max_length", return_tensors="pt").input_ids
+    changes = {"place": [], "colour": []}
+    with torch.no_grad():
+        states = pipe.text_encoder(ids)[0]  # (3, 77, width)
+        for seed in range(seeds):
+            config = pipe.unet.config  # latents (1, 4, 8, 8)
+            shape = (1, config.in_channels, config.sample_size, config.sample_size)
+            noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+            out = pipe.unet(noise.repeat(3, 1, 1, 1), pipe.scheduler.timesteps[0], states).sample
+            changes["place"].append((out[0] - out[1]).abs().mean().item())
+            changes["colour"].append((out[0] - out[2]).abs().mean().item())
+    return {name: float(np.mean(values)) for name, values in changes.items()}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -135,7 +168,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--controlnet", type=Path, help="score this ControlNet folder (diffusers, torch) instead")
     parser.add_argument("--base", type=Path, default=Path("export/assets/tiny-sd"), help="its demo model folder")
     parser.add_argument("--attached", metavar="NAME", help="score the ControlNet attached to the export as NAME")
+    parser.add_argument(
+        "--sensitivity",
+        type=Path,
+        metavar="FOLDER",
+        help="how much place and colour words move a diffusers model folder's first denoising step (word_sensitivity)",
+    )
     args = parser.parse_args(argv)
+    if args.sensitivity:
+        changes = word_sensitivity(args.sensitivity)
+        print(f"first step's mean |change|: place words {changes['place']:.4f}, colour words {changes['colour']:.4f}")
+        return
     if args.controlnet:
         import torch
 
