@@ -116,3 +116,27 @@ def test_word_sensitivity_measures_the_first_step(few_steps_model: Path) -> None
     changes = evaluate.word_sensitivity(few_steps_model, seeds=2)
     assert set(changes) == {"place", "colour"}
     assert all(np.isfinite(value) and value > 0 for value in changes.values())
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_denoising_targets_follow_the_scheduler(prediction_type: str) -> None:
+    """The ControlNet trains on its base's own schedule: the shipped demo model predicts epsilon on SD 1.x's, the
+    recipe train.tiny now runs predicts v at zero terminal SNR."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from sdtrt.export.tiny import SD1_SCHEDULER
+
+    config = SD1_SCHEDULER if prediction_type == "epsilon" else tiny.DEMO_SCHEDULER
+    latents = torch.randn(4, 4, 8, 8), torch.full((4, 4, 8, 8), 0.1)
+    denoising = tiny.Denoising(latents, tiny.Settings(), config)
+    torch.manual_seed(0)
+    noisy, target, t = denoising.noised(np.arange(4))
+    torch.manual_seed(0)  # the same draws again: the posterior sample, the noise, the timesteps
+    x0 = latents[0] + latents[1] * torch.randn_like(latents[0])
+    noise, steps = torch.randn_like(x0), torch.randint(0, 1000, (4,))
+    schedule = DDPMScheduler.from_config(config)
+    expected = noise if prediction_type == "epsilon" else schedule.get_velocity(x0, noise, steps)
+    assert torch.equal(t, steps) and torch.allclose(noisy, schedule.add_noise(x0, noise, steps))
+    assert torch.allclose(target, expected)
+    assert torch.isfinite(denoising.loss_weight).all() and (denoising.loss_weight > 0).all()

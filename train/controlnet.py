@@ -30,6 +30,7 @@ from diffusers import (
     AutoencoderKL,
     ControlNetModel,
     DDIMScheduler,
+    DDPMScheduler,
     StableDiffusionControlNetPipeline,
     UNet2DConditionModel,
 )
@@ -62,7 +63,7 @@ class Settings:
     lr: float = 1e-3
     warmup: int = 100
     empty_caption_rate: float = 0.1  # classifier-free guidance dropout (the map stays)
-    snr_gamma: float = 5.0  # min-SNR loss weights, as the demo model's (train.tiny.Denoising)
+    snr_gamma: float = 5.0  # min-SNR loss weights, as the demo model's (train.tiny.Denoising, on the base's schedule)
     snr_floor: float = 0.2
     ema_decay: float = 0.998
 
@@ -111,14 +112,14 @@ def train_controlnet(
     controlnet: ControlNetModel,
     unet: UNet2DConditionModel,
     captions: CaptionStates,
-    latents: tuple[torch.Tensor, torch.Tensor],
+    denoising: tiny.Denoising,
     scenes: Sequence[shapes.Scene],
     maps: np.ndarray,
     s: Settings,
     rng: np.random.Generator,
 ) -> float:
-    """Train ``controlnet`` to steer the frozen ``unet``; leaves the EMA weights in it, returns the loss."""
-    denoising = tiny.Denoising(latents, s)
+    """Train ``controlnet`` to steer the frozen ``unet`` on ``denoising``'s noised latents of ``scenes``; leaves the
+    EMA weights in it, returns the loss."""
     params = list(controlnet.parameters())
     ema = tiny.Ema(params, s.ema_decay)
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.01)
@@ -160,7 +161,9 @@ def train(out: Path, s: Settings, overwrite: bool = False) -> Path:
     scale = vae.config.scaling_factor
     controlnet = build_controlnet(unet)
     captions = CaptionStates(text_encoder, base / "tokenizer")
-    loss = train_controlnet(controlnet, unet, captions, (mean * scale, std * scale), scenes, maps, s, rng)
+    # the base's own noise schedule and prediction type (the shipped demo model: epsilon on SD 1.x's schedule)
+    denoising = tiny.Denoising((mean * scale, std * scale), s, DDPMScheduler.load_config(base / "scheduler"))
+    loss = train_controlnet(controlnet, unet, captions, denoising, scenes, maps, s, rng)
     seconds = time.perf_counter() - started
     log.info("controlnet: loss %.4f; trained in %.0f s", loss, seconds)
     report = {

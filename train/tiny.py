@@ -42,9 +42,10 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -210,25 +211,34 @@ class CaptionIds:
 
 
 class Denoising:
-    """Noised posterior samples of the latents and their loss-weighted v error (DEMO_SCHEDULER's noise schedule)."""
+    """Noised posterior samples of the latents and their loss-weighted error, on a scheduler config's noise schedule
+    and for its prediction type: epsilon (the noise) or v_prediction (DEMO_SCHEDULER's)."""
 
-    def __init__(self, latents: tuple[torch.Tensor, torch.Tensor], s: Settings) -> None:
+    def __init__(
+        self, latents: tuple[torch.Tensor, torch.Tensor], s: Settings, scheduler_config: Mapping[str, Any]
+    ) -> None:
         self.mean, self.std = latents  # (N, 4, 8, 8) each, already scaled
-        self.schedule = DDPMScheduler.from_config(DEMO_SCHEDULER)
-        alphas_cumprod = self.schedule.alphas_cumprod  # (1000,) float32, the last one 0
-        # The v loss is (snr + 1) times the x0 loss. Min-SNR caps the x0 weight at gamma (the easy, low-noise
-        # steps); the floor keeps it up at the noisiest steps, down to pure noise (snr 0), where the picture's
+        self.schedule = DDPMScheduler.from_config(scheduler_config)
+        self.prediction_type = self.schedule.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"the demo models predict epsilon or v, not {self.prediction_type!r}")
+        alphas_cumprod = self.schedule.alphas_cumprod  # (1000,) float32; at zero terminal SNR the last one is 0
+        # The epsilon loss is snr times the x0 loss, the v loss (snr + 1) times. Min-SNR caps the x0 weight at
+        # gamma (the easy, low-noise steps); the floor keeps it up at the noisiest steps, where the picture's
         # colours and the shape's place and kind can only come from the text (or the control image).
         snr = alphas_cumprod / (1 - alphas_cumprod)
-        self.loss_weight = torch.clamp(snr, min=s.snr_floor, max=s.snr_gamma) / (snr + 1)
+        to_x0 = snr if self.prediction_type == "epsilon" else snr + 1
+        self.loss_weight = torch.clamp(snr, min=s.snr_floor, max=s.snr_gamma) / to_x0
 
     def noised(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(noisy latents, v target) (B, 4, 8, 8) each and timesteps (B,) for the data set's latents ``indices``."""
+        """(noisy latents, target: the noise or v) (B, 4, 8, 8) each and timesteps (B,) for the data set's latents
+        ``indices``."""
         index = torch.from_numpy(indices)
         x0 = self.mean[index] + self.std[index] * torch.randn_like(self.mean[index])  # a posterior sample
         noise = torch.randn_like(x0)
         t = torch.randint(0, len(self.loss_weight), (len(indices),))
-        return self.schedule.add_noise(x0, noise, t), self.schedule.get_velocity(x0, noise, t), t
+        target = noise if self.prediction_type == "epsilon" else self.schedule.get_velocity(x0, noise, t)
+        return self.schedule.add_noise(x0, noise, t), target, t
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return (self.loss_weight[t] * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
@@ -283,7 +293,7 @@ def train_denoiser(
     rng: np.random.Generator,
 ) -> float:
     """Train text encoder + UNet on v-prediction; leaves the EMA weights in the modules, returns the loss."""
-    denoising = Denoising(latents, s)
+    denoising = Denoising(latents, s, DEMO_SCHEDULER)
     params = [*text_encoder.parameters(), *unet.parameters()]
     ema = Ema(params, s.ema_decay)
     opt = torch.optim.AdamW(params, lr=s.unet_lr, weight_decay=0.01)
