@@ -56,6 +56,10 @@ def test_main_refuses_an_existing_out_before_training(
         (["--out", str(tmp_path / "folder")], "already exists (use --overwrite to replace it)"),
         (["--out", str(tmp_path / "file")], "already exists (use --overwrite to replace it)"),
         (["--out", str(tmp_path / "file"), "--overwrite"], "is not a folder"),
+        (
+            ["--out", str(tmp_path / "new"), "--vae-from", str(tmp_path / "folder")],
+            "is not a demo model folder (no vae/)",
+        ),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             tiny.main(args)

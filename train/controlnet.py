@@ -14,7 +14,6 @@ same seed and thread count give the same weights.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import os
@@ -147,9 +146,7 @@ def _sha256(path: Path) -> str:
 
 def train(out: Path, s: Settings, overwrite: bool = False) -> Path:
     """Train the ControlNet for the demo model ``s.base`` and save the diffusers folder ``out`` (float16)."""
-    torch.set_num_threads(s.threads)
-    torch.set_flush_denormal(True)  # Adam's moments of unused token rows decay to denormals: 10x slower on x86
-    torch.manual_seed(s.seed)
+    tiny.set_up_torch(s.threads, s.seed)
     rng = np.random.default_rng([s.seed, 2])  # scenes, batches, captions
     started = time.perf_counter()
     base = Path(s.base)
@@ -228,19 +225,11 @@ def diffusers_drawer(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    defaults = Settings()
-    parser = argparse.ArgumentParser(prog="python -m train.controlnet", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="the diffusers folder to write")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    parser = tiny.settings_parser("python -m train.controlnet", __doc__.split("\n\n")[0], Settings())
     parser.add_argument("--maps", type=Path, help="also write the example maps (PNG) into this folder")
-    for field, value in asdict(defaults).items():
-        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
     args = vars(parser.parse_args(argv))
     out, overwrite, maps = args.pop("out"), args.pop("overwrite"), args.pop("maps")
-    if out.exists() and not overwrite:
-        parser.error(f"{out} already exists (use --overwrite to replace it)")
-    if out.exists() and not out.is_dir():
-        parser.error(f"{out} is not a folder (--overwrite replaces a folder only)")
+    tiny.check_out(parser, out, overwrite)
     if not (Path(args["base"]) / "unet").is_dir():
         parser.error(f"{args['base']} is not a demo model folder (no unet/)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -354,9 +354,7 @@ def _trained_vae_mse(folder: Path) -> float | None:
 
 def train(out: Path, s: Settings, overwrite: bool = False) -> Path:
     """Train both stages (or the second on ``s.vae_from``'s VAE) and save the diffusers folder ``out``."""
-    torch.set_num_threads(s.threads)
-    torch.set_flush_denormal(True)  # Adam's moments of unused token rows decay to denormals: 10x slower on x86
-    torch.manual_seed(s.seed)
+    set_up_torch(s.threads, s.seed)
     started = time.perf_counter()
     log.info("drawing %d scenes", s.images)
     scenes, images = shapes.make_dataset(s.images, s.seed)
@@ -398,19 +396,39 @@ def train(out: Path, s: Settings, overwrite: bool = False) -> Path:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    defaults = Settings()
-    parser = argparse.ArgumentParser(prog="python -m train.tiny", description=__doc__.split("\n\n")[0])
+def settings_parser(prog: str, description: str, defaults: Any) -> argparse.ArgumentParser:
+    """A training script's command line: --out, --overwrite and one flag per field of the ``defaults`` dataclass."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--out", type=Path, required=True, help="the diffusers folder to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     for field, value in asdict(defaults).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
-    args = vars(parser.parse_args(argv))
-    out, overwrite = args.pop("out"), args.pop("overwrite")
-    if out.exists() and not overwrite:  # atomic_dir would refuse it too, but only after the training
+    return parser
+
+
+def check_out(parser: argparse.ArgumentParser, out: Path, overwrite: bool) -> None:
+    """Refuse ``out`` before any training (atomic_dir would too, but only after it)."""
+    if out.exists() and not overwrite:
         parser.error(f"{out} already exists (use --overwrite to replace it)")
     if out.exists() and not out.is_dir():
         parser.error(f"{out} is not a folder (--overwrite replaces a folder only)")
+
+
+def set_up_torch(threads: int, seed: int) -> None:
+    """Threads, the seed, and denormals flushed to zero: Adam's moments of weights that get no gradient (the
+    token rows no caption uses) decay into denormals, which are 10x slower or more on x86."""
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    torch.manual_seed(seed)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = settings_parser("python -m train.tiny", __doc__.split("\n\n")[0], Settings())
+    args = vars(parser.parse_args(argv))
+    out, overwrite = args.pop("out"), args.pop("overwrite")
+    check_out(parser, out, overwrite)
+    if args["vae_from"] and not (Path(args["vae_from"]) / "vae").is_dir():
+        parser.error(f"{args['vae_from']} is not a demo model folder (no vae/)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     train(out, Settings(**args), overwrite=overwrite)
     log.info("wrote %s", out)
