@@ -76,7 +76,7 @@ def converted_checkpoint(
             f"{path} is a pickled PyTorch checkpoint, and unpickling can run arbitrary code hidden in the file: "
             "convert it to .safetensors, or pass --allow-pickle (allow_pickle=True) if you trust its source"
         )
-    with scratch_dir(Path(out_dir), ".convert") as work:  # a killed run's folder is removed by the next one
+    with scratch_dir(out_dir, ".convert") as work:  # a killed run's folder is removed by the next one
         weights = path if file_format == "safetensors" else _unpickle(path, work / "checkpoint.safetensors")
         shapes, metadata = _read_header(weights)
         model_type = _model_type(path, shapes, config is not None)

@@ -145,12 +145,12 @@ def word_sensitivity(folder: Path, seeds: int = 8) -> dict[str, float]:
     pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
     pipe.scheduler.set_timesteps(20)
     ids = pipe.tokenizer(list(SENSITIVITY_PROMPTS), padding="max_length", return_tensors="pt").input_ids
+    config = pipe.unet.config
+    shape = (1, config.in_channels, config.sample_size, config.sample_size)  # latents (1, 4, 8, 8)
     changes = {"place": [], "colour": []}
     with torch.no_grad():
         states = pipe.text_encoder(ids)[0]  # (3, 77, width)
         for seed in range(seeds):
-            config = pipe.unet.config  # latents (1, 4, 8, 8)
-            shape = (1, config.in_channels, config.sample_size, config.sample_size)
             noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
             out = pipe.unet(noise.repeat(3, 1, 1, 1), pipe.scheduler.timesteps[0], states).sample
             changes["place"].append((out[0] - out[1]).abs().mean().item())
