@@ -1,4 +1,5 @@
-"""The sdtrt command line: argument parsing and dispatch to one handler per command (the demo is sdtrt/demo.py)."""
+"""The sdtrt command line: argument parsing, logging and the one error line; each command's handler is in
+sdtrt/commands.py (the demo's work in sdtrt/demo.py)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,14 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from sdtrt.demo import DEMO_GUIDANCE, DEMO_PROMPT, DEMO_ROOT, demo_maps, run_demo
-from sdtrt.engine.errors import InvalidInputError, SdtrtError
-from sdtrt.generate import Lora, generate_images
+from sdtrt import commands
+from sdtrt.demo import DEMO_GUIDANCE, DEMO_PROMPT, DEMO_ROOT, demo_maps
+from sdtrt.engine.errors import SdtrtError
+from sdtrt.generate import Lora
 
 Handler = Callable[[argparse.Namespace], int | None]  # None: success; else the exit code
 GLOBAL_FLAGS = ("quiet", "verbose", "debug")  # accepted before or after the command
 EXPORT_MODULES = {"torch", "diffusers", "transformers", "onnx", "onnx_graphsurgeon", "accelerate", "safetensors"}
-# a generating command's options by the pipeline's names for them, where these differ
-PIPELINE_NAMES = {"negative": "negative_prompt", "steps": "num_inference_steps", "guidance": "guidance_scale"}
 POSITIONAL_HELP = {
     "model": "a local diffusers folder, a single-file checkpoint (.safetensors) or a hub id such as org/name",
     "folder": "an artifact folder written by `sdtrt export`",
@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
 
     summary = "export a diffusers model or a checkpoint to ONNX + manifest.json"
     more = "The drawing commands, info and build read the artifact folder it writes."
-    export = command("export", _export, summary, "model", more=more)
+    export = command("export", commands.export, summary, "model", more=more)
     export.add_argument("--out", required=True, type=Path, help="the artifact folder to write")
     export.add_argument(
         "--precision", nargs="+", choices=PRECISIONS, default=["fp32"], help="ONNX variants (default: fp32)"
@@ -99,22 +99,24 @@ def _parser() -> argparse.ArgumentParser:
         "files you trust; better, convert them to .safetensors",
     )
 
-    gen = command("generate", _run_task, "draw a prompt: text to image", "folder", "prompt")
+    gen = command("generate", commands.run_task, "draw a prompt: text to image", "folder", "prompt")
     _add_size_options(gen, "the model's native size; with --control, the first control image's, fitted")
     _add_generation_options(gen, "txt2img", ("height", "width"), steps=30)
 
-    img2img = command("img2img", _run_task, "transform an image by a prompt", "folder", "image", "prompt")
+    img2img = command("img2img", commands.run_task, "transform an image by a prompt", "folder", "image", "prompt")
     img2img.add_argument("--strength", type=float, default=0.8, help="0 keeps the image, 1 ignores it (default 0.8)")
     _add_size_options(img2img, "the image's own size, rounded down")
     _add_generation_options(img2img, "img2img", ("image", "strength", "height", "width"), steps=50)
 
-    inpaint = command("inpaint", _run_task, "repaint the white part of a mask", "folder", "image", "mask", "prompt")
+    inpaint = command(
+        "inpaint", commands.run_task, "repaint the white part of a mask", "folder", "image", "mask", "prompt"
+    )
     inpaint.add_argument("--strength", type=float, default=1.0, help="how far to noise the masked part (default 1)")
     inpaint.add_argument("--mask-blur", type=float, default=0.0, help="feather the paste-back by this many pixels")
     _add_size_options(inpaint, "the image's own size, rounded down")
     _add_generation_options(inpaint, "inpaint", ("image", "mask", "strength", "mask_blur", "height", "width"), 50)
 
-    outpaint = command("outpaint", _run_task, "extend an image beyond its borders", "folder", "image", "prompt")
+    outpaint = command("outpaint", commands.run_task, "extend an image beyond its borders", "folder", "image", "prompt")
     sides = ("left", "right", "top", "bottom")
     for side in sides:
         outpaint.add_argument(f"--{side}", type=int, default=0, help=f"pixels to add on the {side}")
@@ -130,14 +132,14 @@ def _parser() -> argparse.ArgumentParser:
         "The first one also exports the UNet that takes ControlNet residuals, from the base model (the one the "
         "manifest names, or --base). Then: sdtrt generate FOLDER PROMPT --control NAME=IMAGE."
     )
-    attach = command("add-controlnet", _add_controlnet, summary, "folder", more=more)
+    attach = command("add-controlnet", commands.add_controlnet, summary, "folder", more=more)
     attach.add_argument("controlnet", help="a diffusers ControlNet folder, a hub id, or one .safetensors file")
     attach.add_argument("--name", default=None, help="what --control calls it (default: its folder or file name)")
     attach.add_argument("--base", default=None, help="the model FOLDER was exported from (default: as recorded)")
     attach.add_argument("--overwrite", action="store_true", help="replace a ControlNet attached under this name")
 
     summary = "4x super-resolution with an x4-upscaler export"
-    upscale = command("upscale", _run_task, summary, "folder", "image", "prompt")
+    upscale = command("upscale", commands.run_task, summary, "folder", "image", "prompt")
     upscale.add_argument("--noise-level", type=int, default=20, help="noise added to the input (default 20)")
     upscale.add_argument("--tile-size", type=int, default=None, help="input pixels per tile (default: native)")
     upscale.add_argument("--tile-overlap", type=int, default=None, help="input pixels tiles overlap (default 16)")
@@ -147,15 +149,17 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     more = "With fp16 variants (or --engines) also the TensorRT profile that `sdtrt build` builds by default."
-    info = command("info", _info, "describe an artifact folder: model, files and sizes", "folder", more=more)
+    info = command("info", commands.info, "describe an artifact folder: model, files and sizes", "folder", more=more)
     info.add_argument("--engines", action="store_true", help="also print the default TensorRT profile")
 
     summary = "check an artifact folder's files against the sizes and sha256 its manifest records"
     more = "Reads every file in full; prints FOLDER: ok, or one line per problem and exits 2."
-    command("verify", _verify, summary, "folder", more=more)
+    command("verify", commands.verify, summary, "folder", more=more)
 
     summary = "build TensorRT engines for an artifact folder (NVIDIA GPU + tensorrt)"
-    build = command("build", _build, summary, "folder", more="`--backend trt` then finds the plans in the folder.")
+    build = command(
+        "build", commands.build, summary, "folder", more="`--backend trt` then finds the plans in the folder."
+    )
     shape = build.add_mutually_exclusive_group()
     shape.add_argument("--static", metavar="HxW", help="one image size, the fastest engines (e.g. 512x512)")
     shape.add_argument(
@@ -169,7 +173,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true", help="rebuild plans that are already cached")
 
     summary = "export the embedded demo model (a tiny SD 1.x trained on coloured shapes), draw on the CPU"
-    demo = command("demo", _demo, summary, more="Writes ROOT/demo.png; needs no download and no GPU.")
+    demo = command("demo", commands.demo, summary, more="Writes ROOT/demo.png; needs no download and no GPU.")
     demo.add_argument("--root", type=Path, default=DEMO_ROOT, help="the demo's folder (default: artifacts)")
     demo.add_argument(
         "--prompt", help=f'what to draw (default: "{DEMO_PROMPT}"; with an example --map, its own: colours and kind)'
@@ -200,7 +204,7 @@ def _add_serve_command(command: Callable[..., argparse.ArgumentParser]) -> None:
         "Each model is named by its folder's name. Needs `pip install 'sdtrt[serve]'`. An API key (Authorization: "
         "Bearer KEY on every route but /healthz and /readyz) is read from the SDTRT_API_KEY environment variable."
     )
-    serve = command("serve", _serve, summary, more=more)
+    serve = command("serve", commands.serve, summary, more=more)
     serve.add_argument("folders", nargs="+", type=Path, metavar="ARTIFACTS", help=POSITIONAL_HELP["folder"])
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
@@ -320,130 +324,6 @@ def _lora_option(text: str) -> Lora:
         return (Path(path), float(scale)) if path else (Path(text), 1.0)
     except ValueError:
         return Path(text), 1.0
-
-
-# --- one handler per command, each taking the parsed arguments -------------------------------------
-
-
-def _export(args: argparse.Namespace) -> None:
-    from sdtrt.export.exporter import export_model
-
-    export_model(
-        args.model,
-        args.out,
-        precisions=args.precision,
-        components=args.components,
-        opset=args.opset,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-        config=args.config,
-        prediction_type=args.prediction_type,
-        allow_pickle=args.allow_pickle,
-        ort_fused=args.ort_fused,
-    )
-    print(f"exported {args.model} to {args.out}")
-
-
-def _run_task(args: argparse.Namespace) -> None:
-    """generate / img2img / inpaint / outpaint / upscale: pipeline method ``args.method``."""
-    options = {PIPELINE_NAMES.get(name, name): getattr(args, name) for name in args.options}
-    if getattr(args, "control", None):
-        names, images, scales = (list(column) for column in zip(*args.control, strict=True))
-        options |= {
-            "controlnet": names,
-            "control_image": images,
-            "controlnet_conditioning_scale": scales,
-            "control_guidance_start": args.control_start,
-            "control_guidance_end": args.control_end,
-            "guess_mode": args.guess_mode,
-        }
-    elif "control" in vars(args) and (args.guess_mode or (args.control_start, args.control_end) != (0, 1)):
-        raise SdtrtError("--control-start, --control-end and --guess-mode need a --control NAME=IMAGE")
-    generate_images(
-        args.method, args.folder, args.prompt, args.out, args.quiet, args.backend, args.lora, args.precision, **options
-    )
-
-
-def _add_controlnet(args: argparse.Namespace) -> None:
-    from sdtrt.export.controlnet import attach_controlnet
-
-    manifest = attach_controlnet(args.folder, args.controlnet, name=args.name, base=args.base, overwrite=args.overwrite)
-    print(f"attached {args.controlnet} to {args.folder} (ControlNets: {', '.join(manifest.controlnets)})")
-
-
-def _info(args: argparse.Namespace) -> None:
-    from sdtrt.engine.manifest import load_manifest
-    from sdtrt.engine.profiles import component_dims, dynamic_profile
-
-    folder = args.folder
-    m = load_manifest(folder)
-    print(
-        f"{folder}: {m.family}, {m.prediction_type}, native {m.default_width}x{m.default_height}, "
-        f"sizes in multiples of {m.size_multiple}"
-    )
-    print(f"source: {m.source.get('path')} (sha256 {m.source.get('sha256', '')[:12]})")
-    tokenizers = ", ".join(f"{tok}/" for tok in m.tokenizers.values())
-    print(f"scheduler: {m.scheduler.get('_class_name')}   tokenizers: {tokenizers} ({m.text_max_length} tokens)")
-    for name, component in m.components.items():
-        listed = [*component.files.items(), *((f"{p} ORT-fused", f) for p, f in component.ort_fused.items())]
-        files = ", ".join(
-            f"{p}: {f.path} ({sum(x.stat().st_size for x in folder.glob(f.path + '*')) / 2**20:.1f} MiB)"
-            for p, f in listed
-        )
-        print(f"  {name}: {files}")
-    fp16 = any("fp16" in component.files for component in m.components.values())
-    if not (fp16 or args.engines):
-        return
-    spec = dynamic_profile(m)
-    build = f"sdtrt build {folder}" + ("" if fp16 else " --precision fp32; no fp16 variants here")
-    print(f"TensorRT default profile ({build}): {spec.describe()}")
-    for name in m.components:
-        dims = ", ".join(f"{dim} {lo}/{opt}/{hi}" for dim, (lo, opt, hi) in component_dims(m, name, spec).items())
-        print(f"  {name}: min/opt/max {dims}")
-
-
-def _verify(args: argparse.Namespace) -> int | None:
-    from sdtrt.engine.verify import verify_export
-
-    result = verify_export(args.folder)
-    if result.ok:
-        print(f"{args.folder}: ok ({result.files} files)")
-        return None
-    for problem in result.problems:
-        print(f"sdtrt: error: {problem}", file=sys.stderr)
-    return 2
-
-
-def _build(args: argparse.Namespace) -> None:
-    from sdtrt.engine.manifest import load_manifest
-    from sdtrt.engine.profiles import parse_profile
-    from sdtrt.engine.trt_build import build_engines
-
-    profile = parse_profile(load_manifest(args.folder), args.static, args.dynamic, args.batch, not args.no_cfg)
-    paths = build_engines(
-        args.folder,
-        profile,
-        components=args.components,
-        precision=args.precision,
-        workspace_gib=args.workspace,
-        force=args.force,
-        progress=not args.quiet,
-    )
-    print(f"{len(paths)} TensorRT plans for {profile.describe()} in {paths[0].parent}")
-
-
-def _serve(args: argparse.Namespace) -> None:
-    try:
-        from sdtrt.serve.launch import serve
-    except ModuleNotFoundError as exc:
-        raise SdtrtError(f"{exc.name} is not installed; serving needs: pip install 'sdtrt[serve]'") from None
-    serve(args)
-
-
-def _demo(args: argparse.Namespace) -> None:
-    if args.map and args.grid:
-        raise InvalidInputError("--map draws one picture; --grid draws the example prompts: choose one")
-    run_demo(args.root, args.prompt, args.steps, args.guidance, args.seed, args.grid, args.quiet, args.map)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

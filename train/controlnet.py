@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdtrt.engine.fsutil import atomic_dir, write_json_atomic
-from train import shapes, tiny
+from train import script, shapes, tiny
 
 log = logging.getLogger("train.controlnet")
 
@@ -146,7 +146,7 @@ def _sha256(path: Path) -> str:
 
 def train(out: Path, s: Settings, overwrite: bool = False) -> Path:
     """Train the ControlNet for the demo model ``s.base`` and save the diffusers folder ``out`` (float16)."""
-    tiny.set_up_torch(s.threads, s.seed)
+    script.set_up_torch(s.threads, s.seed)
     rng = np.random.default_rng([s.seed, 2])  # scenes, batches, captions
     started = time.perf_counter()
     base = Path(s.base)
@@ -225,11 +225,11 @@ def diffusers_drawer(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = tiny.settings_parser("python -m train.controlnet", __doc__.split("\n\n")[0], Settings())
+    parser = script.settings_parser("python -m train.controlnet", __doc__.split("\n\n")[0], Settings())
     parser.add_argument("--maps", type=Path, help="also write the example maps (PNG) into this folder")
     args = vars(parser.parse_args(argv))
     out, overwrite, maps = args.pop("out"), args.pop("overwrite"), args.pop("maps")
-    tiny.check_out(parser, out, overwrite)
+    script.check_out(parser, out, overwrite)
     if not (Path(args["base"]) / "unet").is_dir():
         parser.error(f"{args['base']} is not a demo model folder (no unet/)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

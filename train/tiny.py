@@ -33,7 +33,6 @@ give the same weights.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -58,7 +57,7 @@ from sdtrt.engine.fsutil import atomic_dir, write_json_atomic
 from sdtrt.export.clip_vocab import write_clip_tokenizer
 from sdtrt.export.tiny import CLIP_VOCAB_SIZE, SD1_SCHEDULER, TEXT_MAX_LENGTH
 from sdtrt.runtime.tokenizer import CLIPTokenizer
-from train import shapes
+from train import script, shapes
 
 log = logging.getLogger("train.tiny")
 
@@ -354,7 +353,7 @@ def _trained_vae_mse(folder: Path) -> float | None:
 
 def train(out: Path, s: Settings, overwrite: bool = False) -> Path:
     """Train both stages (or the second on ``s.vae_from``'s VAE) and save the diffusers folder ``out``."""
-    set_up_torch(s.threads, s.seed)
+    script.set_up_torch(s.threads, s.seed)
     started = time.perf_counter()
     log.info("drawing %d scenes", s.images)
     scenes, images = shapes.make_dataset(s.images, s.seed)
@@ -396,37 +395,11 @@ def train(out: Path, s: Settings, overwrite: bool = False) -> Path:
     return out
 
 
-def settings_parser(prog: str, description: str, defaults: Any) -> argparse.ArgumentParser:
-    """A training script's command line: --out, --overwrite and one flag per field of the ``defaults`` dataclass."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--out", type=Path, required=True, help="the diffusers folder to write")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
-    for field, value in asdict(defaults).items():
-        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
-    return parser
-
-
-def check_out(parser: argparse.ArgumentParser, out: Path, overwrite: bool) -> None:
-    """Refuse ``out`` before any training (atomic_dir would too, but only after it)."""
-    if out.exists() and not overwrite:
-        parser.error(f"{out} already exists (use --overwrite to replace it)")
-    if out.exists() and not out.is_dir():
-        parser.error(f"{out} is not a folder (--overwrite replaces a folder only)")
-
-
-def set_up_torch(threads: int, seed: int) -> None:
-    """Threads, the seed, and denormals flushed to zero: Adam's moments of weights that get no gradient (the
-    token rows no caption uses) decay into denormals, which are 10x slower or more on x86."""
-    torch.set_num_threads(threads)
-    torch.set_flush_denormal(True)
-    torch.manual_seed(seed)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = settings_parser("python -m train.tiny", __doc__.split("\n\n")[0], Settings())
+    parser = script.settings_parser("python -m train.tiny", __doc__.split("\n\n")[0], Settings())
     args = vars(parser.parse_args(argv))
     out, overwrite = args.pop("out"), args.pop("overwrite")
-    check_out(parser, out, overwrite)
+    script.check_out(parser, out, overwrite)
     if args["vae_from"] and not (Path(args["vae_from"]) / "vae").is_dir():
         parser.error(f"{args['vae_from']} is not a demo model folder (no vae/)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -1,0 +1,134 @@
+"""One handler per sdtrt command, each taking the parsed arguments (sdtrt/cli.py parses them and dispatches)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sdtrt.demo import run_demo
+from sdtrt.engine.errors import InvalidInputError, SdtrtError
+from sdtrt.generate import generate_images
+
+# a generating command's options by the pipeline's names for them, where these differ
+PIPELINE_NAMES = {"negative": "negative_prompt", "steps": "num_inference_steps", "guidance": "guidance_scale"}
+
+
+def export(args: argparse.Namespace) -> None:
+    from sdtrt.export.exporter import export_model
+
+    export_model(
+        args.model,
+        args.out,
+        precisions=args.precision,
+        components=args.components,
+        opset=args.opset,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        config=args.config,
+        prediction_type=args.prediction_type,
+        allow_pickle=args.allow_pickle,
+        ort_fused=args.ort_fused,
+    )
+    print(f"exported {args.model} to {args.out}")
+
+
+def run_task(args: argparse.Namespace) -> None:
+    """generate / img2img / inpaint / outpaint / upscale: pipeline method ``args.method``."""
+    options = {PIPELINE_NAMES.get(name, name): getattr(args, name) for name in args.options}
+    if getattr(args, "control", None):
+        names, images, scales = (list(column) for column in zip(*args.control, strict=True))
+        options |= {
+            "controlnet": names,
+            "control_image": images,
+            "controlnet_conditioning_scale": scales,
+            "control_guidance_start": args.control_start,
+            "control_guidance_end": args.control_end,
+            "guess_mode": args.guess_mode,
+        }
+    elif "control" in vars(args) and (args.guess_mode or (args.control_start, args.control_end) != (0, 1)):
+        raise SdtrtError("--control-start, --control-end and --guess-mode need a --control NAME=IMAGE")
+    generate_images(
+        args.method, args.folder, args.prompt, args.out, args.quiet, args.backend, args.lora, args.precision, **options
+    )
+
+
+def add_controlnet(args: argparse.Namespace) -> None:
+    from sdtrt.export.controlnet import attach_controlnet
+
+    manifest = attach_controlnet(args.folder, args.controlnet, name=args.name, base=args.base, overwrite=args.overwrite)
+    print(f"attached {args.controlnet} to {args.folder} (ControlNets: {', '.join(manifest.controlnets)})")
+
+
+def info(args: argparse.Namespace) -> None:
+    from sdtrt.engine.manifest import load_manifest
+    from sdtrt.engine.profiles import component_dims, dynamic_profile
+
+    folder = args.folder
+    m = load_manifest(folder)
+    print(
+        f"{folder}: {m.family}, {m.prediction_type}, native {m.default_width}x{m.default_height}, "
+        f"sizes in multiples of {m.size_multiple}"
+    )
+    print(f"source: {m.source.get('path')} (sha256 {m.source.get('sha256', '')[:12]})")
+    tokenizers = ", ".join(f"{tok}/" for tok in m.tokenizers.values())
+    print(f"scheduler: {m.scheduler.get('_class_name')}   tokenizers: {tokenizers} ({m.text_max_length} tokens)")
+    for name, component in m.components.items():
+        listed = [*component.files.items(), *((f"{p} ORT-fused", f) for p, f in component.ort_fused.items())]
+        files = ", ".join(
+            f"{p}: {f.path} ({sum(x.stat().st_size for x in folder.glob(f.path + '*')) / 2**20:.1f} MiB)"
+            for p, f in listed
+        )
+        print(f"  {name}: {files}")
+    fp16 = any("fp16" in component.files for component in m.components.values())
+    if not (fp16 or args.engines):
+        return
+    spec = dynamic_profile(m)
+    build = f"sdtrt build {folder}" + ("" if fp16 else " --precision fp32; no fp16 variants here")
+    print(f"TensorRT default profile ({build}): {spec.describe()}")
+    for name in m.components:
+        dims = ", ".join(f"{dim} {lo}/{opt}/{hi}" for dim, (lo, opt, hi) in component_dims(m, name, spec).items())
+        print(f"  {name}: min/opt/max {dims}")
+
+
+def verify(args: argparse.Namespace) -> int | None:
+    from sdtrt.engine.verify import verify_export
+
+    result = verify_export(args.folder)
+    if result.ok:
+        print(f"{args.folder}: ok ({result.files} files)")
+        return None
+    for problem in result.problems:
+        print(f"sdtrt: error: {problem}", file=sys.stderr)
+    return 2
+
+
+def build(args: argparse.Namespace) -> None:
+    from sdtrt.engine.manifest import load_manifest
+    from sdtrt.engine.profiles import parse_profile
+    from sdtrt.engine.trt_build import build_engines
+
+    profile = parse_profile(load_manifest(args.folder), args.static, args.dynamic, args.batch, not args.no_cfg)
+    paths = build_engines(
+        args.folder,
+        profile,
+        components=args.components,
+        precision=args.precision,
+        workspace_gib=args.workspace,
+        force=args.force,
+        progress=not args.quiet,
+    )
+    print(f"{len(paths)} TensorRT plans for {profile.describe()} in {paths[0].parent}")
+
+
+def serve(args: argparse.Namespace) -> None:
+    try:
+        from sdtrt.serve.launch import serve
+    except ModuleNotFoundError as exc:
+        raise SdtrtError(f"{exc.name} is not installed; serving needs: pip install 'sdtrt[serve]'") from None
+    serve(args)
+
+
+def demo(args: argparse.Namespace) -> None:
+    if args.map and args.grid:
+        raise InvalidInputError("--map draws one picture; --grid draws the example prompts: choose one")
+    run_demo(args.root, args.prompt, args.steps, args.guidance, args.seed, args.grid, args.quiet, args.map)
