@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from sdtrt.cli import main
-from sdtrt.demo import DEMO_GRID_PROMPTS, demo_model_dir
+from sdtrt.demo import DEMO_GRID_PROMPTS, DEMO_GUIDANCE, demo_model_dir
 from sdtrt.engine.backends import BACKENDS
 from sdtrt.engine.errors import BackendUnavailableError
 from sdtrt.runtime.pipeline import Pipeline
@@ -43,7 +43,7 @@ CASES = [
     ("a black square on a yellow background, top right", "black", "yellow", "square", "top right"),
 ]
 STEPS = 20
-GUIDANCE = 5.0
+GUIDANCE = DEMO_GUIDANCE
 MIN_COLOUR_ACCURACY = 0.9
 MIN_KIND_ACCURACY = 0.8  # python -m train.evaluate's bars for kind and place, on a dozen captions
 MIN_POSITION_ACCURACY = 0.8
@@ -97,11 +97,6 @@ def test_kind_matches_the_prompt(pipe: Pipeline, drawn: list[np.ndarray]) -> Non
     _assert_share(pipe, misses, len(CASES), MIN_KIND_ACCURACY, "kind")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 13: the shipped demo model ignores the place words (the seed decides where the shape goes); "
-    "README 'The demo model'. Remove this mark with a model that passes.",
-)
 def test_place_matches_the_prompt(pipe: Pipeline, drawn: list[np.ndarray]) -> None:
     placed = [(seed, case, image) for seed, (case, image) in enumerate(zip(CASES, drawn, strict=True)) if case[4]]
     misses = []

@@ -37,6 +37,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from sdtrt.demo import DEMO_GUIDANCE
 from sdtrt.engine.fsutil import atomic_dir, write_json_atomic
 from train import script, shapes, tiny
 
@@ -190,7 +191,7 @@ def write_example_maps(folder: Path) -> list[Path]:
 
 
 def diffusers_drawer(
-    base: Path, controlnet: Path, steps: int = 20, guidance: float = 5.0
+    base: Path, controlnet: Path, steps: int = 20, guidance: float = DEMO_GUIDANCE
 ) -> Callable[[np.ndarray, str, int], np.ndarray]:
     """draw(map, prompt, seed) -> (64, 64, 3) uint8 through diffusers' StableDiffusionControlNetPipeline (float32)."""
     vae, text_encoder, tokenizer, unet = load_base(base)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdtrt.demo import DEMO_GUIDANCE
 from sdtrt.runtime.pipeline import Pipeline
 from train import shapes
 
@@ -76,7 +77,7 @@ def map_accuracy(draw: Callable[[np.ndarray, str, int], np.ndarray], cases: Sequ
 
 
 def map_accuracy_on_runtime(
-    export: Path, name: str, count: int, backend: str = "ort-cpu", steps: int = 20, guidance: float = 5.0
+    export: Path, name: str, count: int, backend: str = "ort-cpu", steps: int = 20, guidance: float = DEMO_GUIDANCE
 ) -> dict[str, float]:
     """map_accuracy of ``count`` map_cases through the runtime, the ControlNet attached to ``export`` as ``name``."""
     with Pipeline.load(export, backend=backend) as pipe:
@@ -102,7 +103,12 @@ def _centre(region: np.ndarray) -> tuple[float, float]:
 
 
 def semantic_accuracy(
-    export: Path, count: int, backend: str = "ort-cpu", steps: int = 20, guidance: float = 5.0, seed: int = 123
+    export: Path,
+    count: int,
+    backend: str = "ort-cpu",
+    steps: int = 20,
+    guidance: float = DEMO_GUIDANCE,
+    seed: int = 123,
 ) -> dict[str, float]:
     """Shares of ``count`` random captions whose picture has the asked shape colour, background, both, kind, place.
 

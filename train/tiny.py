@@ -361,7 +361,10 @@ def train(out: Path, s: Settings, overwrite: bool = False) -> Path:
     # the networks draw their initial weights from the seed in the order they are built
     vae, text_encoder, unet = build_vae(), build_text_encoder(), build_unet(s.unet_levels)
     if s.vae_from:
-        vae = AutoencoderKL.from_pretrained(Path(s.vae_from) / "vae", torch_dtype=torch.float32)
+        # its weights into the VAE built above: a loaded model would save its source path into vae/config.json
+        vae.load_state_dict(
+            AutoencoderKL.from_pretrained(Path(s.vae_from) / "vae", torch_dtype=torch.float32).state_dict()
+        )
         vae_mse = _trained_vae_mse(Path(s.vae_from))
     else:
         vae_mse = train_vae(vae, images, s, np.random.default_rng([s.seed, 1]))
