@@ -124,8 +124,8 @@ def test_word_sensitivity_measures_the_first_step(few_steps_model: Path) -> None
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_denoising_targets_follow_the_scheduler(prediction_type: str) -> None:
-    """The ControlNet trains on its base's own schedule: the shipped demo model predicts epsilon on SD 1.x's, the
-    recipe train.tiny now runs predicts v at zero terminal SNR."""
+    """The ControlNet trains on its base's own schedule: epsilon on SD 1.x's (the first demo model, b01b81e) or v at
+    zero terminal SNR (the shipped one, DEMO_SCHEDULER)."""
     import torch
     from diffusers import DDPMScheduler
 

@@ -159,7 +159,7 @@ def train(out: Path, s: Settings, overwrite: bool = False) -> Path:
     scale = vae.config.scaling_factor
     controlnet = build_controlnet(unet)
     captions = CaptionStates(text_encoder, base / "tokenizer")
-    # the base's own noise schedule and prediction type (the shipped demo model: epsilon on SD 1.x's schedule)
+    # the base's own noise schedule and prediction type (the shipped demo model: v at zero terminal SNR)
     denoising = tiny.Denoising((mean * scale, std * scale), s, DDPMScheduler.load_config(base / "scheduler"))
     loss = train_controlnet(controlnet, unet, captions, denoising, scenes, maps, s, rng)
     seconds = time.perf_counter() - started

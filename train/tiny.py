@@ -13,7 +13,8 @@ the most-noised training latents still hold 7 % of the picture: on 8x8 latents e
 the shape is, so the model learned to read the place from that trace instead of from the words, and
 at inference, which starts from pure noise, the noise decided where the shape went (the place came
 out right 20 % of the time, chance). At zero terminal SNR the last step holds nothing of the picture,
-so the place, like the colours, can only come from the caption.
+so the place, like the colours, can only come from the caption. Draw the model at low guidance
+(sdtrt.demo.DEMO_GUIDANCE, 1.5): stronger guidance rounds its squares into circles (README "The demo model").
 
 Two stages, both seeded:
 1. the VAE learns to reconstruct the shapes images (MSE + a small KL term); ``--vae-from FOLDER``
