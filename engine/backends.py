@@ -29,12 +29,12 @@ from sdtrt.engine.errors import (
     InvalidInputError,
     ManifestError,
     SdtrtError,
-    is_backend_error,
 )
 from sdtrt.engine.fallback import Fp32Fallback
 from sdtrt.engine.manifest import ComponentFile, Manifest
 from sdtrt.engine.networks import NETWORKS
-from sdtrt.engine.ort_session import OrtCpuSession, import_onnxruntime
+from sdtrt.engine.ort_session import OrtCpuSession
+from sdtrt.engine.probe import Probe, probe
 from sdtrt.engine.profiles import ProfileSpec
 from sdtrt.engine.session import Session
 from sdtrt.engine.weights import WeightMap
@@ -50,10 +50,15 @@ class BackendChoice:
     compute: str = ""  # the precision its arithmetic runs at: "fp16", "fp32" or "bf16" (default: the ONNX variant's)
     scope: cuda.DeviceScope | None = field(default=None, compare=False, repr=False)  # TensorRT: stream + memory
 
+    @property
+    def record(self) -> Backend:
+        """The chosen backend's record: what it needs, runs and opens."""
+        return BACKENDS[self.kind]
+
     def __post_init__(self) -> None:
         if not self.compute:
             object.__setattr__(self, "compute", self.precision)
-        if self.kind == "trt" and self.scope is None:  # one stream and one activation buffer per choice
+        if self.record.device_scope and self.scope is None:  # TensorRT: one stream and activation buffer per choice
             object.__setattr__(self, "scope", cuda.DeviceScope())
 
 
@@ -161,6 +166,11 @@ class Backend:
     # the graph it runs: "plain" (the export's, which it fuses itself) or "ort-fused" (ONNX Runtime's
     # fused graph where the export has one at its precision, else the plain one)
     graph: str = "plain"
+    # it compiles a network for each input shape and keeps only the latest few (a server pads its batches to one)
+    compiles_per_shape: bool = False
+    device_scope: bool = False  # its sessions share one CUDA stream and activation buffer (cuda.DeviceScope)
+    # the modules its runtime's own exception types live in (besides RuntimeError, which every runtime raises)
+    error_modules: tuple[str, ...] = ()
 
     def compute(self, requested: str | None) -> str:
         """The arithmetic precision to run at: ``requested``, or this backend's default."""
@@ -179,8 +189,10 @@ class Backend:
 BACKENDS: dict[str, Backend] = {
     backend.name: backend
     for backend in (
-        Backend("trt", ("tensorrt", "gpu"), "fp16", _open_trt),
-        Backend("ort-cuda", ("ort-cuda", "gpu"), "fp16", _open_ort_cuda, graph="ort-fused"),
+        Backend("trt", ("tensorrt", "gpu"), "fp16", _open_trt, device_scope=True),
+        Backend(
+            "ort-cuda", ("ort-cuda", "gpu"), "fp16", _open_ort_cuda, graph="ort-fused", error_modules=("onnxruntime",)
+        ),
         Backend(
             "openvino",
             ("openvino",),
@@ -189,21 +201,30 @@ BACKENDS: dict[str, Backend] = {
             strict_precision=True,
             computes=("bf16", "fp32"),
             default_compute=_openvino_compute,
+            compiles_per_shape=True,
+            error_modules=("openvino",),
         ),
         # the fused fp32 UNet where the export has it: measured no slower than the plain one (CPU time per UNet
         # step, 1 thread, 2-core machine: SD-1.5-shaped 256x256 batch 2 0.93x the plain's median, tiny model 0.93x)
-        Backend("ort-cpu", ("ort-cpu",), "fp32", _open_ort_cpu, strict_precision=True, graph="ort-fused"),
+        Backend(
+            "ort-cpu",
+            ("ort-cpu",),
+            "fp32",
+            _open_ort_cpu,
+            strict_precision=True,
+            graph="ort-fused",
+            error_modules=("onnxruntime",),
+        ),
     )
 }
 BACKEND_NAMES = ("auto", *BACKENDS)  # what a user may ask for
 
 
-@dataclass(frozen=True)
-class Probe:
-    """Whether one need of a backend is met, and what was found or what is missing."""
-
-    ok: bool
-    detail: str
+def is_backend_error(exc: BaseException) -> bool:
+    """Whether a backend's runtime raised ``exc``: the backends' own exception types (ONNX Runtime's are none of
+    them a RuntimeError), or the RuntimeError that OpenVINO, TensorRT and CUDA raise."""
+    modules = tuple(module for backend in BACKENDS.values() for module in backend.error_modules)
+    return isinstance(exc, RuntimeError) or type(exc).__module__.startswith(modules)
 
 
 def select_backend(requested: str, probe: Callable[[str], Probe]) -> tuple[str, str]:
@@ -230,33 +251,6 @@ def select_backend(requested: str, probe: Callable[[str], Probe]) -> tuple[str, 
             return kind, "; ".join([found, *skipped])
         skipped.append(f"{kind} skipped: {'; '.join(missing)}")
     raise BackendUnavailableError(f"no backend is available: {'; '.join(skipped)}")
-
-
-def probe(need: str) -> Probe:
-    """Check one need of a backend on this machine: "tensorrt", "gpu", "ort-cuda", "ort-cpu" or "openvino"."""
-    try:
-        if need == "openvino":
-            from sdtrt.engine.openvino_session import import_openvino, native_bf16
-
-            bf16 = "native bf16" if native_bf16() else "no native bf16"
-            return Probe(True, f"OpenVINO {import_openvino().__version__.split('-')[0]} CPU, {bf16}")
-        if need == "tensorrt":
-            from sdtrt.engine.trt_plans import import_tensorrt
-
-            return Probe(True, f"TensorRT {import_tensorrt().__version__}")
-        if need == "gpu":
-            if cuda.device_count() == 0:
-                return Probe(False, "no CUDA GPU found")
-            gpu = cuda.device_info(0)
-            return Probe(True, "{} (sm{}{})".format(gpu.name, *gpu.compute_capability))
-        ort = import_onnxruntime()
-        if need == "ort-cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-            return Probe(False, "onnxruntime has no CUDA provider: pip install 'sdtrt[gpu]' (onnxruntime-gpu)")
-        return Probe(True, f"ONNX Runtime {ort.__version__}" + (" CUDA" if need == "ort-cuda" else " CPU"))
-    except BackendUnavailableError as exc:
-        return Probe(False, str(exc))
-    except cuda.CudaError as exc:
-        return Probe(False, f"no usable CUDA GPU ({exc})")
 
 
 def choose_backend(

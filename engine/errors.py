@@ -1,6 +1,6 @@
 """The errors sdtrt raises for things a user can fix. Each carries one clear line of text.
 
-Also how the backends' own errors are recognized, so that each becomes one of these.
+Also what the backends say when memory runs out (engine/backends.py recognizes their errors).
 """
 
 import re
@@ -10,12 +10,6 @@ ALLOCATION_FAILURE = re.compile(
     r"bad[_ ]alloc|fail\w* to allocate|allocation fail|out of memory|cannot allocate|ALLOC_FAILED|MemoryAllocation",
     re.IGNORECASE,
 )
-
-
-def is_backend_error(exc: BaseException) -> bool:
-    """Whether a backend's runtime raised ``exc``: ONNX Runtime's own exception types (none of them a
-    RuntimeError), OpenVINO's, TensorRT's and CUDA's RuntimeError."""
-    return isinstance(exc, RuntimeError) or type(exc).__module__.startswith(("onnxruntime", "openvino"))
 
 
 class SdtrtError(Exception):

@@ -1,14 +1,14 @@
 """Several requests to one Pipeline as one UNet batch: dynamic batching for a server.
 
-Each request runs the Pipeline's own code (``Pipeline.run``: checks, noise from its own seed, its own
-scheduler, guidance, VAE) in a thread of its own, on a view of the pipeline whose networks are a
-``BatchMember``. Every member's UNet call waits at a rendezvous until each member still running has
+Each request is a Plan (``Pipeline.plan``) and runs the Pipeline's own code (``Pipeline.execute``: noise from
+its own seed, its own scheduler, guidance, VAE) in a thread of its own, with a ``BatchMember`` as its network
+runner (runtime/runner.py). Every member's UNet call waits at a rendezvous until each member still running has
 made its call; then one UNet call runs on the inputs of all of them, concatenated on the batch axis,
 and each member takes its own rows of the output back. Every other network runs one call at a time,
 as the member asks. So a request's noise, steps and arithmetic are its own; only the UNet's batch is
 shared. The timestep is a per-sample input, so members need not even be at the same step: the
-server still groups only requests of one size, step count, scheduler and guidance on/off, which keeps
-the members in step and the batch full.
+server still groups only plans with one batch key (size, step count, scheduler, guidance on/off, the task's
+own options that change the steps run), which keeps the members in step and the batch full.
 
 A member that finishes early, fails or is cancelled (its progress callback raises) leaves the
 rendezvous, and the others go on without it.
@@ -17,21 +17,17 @@ rendezvous, and the others go on without it.
 from __future__ import annotations
 
 import contextvars
-import copy
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
-from sdtrt.engine.artifact import Artifact
-from sdtrt.engine.session import Session, TensorSpec
 from sdtrt.runtime.generation import GenerationResult, ProgressCallback
 from sdtrt.runtime.pipeline import Pipeline
-from sdtrt.runtime.request import Request
-from sdtrt.runtime.sessions import Networks
+from sdtrt.runtime.plan import Plan
+from sdtrt.runtime.runner import NetworkRunner
 
 BATCHED_NETWORK = "unet"
 SampleHook = Callable[[np.ndarray], None]  # sees each UNet call's (B or 2B, C, h, w) float32 sample input
@@ -39,21 +35,19 @@ SampleHook = Callable[[np.ndarray], None]  # sees each UNet call's (B or 2B, C, 
 
 @dataclass
 class BatchCall:
-    """One request of a batch: what ``Pipeline.run`` takes, and an optional hook that sees its UNet inputs."""
+    """One request of a batch: its plan, its progress callback, and an optional hook that sees its UNet inputs."""
 
-    task: str
-    request: Request
-    inputs: dict[str, Any] = field(default_factory=dict)
+    plan: Plan
     progress: ProgressCallback | None = None
     on_sample: SampleHook | None = None
     context: contextvars.Context | None = None  # what the call runs in (e.g. a request id its logs carry)
 
 
 class Rendezvous:
-    """Gathers the members' UNet calls into one call on ``networks``; every network call runs under one lock."""
+    """Gathers the members' UNet calls into one call on ``runner``; every network call runs under one lock."""
 
-    def __init__(self, networks: Networks, members: int, pad_to: int | None = None) -> None:
-        self.networks = networks
+    def __init__(self, runner: NetworkRunner, members: int, pad_to: int | None = None) -> None:
+        self.runner = runner
         self.pad_to = pad_to  # rows a gathered call is padded to (repeating its last), so its shape is always one
         self.lock = threading.Lock()  # one session call at a time: a Pipeline's sessions are not shared
         self._cond = threading.Condition()
@@ -93,7 +87,7 @@ class Rendezvous:
             if padding:  # (rows + padding, ...): copies of the last row, whose outputs are dropped
                 batched = {name: np.concatenate([v, np.repeat(v[-1:], padding, axis=0)]) for name, v in batched.items()}
             with self.lock:
-                outputs = self.networks.run_all(BATCHED_NETWORK, **batched)
+                outputs = self.runner.run_all(BATCHED_NETWORK, **batched)
             self.unet_batches.append(sum(sizes))
             bounds = np.cumsum(sizes)  # the last part: the padding's rows (or none)
             rows = {name: np.split(value, bounds) for name, value in outputs.items()}
@@ -106,27 +100,12 @@ class Rendezvous:
 
 
 class BatchMember:
-    """The Networks one member sees: its UNet calls go through the rendezvous, the rest straight through."""
+    """One member's NetworkRunner: its UNet calls go through the rendezvous, the rest straight through (locked)."""
 
     def __init__(self, rendezvous: Rendezvous, member: int, on_sample: SampleHook | None = None) -> None:
         self._rendezvous = rendezvous
         self._member = member
         self._on_sample = on_sample
-
-    @property
-    def artifact(self) -> Artifact:
-        return self._rendezvous.networks.artifact
-
-    @property
-    def loras(self) -> dict[str, float]:
-        return self._rendezvous.networks.loras
-
-    def session(self, network: str) -> Session:
-        with self._rendezvous.lock:
-            return self._rendezvous.networks.session(network)
-
-    def inputs(self, network: str) -> dict[str, TensorSpec]:
-        return self._rendezvous.networks.inputs(network)
 
     def run_all(self, network: str, **feeds: np.ndarray) -> dict[str, np.ndarray]:
         if self._on_sample is not None and network.startswith("unet"):  # unet, or unet_controlnet
@@ -134,20 +113,11 @@ class BatchMember:
         if network == BATCHED_NETWORK:
             return self._rendezvous.run(self._member, feeds)
         with self._rendezvous.lock:
-            return self._rendezvous.networks.run_all(network, **feeds)
+            return self._rendezvous.runner.run_all(network, **feeds)
 
     def run(self, network: str, **feeds: np.ndarray) -> np.ndarray:
         (output,) = self.run_all(network, **feeds).values()
         return output
-
-
-def _member_view(pipe: Pipeline, networks: BatchMember) -> Pipeline:
-    """``pipe`` with its networks replaced by a member's (a shallow copy: tokenizers and limits are shared)."""
-    view = copy.copy(pipe)
-    view.networks = networks  # type: ignore[assignment]  # duck-typed: what Generation and the tasks use
-    view.conditioner = copy.copy(pipe.conditioner)
-    view.conditioner.networks = networks  # type: ignore[assignment]
-    return view
 
 
 def run_batch(
@@ -158,16 +128,16 @@ def run_batch(
 
     Returns each call's result or the exception it raised (in the order of ``calls``), and the UNet batch
     size of each gathered UNet call. With one call it runs on the caller's thread. Each result is the one
-    ``pipe.run`` gives for that call alone, up to the UNet's arithmetic at another batch size.
+    ``pipe.execute`` gives for that plan alone, up to the UNet's arithmetic at another batch size.
     """
     rendezvous = Rendezvous(pipe.networks, len(calls), pad_to)
 
     def one(member: int) -> GenerationResult | Exception:
         call = calls[member]
-        view = _member_view(pipe, BatchMember(rendezvous, member, call.on_sample))
+        runner = BatchMember(rendezvous, member, call.on_sample)
         context = contextvars.copy_context() if call.context is None else call.context
         try:
-            return context.run(view.run, call.task, call.request, progress=call.progress, **call.inputs)
+            return context.run(pipe.execute, call.plan, progress=call.progress, runner=runner)
         except Exception as exc:
             return exc
         finally:

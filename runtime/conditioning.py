@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from sdtrt.engine.session import TensorSpec
-from sdtrt.runtime.sessions import Networks
+from sdtrt.runtime.runner import NetworkRunner
 from sdtrt.runtime.tokenizer import CLIPTokenizer
 
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # the SDXL refiner's micro-conditioning (diffusers' defaults)
@@ -20,12 +20,10 @@ class Conditioner:
 
     def __init__(
         self,
-        networks: Networks,
         tokenizers: Mapping[str, CLIPTokenizer],
         unet_inputs: Mapping[str, TensorSpec],
         force_zeros_for_empty_prompt: bool,
     ) -> None:
-        self.networks = networks
         self.tokenizers = dict(tokenizers)  # text encoder -> its tokenizer; SDXL concatenates them in this order
         self.unet_inputs = unet_inputs
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
@@ -41,18 +39,19 @@ class Conditioner:
         """An LCM-distilled UNet takes the guidance scale as an input and never doubles its batch."""
         return "timestep_cond" in self.unet_inputs
 
-    def encode_prompts(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    def encode_prompts(self, runner: NetworkRunner, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
         """Text embeddings: hidden states (N, 77, D) of every text encoder side by side, and the pooled
         (N, P) embedding of the one that has it (SDXL's second), else None."""
         hidden, pooled = [], None
         for network, tokenizer in self.tokenizers.items():
-            outputs = self.networks.run_all(network, input_ids=tokenizer(list(prompts)))
+            outputs = runner.run_all(network, input_ids=tokenizer(list(prompts)))
             hidden.append(outputs["hidden_states"])
             pooled = outputs.get("text_embeds", pooled)
         return np.concatenate(hidden, axis=-1), pooled
 
     def unet_feeds(
         self,
+        runner: NetworkRunner,
         prompts: Sequence[str],
         negatives: Sequence[str] | None,
         num_images: int,
@@ -61,12 +60,13 @@ class Conditioner:
         height: int,
         width: int,
     ) -> dict[str, np.ndarray]:
-        """The UNet's conditioning inputs, each (B, ...) or (2B, ...) with the unconditional half first under CFG.
+        """The UNet's conditioning inputs (the text encoders run by ``runner``), each (B, ...) or (2B, ...) with
+        the unconditional half first under CFG.
 
         encoder_hidden_states always; SDXL's pooled text_embeds and time_ids (original size, crop
         origin, then target size or, for the refiner, an aesthetic score); an LCM UNet's timestep_cond.
         """
-        hidden, pooled = self.encode_prompts(prompts)
+        hidden, pooled = self.encode_prompts(runner, prompts)
         feeds = {"encoder_hidden_states": hidden}
         if pooled is not None:
             feeds["text_embeds"] = pooled
@@ -82,7 +82,7 @@ class Conditioner:
         if negatives is None and self.force_zeros_for_empty_prompt:
             negative = {name: np.zeros_like(value) for name, value in feeds.items() if name != "time_ids"}
         else:
-            hidden, pooled = self.encode_prompts(negatives or [""] * len(prompts))
+            hidden, pooled = self.encode_prompts(runner, negatives or [""] * len(prompts))
             negative = {"encoder_hidden_states": np.repeat(hidden, num_images, axis=0)}
             if pooled is not None:
                 negative["text_embeds"] = np.repeat(pooled, num_images, axis=0)

@@ -28,8 +28,9 @@ from PIL import Image
 from sdtrt.engine.errors import InvalidInputError
 from sdtrt.engine.networks import CONTROLNET_PREFIX
 from sdtrt.engine.session import TensorSpec
-from sdtrt.runtime import image as imageio
+from sdtrt.runtime import image as image_ops
 from sdtrt.runtime.request import is_real
+from sdtrt.runtime.runner import NetworkRunner
 from sdtrt.runtime.sessions import Networks
 
 CONTROL_OPTIONS = (
@@ -40,7 +41,6 @@ CONTROL_OPTIONS = (
     "control_guidance_end",
     "guess_mode",
 )
-CONTROL_TASKS = ("txt2img", "img2img", "inpaint")
 UNET_CONTROLNET = "unet_controlnet"
 
 
@@ -74,18 +74,19 @@ class Control:
         self.pooled = {u.name: bool(controlnets[u.name].get("global_pool_conditions")) for u in units}
         self.residuals_in = residual_inputs(networks.inputs(UNET_CONTROLNET))  # what unet_controlnet takes
         self.seconds = 0.0  # spent running the ControlNets
-        self._run: tuple[int, bool, list[np.ndarray]] | None = None  # steps, cfg, control images of the run
+        self._run: tuple[NetworkRunner, int, bool, list[np.ndarray]] | None = None  # runner, steps, cfg, images
 
     @property
     def first_image(self) -> Image.Image:
         return self.units[0].image
 
-    def begin(self, steps: int, batch: int, cfg: bool, height: int, width: int) -> None:
-        """Start a denoising run of ``steps`` steps over ``batch`` images of ``height`` x ``width``: the control
-        images at that size, one row per image (twice, for both CFG halves, unless in guess mode)."""
+    def begin(self, runner: NetworkRunner, steps: int, batch: int, cfg: bool, height: int, width: int) -> None:
+        """Start a denoising run of ``steps`` steps over ``batch`` images of ``height`` x ``width``, its ControlNets
+        run by ``runner``: the control images at that size, one row per image (twice, for both CFG halves, unless
+        in guess mode)."""
         rows = 2 * batch if cfg and not self.guess_mode else batch
         images = [np.repeat(control_pixels(unit.image, height, width), rows, axis=0) for unit in self.units]
-        self._run = steps, cfg, images
+        self._run = runner, steps, cfg, images
 
     def residuals(
         self, index: int, model_input: np.ndarray, timestep: np.ndarray, feeds: Mapping[str, np.ndarray]
@@ -94,7 +95,7 @@ class Control:
         {} where no ControlNet runs. ``model_input`` (2B or B, C, h, w) is the scaled latents, ``feeds`` the UNet's
         conditioning: both halves under CFG, the unconditional first."""
         assert self._run is not None, "begin() starts a run"
-        steps, cfg, images = self._run
+        runner, steps, cfg, images = self._run
         t0 = time.perf_counter()
         half = model_input.shape[0] // 2 if self.guess_mode and cfg else 0  # guess mode: the conditional half
         total: list[np.ndarray] | None = None
@@ -104,7 +105,7 @@ class Control:
                 continue
             inputs = self.networks.inputs(unit.network)
             conditioning = {name: value[half:] for name, value in feeds.items() if name in inputs}
-            outputs = self.networks.run_all(
+            outputs = runner.run_all(
                 unit.network, sample=model_input[half:], timestep=timestep[half:], controlnet_cond=image, **conditioning
             )
             scaled = [
@@ -171,15 +172,15 @@ DEFAULT_SCALES: dict[tuple[str, str | None], float] = {
 }
 
 
-def check_control(task: str, options: dict[str, Any], networks: Networks) -> Control | None:
-    """Take the ControlNet options out of a task's ``options``; None when there are none. One clear error for
+def check_control(task: str, given: dict[str, Any], networks: Networks, control_tasks: Sequence[str]) -> Control | None:
+    """The ControlNet options ``given`` to ``task`` (one of ``control_tasks`` takes them), checked; None when
+    there are none. One clear error for
     anything wrong: a task without ControlNets, an unknown name, the wrong count of images, an unreadable one,
     a scale that is not finite, a window outside [0, 1] or reversed, a ControlNet that does not fit the UNet."""
-    given = {name: options.pop(name) for name in CONTROL_OPTIONS if name in options}
     if not given or all(value is None for value in given.values()):
         return None
-    if task not in CONTROL_TASKS:
-        raise InvalidInputError(f"{task} takes no ControlNet ({', '.join(given)}): {', '.join(CONTROL_TASKS)} do")
+    if task not in control_tasks:
+        raise InvalidInputError(f"{task} takes no ControlNet ({', '.join(given)}): {', '.join(control_tasks)} do")
     artifact = networks.artifact
     attached = list(artifact.manifest.controlnets)
     if not attached:
@@ -210,7 +211,7 @@ def check_control(task: str, options: dict[str, Any], networks: Networks) -> Con
         raise InvalidInputError(f"guess_mode must be True or False, got {guess_mode!r}")
     for name in names:
         _check_fits(networks, name)
-    loaded = [imageio.load_rgb(image, f"control image for {name}") for name, image in zip(names, images, strict=True)]
+    loaded = [image_ops.load_rgb(image, f"control image for {name}") for name, image in zip(names, images, strict=True)]
     units = [ControlUnit(*unit) for unit in zip(names, loaded, scales, starts, ends, strict=True)]
     pooled = artifact.manifest.controlnets[names[0]].get("global_pool_conditions", False)
     return Control(networks, units, guess_mode or bool(pooled))  # diffusers: the first network's pooling decides

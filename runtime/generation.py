@@ -12,19 +12,22 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from PIL import Image
 
 from sdtrt.engine.errors import InvalidInputError
 from sdtrt.engine.manifest import Manifest
-from sdtrt.runtime import image as imageio
+from sdtrt.runtime import image as image_ops
 from sdtrt.runtime.conditioning import Conditioner
-from sdtrt.runtime.control import Control
-from sdtrt.runtime.request import Limits, Request
+from sdtrt.runtime.request import Limits
+from sdtrt.runtime.runner import NetworkRunner
 from sdtrt.runtime.schedulers import Scheduler, make_scheduler
 from sdtrt.runtime.sessions import Networks
+
+if TYPE_CHECKING:
+    from sdtrt.runtime.plan import Plan  # the plan imports the tasks, which import this module
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, steps in all)
 StepHook = Callable[[int, np.ndarray], np.ndarray]  # (step index, latents) -> latents, after each step
@@ -47,24 +50,28 @@ class GenerationResult:
 
 
 class Generation:
-    """The state of one call shared by every task: request, model, noise source, timings, progress."""
+    """The state of one call shared by every task: plan, model, noise source, timings, progress."""
 
     def __init__(
         self,
-        networks: Networks,
+        sessions: Networks,
         conditioner: Conditioner,
-        request: Request,
+        plan: Plan,
         rng: NormalSource | None,
         progress: ProgressCallback | None,
         limits: Limits,
-        control: Control | None = None,
+        runner: NetworkRunner | None = None,
     ) -> None:
         self.start = time.perf_counter()
-        self.control = control  # checked ControlNet options (runtime/control.py), or None
-        self.networks = networks
+        self.plan = plan
+        self.control = plan.control  # checked ControlNet options (runtime/control.py), or None
+        self.cfg = plan.cfg
+        self.sessions = sessions  # the model's files and sessions
+        self.runner: NetworkRunner = sessions if runner is None else runner  # what runs every network call
         self.conditioner = conditioner
-        self.manifest: Manifest = networks.artifact.manifest
-        self.request = request  # checked: every default filled in
+        self.manifest: Manifest = sessions.artifact.manifest
+        self.request = plan.request  # checked: every default filled in
+        request = self.request
         self.limits = limits  # the request was checked against them; sizes found later (an image's) are too
         if progress is not None and not callable(progress):
             raise InvalidInputError(f"progress must be a callable progress(done, total), got {progress!r}")
@@ -83,9 +90,6 @@ class Generation:
                 f"got {type(rng).__name__}"
             )
         self.rng, self.seed = rng, seed
-        # diffusers' rule: guidance 1 (or less) is the plain conditional model; LCM-distilled UNets take the
-        # guidance scale as an input instead (timestep_cond) and never double the batch
-        self.cfg = request.guidance_scale > 1.0 and not conditioner.guidance_embedded
 
     @property
     def batch(self) -> int:
@@ -133,7 +137,7 @@ class Generation:
         t0 = time.perf_counter()
         r = self.request
         feeds = self.conditioner.unet_feeds(
-            r.prompts, r.negative_prompts, r.num_images, r.guidance_scale, self.cfg, height, width
+            self.runner, r.prompts, r.negative_prompts, r.num_images, r.guidance_scale, self.cfg, height, width
         )
         self.add_time("text_encoder", time.perf_counter() - t0)
         return feeds
@@ -141,7 +145,7 @@ class Generation:
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         """(N, 3, H, W) in [-1, 1] -> scaled latents (N, C, H/8, W/8), sampled from the VAE's posterior."""
         t0 = time.perf_counter()
-        moments = self.networks.run("vae_encoder", image=pixels)  # (N, 2C, h, w): mean and log-variance
+        moments = self.runner.run("vae_encoder", image=pixels)  # (N, 2C, h, w): mean and log-variance
         mean, logvar = np.split(moments, 2, axis=1)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
         latents = (mean + std * self.normal(mean.shape)) * np.float32(self.manifest.vae_scaling_factor)
@@ -173,7 +177,8 @@ class Generation:
         control = self.control
         if control is not None:  # its window counts the steps this run takes, as diffusers' controlnet_keep
             f = self.manifest.vae_scale_factor
-            control.begin(len(sched.timesteps) - start, len(latents), self.cfg, *(f * n for n in latents.shape[2:]))
+            height, width = (f * n for n in latents.shape[2:])
+            control.begin(self.runner, len(sched.timesteps) - start, len(latents), self.cfg, height, width)
             control_seconds = control.seconds
         for i in range(start, stop):
             model_input = np.concatenate([latents, latents]) if self.cfg else latents
@@ -184,7 +189,7 @@ class Generation:
                 model_input = np.concatenate([model_input, condition], axis=1)
             u0 = time.perf_counter()
             unet = "unet_controlnet" if residuals else "unet"  # the UNet that takes ControlNet residuals
-            noise_pred = self.networks.run(unet, sample=model_input, timestep=timestep, **feeds, **residuals)
+            noise_pred = self.runner.run(unet, sample=model_input, timestep=timestep, **feeds, **residuals)
             unet_seconds += time.perf_counter() - u0
             if self.cfg:
                 uncond_pred, text_pred = np.split(noise_pred, 2)
@@ -206,7 +211,7 @@ class Generation:
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """(B, C, h, w) latents -> (B, 3, H, W) float32 image in [-1, 1]."""
         t0 = time.perf_counter()
-        image = self.networks.run("vae_decoder", latent=latents / np.float32(self.manifest.vae_scaling_factor))
+        image = self.runner.run("vae_decoder", latent=latents / np.float32(self.manifest.vae_scaling_factor))
         self.add_time("vae_decode", time.perf_counter() - t0)
         return image
 
@@ -215,7 +220,7 @@ class Generation:
     ) -> GenerationResult:
         """The result: ``images``, by default the decoded latents (pass [] to skip the VAE)."""
         if images is None:
-            images = imageio.to_pil(self.decode(latents))
+            images = image_ops.to_pil(self.decode(latents))
         self.timings["total"] = time.perf_counter() - self.start
-        backend = self.networks.artifact.backend.kind
+        backend = self.sessions.artifact.backend.kind
         return GenerationResult(images, latents, self.seed, self.timings, backend, sched.name)

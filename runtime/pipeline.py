@@ -15,34 +15,27 @@ is one SdtrtError line.
 
 from __future__ import annotations
 
-import inspect
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from sdtrt.engine.artifact import Artifact, open_artifact
-from sdtrt.engine.backends import BackendChoice
-from sdtrt.engine.errors import ALLOCATION_FAILURE, InvalidInputError, SdtrtError, is_backend_error
+from sdtrt.engine.backends import BackendChoice, is_backend_error
+from sdtrt.engine.errors import ALLOCATION_FAILURE, InvalidInputError, SdtrtError
 from sdtrt.engine.manifest import Manifest
 from sdtrt.engine.session import Session
-from sdtrt.runtime import image as imageio
-from sdtrt.runtime import inpainting, tasks
 from sdtrt.runtime.conditioning import Conditioner
-from sdtrt.runtime.control import CONTROL_OPTIONS, check_control
 from sdtrt.runtime.generation import Generation, GenerationResult, NormalSource, ProgressCallback
-from sdtrt.runtime.request import REQUEST_OPTIONS, Limits, Request
+from sdtrt.runtime.plan import Plan, make_plan
+from sdtrt.runtime.request import Limits, Request
+from sdtrt.runtime.runner import NetworkRunner
 from sdtrt.runtime.sessions import Networks
+from sdtrt.runtime.task_methods import task_method
+from sdtrt.runtime.tasks import TASKS, Task, model_limits
 from sdtrt.runtime.tokenizer import CLIPTokenizer
 
-__all__ = ["GenerationResult", "Pipeline", "Request"]
+__all__ = ["GenerationResult", "Pipeline", "Plan", "Request"]
 
-TASK_FUNCTIONS: dict[str, Callable[..., GenerationResult]] = {
-    "txt2img": tasks.txt2img,
-    "img2img": tasks.img2img,
-    "inpaint": inpainting.inpaint,
-    "outpaint": inpainting.outpaint,
-    "upscale": tasks.upscale,
-}
 LOAD_OPTIONS = ("backend", "precision", "max_side", "max_images")
 
 
@@ -53,11 +46,9 @@ class Pipeline:
         self.artifact = artifact
         self.networks = Networks(artifact)
         manifest = artifact.manifest
-        self.limits = tasks.model_limits(manifest) if limits is None else limits
+        self.limits = model_limits(manifest) if limits is None else limits
         tokenizers = {name: CLIPTokenizer.from_dir(artifact.folder / tok) for name, tok in manifest.tokenizers.items()}
-        self.conditioner = Conditioner(
-            self.networks, tokenizers, artifact.inputs("unet"), manifest.force_zeros_for_empty_prompt
-        )
+        self.conditioner = Conditioner(tokenizers, artifact.inputs("unet"), manifest.force_zeros_for_empty_prompt)
 
     @classmethod
     def load(
@@ -88,7 +79,7 @@ class Pipeline:
             raise InvalidInputError(f"Pipeline.load takes an artifact folder's path, got {folder!r}")
         artifact = open_artifact(folder, backend, precision)
         try:
-            pipe = cls(artifact, tasks.model_limits(artifact.manifest, max_side, max_images))
+            pipe = cls(artifact, model_limits(artifact.manifest, max_side, max_images))
         except Exception:
             artifact.close()
             raise
@@ -151,7 +142,14 @@ class Pipeline:
         return self.networks.loras
 
     # ----------------------------------------------------------------------------------------------
-    # The tasks
+    # The tasks: txt2img, img2img, inpaint, outpaint, upscale (runtime/tasks) and any task registered there
+
+    def plan(self, task: str | Task, request: Request, inputs: Mapping[str, Any] | None = None) -> Plan:
+        """``request`` for ``task`` with the task's own ``inputs`` (image, mask, strength, ... and ControlNet
+        options), checked once against this model: defaults filled in, CFG on or off, the batch key."""
+        return make_plan(
+            task, request, inputs or {}, limits=self.limits, sessions=self.networks, conditioner=self.conditioner
+        )
 
     def run(
         self,
@@ -160,111 +158,48 @@ class Pipeline:
         *,
         progress: ProgressCallback | None = None,
         rng: NormalSource | None = None,
+        runner: NetworkRunner | None = None,
         **inputs: Any,
     ) -> GenerationResult:
-        """Run ``task`` (a name in TASKS) for ``request``; ``inputs`` are the task's own (image, mask,
-        strength, ...: see the task's method).
+        """Run ``task`` (a name in sdtrt.runtime.tasks.TASKS) for ``request``; ``inputs`` are the task's own
+        (image, mask, strength, ...: see the task's method). ``plan`` then ``execute``."""
+        return self.execute(self.plan(task, request, inputs), progress=progress, rng=rng, runner=runner)
+
+    def execute(
+        self,
+        plan: Plan,
+        *,
+        progress: ProgressCallback | None = None,
+        rng: NormalSource | None = None,
+        runner: NetworkRunner | None = None,
+    ) -> GenerationResult:
+        """Run a plan of this pipeline's.
 
         ``progress(done, total)`` is called after each denoising step. ``rng`` replaces the seeded noise
-        source: any object with NumPy's ``standard_normal(size, dtype)`` (then pass no seed).
+        source: any object with NumPy's ``standard_normal(size, dtype)`` (then pass no seed). ``runner`` runs
+        the networks (runtime/runner.py; default: this pipeline's sessions), e.g. a server's batching.
         """
-        if task not in TASK_FUNCTIONS:
-            raise InvalidInputError(f"unknown task {task!r} (tasks: {', '.join(TASK_FUNCTIONS)})")
-        if not isinstance(request, Request):
-            raise InvalidInputError(f"run takes a Request (sdtrt.runtime.request), got {type(request).__name__}")
-        function = TASK_FUNCTIONS[task]
-        own = list(inspect.signature(function).parameters)[1:]  # after the Generation
-        if unknown := sorted(set(inputs) - set(own) - set(CONTROL_OPTIONS)):
-            raise InvalidInputError(
-                f"{task} has no option {', '.join(map(repr, unknown))} (its own: {', '.join(own)}; "
-                f"shared: {', '.join(REQUEST_OPTIONS)}, progress, rng)"
-            )
-        checked = request.checked(task, self.limits)
-        control = check_control(task, inputs, self.networks)  # ControlNet options: images loaded, all checked
         try:
-            generation = Generation(self.networks, self.conditioner, checked, rng, progress, self.limits, control)
-            return function(generation, **inputs)
+            generation = Generation(self.networks, self.conditioner, plan, rng, progress, self.limits, runner)
+            return plan.task.run(generation, plan.arguments)
         except Exception as exc:
             if isinstance(exc, SdtrtError) or (detail := _allocation_failure(exc)) is None:
                 raise
             raise SdtrtError(
-                f"{task} ran out of memory on {self.backend.kind} ({detail}): ask for fewer or smaller images, or "
-                "lower the ceiling (Pipeline.load(..., max_side=N, max_images=N), SDTRT_MAX_SIDE, SDTRT_MAX_IMAGES)"
+                f"{plan.task.name} ran out of memory on {self.backend.kind} ({detail}): ask for fewer or smaller "
+                "images, or lower the ceiling (Pipeline.load(..., max_side=N, max_images=N), SDTRT_MAX_SIDE, "
+                "SDTRT_MAX_IMAGES)"
             ) from None
 
-    def _task(self, task: str, prompt: str | Sequence[str], options: dict[str, Any]) -> GenerationResult:
-        """Split keyword options into the Request's and the task's own, then run."""
-        shared = {name: options.pop(name) for name in REQUEST_OPTIONS if name in options}
-        return self.run(task, Request(prompt, **shared), **options)
+    def __getattr__(self, name: str) -> Callable[..., GenerationResult]:
+        """The method of each registered task: ``pipe.txt2img(prompt, **options)``, ``pipe.img2img(prompt, image,
+        **options)``: the prompt, the task's input images, then keyword options (the Request's and its own)."""
+        if name.startswith("_") or name not in TASKS:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return task_method(self, TASKS[name])
 
-    def txt2img(self, prompt: str | Sequence[str], **options: Any) -> GenerationResult:
-        """Generate ``num_images`` images per prompt from noise (default 30 steps, guidance 7.5).
-
-        Own options: ``latents`` (B, C, H/8, W/8) replaces the seeded initial noise; ``denoising_end``
-        in (0, 1) stops early, leaving the rest of the schedule to a second stage (SDXL's refiner,
-        through img2img with ``denoising_start``); ``decode=False`` skips the VAE and returns only
-        latents. Timings in the result, in seconds: text_encoder, unet (all steps), scheduler (the
-        NumPy loop outside the UNet), vae_decode and total.
-
-        ControlNets (txt2img, img2img, inpaint), with diffusers' names: ``control_image`` (one per
-        ControlNet), ``controlnet`` (attached names; default all), ``controlnet_conditioning_scale``,
-        ``control_guidance_start`` / ``control_guidance_end`` and ``guess_mode`` (runtime/control.py).
-        Without height and width, txt2img draws at the first control image's size fitted to the model.
-        """
-        return self._task("txt2img", prompt, options)
-
-    def img2img(self, prompt: str | Sequence[str], image: imageio.ImageInput, **options: Any) -> GenerationResult:
-        """Transform ``image`` by ``prompt``: it is noised to ``strength`` (default 0.8) of the schedule
-        and denoised (default 50 steps).
-
-        The image is resized (Lanczos) to ``height`` x ``width``: a side left out keeps the image's aspect
-        ratio; with neither, its own size, scaled down (aspect kept) to the model's native area where larger
-        (a 4000x2000 photo on SD 1.5: 704x320), rounded down to the model's size multiple. As in
-        diffusers, only the last ``int(steps * strength)`` steps run; strength 1 starts from pure noise,
-        and a strength too small for one step returns the image's VAE round trip.
-
-        ``image`` may instead be latents (B, C, h, w) left by a first stage stopped at
-        ``denoising_end`` (SDXL base -> refiner): with ``denoising_start`` the same fraction, the
-        loop continues from them without adding noise, and ``strength`` is ignored.
-        """
-        return self._task("img2img", prompt, {"image": image, **options})
-
-    def inpaint(
-        self, prompt: str | Sequence[str], image: imageio.ImageInput, mask: imageio.ImageInput, **options: Any
-    ) -> GenerationResult:
-        """Repaint the white part of ``mask`` (same size as ``image``) by ``prompt`` (default 50 steps), at
-        img2img's default size.
-
-        Inpainting models (a 9-channel UNet) see the mask and the masked image at every step; any
-        ordinary model inpaints by latent blending, as diffusers does. Own options: ``strength``
-        (default 1) as img2img's, except that one too small for a single step is an error;
-        ``mask_blur`` > 0 pastes the original pixels back over the result through a mask feathered
-        by a Gaussian of that radius (in pixels), hiding seams; 0 (the default) returns the model's
-        output as diffusers does.
-        """
-        return self._task("inpaint", prompt, {"image": image, "mask": mask, **options})
-
-    def outpaint(self, prompt: str | Sequence[str], image: imageio.ImageInput, **options: Any) -> GenerationResult:
-        """Extend ``image`` by ``left``, ``right``, ``top`` and ``bottom`` pixels and paint the new area.
-
-        The canvas is the image with its border pixels stretched outwards, grown on the right and
-        bottom to the model's size multiple; the mask covers the new area plus ``overlap`` (default
-        16) pixels of the old one, and the result is blended back over the original through a mask
-        feathered by ``mask_blur`` (default 8). One pass extends each side by at most half the
-        model's native size; call again on the result for more. ``strength`` is inpaint's.
-        """
-        return self._task("outpaint", prompt, {"image": image, **options})
-
-    def upscale(self, prompt: str | Sequence[str], image: imageio.ImageInput, **options: Any) -> GenerationResult:
-        """Upscale ``image`` 4x with an x4-upscaler export, guided by ``prompt`` (default 75 steps, guidance 9).
-
-        The low-resolution image is rounded down to the UNet's size step, noised to ``noise_level``
-        (default 20) and fed to the UNet beside the latents. Inputs larger than ``tile_size``
-        (default: the model's native input size) are cut into tiles overlapping by ``tile_overlap``
-        low-res pixels (default: 16, at most a quarter tile), each denoised on its own and feathered
-        together, so memory stays bounded; ``tiling=False`` refuses such inputs instead.
-        """
-        return self._task("upscale", prompt, {"image": image, **options})
+    def __dir__(self) -> list[str]:
+        return sorted({*super().__dir__(), *TASKS})
 
 
 def _allocation_failure(exc: Exception) -> str | None:

@@ -15,20 +15,13 @@ import numbers
 import os
 from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdtrt.engine.errors import InvalidInputError
 
-# task -> (denoising steps, guidance scale) when the request leaves them out
-TASK_DEFAULTS = {
-    "txt2img": (30, 7.5),
-    "img2img": (50, 7.5),
-    "inpaint": (50, 7.5),
-    "outpaint": (50, 7.5),
-    "upscale": (75, 9.0),
-}
-TASKS = tuple(TASK_DEFAULTS)
-FIXED_SIZE_TASKS = ("upscale",)  # its output is 4x its input: no height/width of its own
+if TYPE_CHECKING:
+    from sdtrt.runtime.tasks import Task
+
 DEFAULT_MAX_IMAGES = 16  # images per request (prompts x num_images): a 4x4 grid
 ENV_MAX_SIDE, ENV_MAX_IMAGES = "SDTRT_MAX_SIDE", "SDTRT_MAX_IMAGES"
 
@@ -89,8 +82,8 @@ class Request:
 
     prompt: str | Sequence[str]
     negative_prompt: str | Sequence[str] | None = None  # used under classifier-free guidance; default ""
-    num_inference_steps: int | None = None  # default: TASK_DEFAULTS
-    guidance_scale: float | None = None  # > 1 turns on classifier-free guidance; default: TASK_DEFAULTS
+    num_inference_steps: int | None = None  # default: the task's (its record in runtime/tasks)
+    guidance_scale: float | None = None  # > 1 turns on classifier-free guidance; default: the task's
     height: int | None = None  # pixels; default: the model's native size, or the input image's
     width: int | None = None
     seed: int | None = None  # default: a fresh one, reported in the result
@@ -111,10 +104,13 @@ class Request:
             return [self.negative_prompt] * len(self.prompts)
         return list(self.negative_prompt)
 
-    def checked(self, task: str, limits: Limits | None = None) -> Request:
-        """This request validated for ``task`` (and ``limits``), its defaults filled in, its numbers Python
-        ints and floats; one InvalidInputError otherwise."""
-        steps, guidance = TASK_DEFAULTS[task]
+    def checked(self, task: str | Task, limits: Limits | None = None) -> Request:
+        """This request validated for ``task`` (a name or a record; and ``limits``), the task's defaults filled in,
+        its numbers Python ints and floats; one InvalidInputError otherwise."""
+        from sdtrt.runtime.tasks import get_task  # the registry imports this module
+
+        record = get_task(task) if isinstance(task, str) else task
+        steps, guidance = record.steps, record.guidance
         request = dataclasses.replace(
             self,
             prompt=_listed(self.prompt),
@@ -127,8 +123,8 @@ class Request:
             num_images=_plain(self.num_images),
         )
         request._check()
-        if task in FIXED_SIZE_TASKS and (self.height is not None or self.width is not None):
-            raise InvalidInputError(f"{task} takes no height or width: its output size follows its input")
+        if not record.sized and (self.height is not None or self.width is not None):
+            raise InvalidInputError(f"{record.name} takes no height or width: its output size follows its input")
         if limits is not None:
             limits.check_images(len(request.prompts), request.num_images)
             for name in ("height", "width"):

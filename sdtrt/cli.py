@@ -13,7 +13,7 @@ from pathlib import Path
 from sdtrt import commands
 from sdtrt.demo import DEMO_GUIDANCE, DEMO_PROMPT, DEMO_ROOT, demo_maps
 from sdtrt.engine.errors import SdtrtError
-from sdtrt.generate import Lora
+from sdtrt.task_cli import add_task_command
 
 Handler = Callable[[argparse.Namespace], int | None]  # None: success; else the exit code
 GLOBAL_FLAGS = ("quiet", "verbose", "debug")  # accepted before or after the command
@@ -21,9 +21,6 @@ EXPORT_MODULES = {"torch", "diffusers", "transformers", "onnx", "onnx_graphsurge
 POSITIONAL_HELP = {
     "model": "a local diffusers folder, a single-file checkpoint (.safetensors) or a hub id such as org/name",
     "folder": "an artifact folder written by `sdtrt export`",
-    "image": "the input RGB image",
-    "mask": "a mask of the image's size: white = repaint",
-    "prompt": "what the picture should show",
 }
 
 
@@ -54,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=summary, description=about, parents=[common])
         cmd.set_defaults(func=func)
         for arg in positionals:
-            cmd.add_argument(arg, type=str if arg in ("model", "prompt") else Path, help=POSITIONAL_HELP[arg])
+            cmd.add_argument(arg, type=str if arg == "model" else Path, help=POSITIONAL_HELP[arg])
         return cmd
 
     summary = "export a diffusers model or a checkpoint to ONNX + manifest.json"
@@ -99,33 +96,10 @@ def _parser() -> argparse.ArgumentParser:
         "files you trust; better, convert them to .safetensors",
     )
 
-    gen = command("generate", commands.run_task, "draw a prompt: text to image", "folder", "prompt")
-    _add_size_options(gen, "the model's native size; with --control, the first control image's, fitted")
-    _add_generation_options(gen, "txt2img", ("height", "width"), steps=30)
+    from sdtrt.runtime.tasks import TASKS
 
-    img2img = command("img2img", commands.run_task, "transform an image by a prompt", "folder", "image", "prompt")
-    img2img.add_argument("--strength", type=float, default=0.8, help="0 keeps the image, 1 ignores it (default 0.8)")
-    _add_size_options(img2img, "the image's own size, rounded down")
-    _add_generation_options(img2img, "img2img", ("image", "strength", "height", "width"), steps=50)
-
-    inpaint = command(
-        "inpaint", commands.run_task, "repaint the white part of a mask", "folder", "image", "mask", "prompt"
-    )
-    inpaint.add_argument("--strength", type=float, default=1.0, help="how far to noise the masked part (default 1)")
-    inpaint.add_argument("--mask-blur", type=float, default=0.0, help="feather the paste-back by this many pixels")
-    _add_size_options(inpaint, "the image's own size, rounded down")
-    _add_generation_options(inpaint, "inpaint", ("image", "mask", "strength", "mask_blur", "height", "width"), 50)
-
-    outpaint = command("outpaint", commands.run_task, "extend an image beyond its borders", "folder", "image", "prompt")
-    sides = ("left", "right", "top", "bottom")
-    for side in sides:
-        outpaint.add_argument(f"--{side}", type=int, default=0, help=f"pixels to add on the {side}")
-    outpaint.add_argument("--overlap", type=int, default=16, help="pixels of the old image repainted at the seam")
-    outpaint.add_argument("--mask-blur", type=float, default=8.0, help="seam feathering in pixels (default 8)")
-    _add_generation_options(outpaint, "outpaint", ("image", *sides, "overlap", "mask_blur"), steps=50)
-
-    for drawing in (gen, img2img, inpaint):
-        _add_control_options(drawing)
+    for task in TASKS.values():  # generate (txt2img), img2img, inpaint, outpaint, upscale, ...: runtime/tasks
+        add_task_command(command, task, commands.run_task)
 
     summary = "attach a ControlNet to an export"
     more = (
@@ -137,16 +111,6 @@ def _parser() -> argparse.ArgumentParser:
     attach.add_argument("--name", default=None, help="what --control calls it (default: its folder or file name)")
     attach.add_argument("--base", default=None, help="the model FOLDER was exported from (default: as recorded)")
     attach.add_argument("--overwrite", action="store_true", help="replace a ControlNet attached under this name")
-
-    summary = "4x super-resolution with an x4-upscaler export"
-    upscale = command("upscale", commands.run_task, summary, "folder", "image", "prompt")
-    upscale.add_argument("--noise-level", type=int, default=20, help="noise added to the input (default 20)")
-    upscale.add_argument("--tile-size", type=int, default=None, help="input pixels per tile (default: native)")
-    upscale.add_argument("--tile-overlap", type=int, default=None, help="input pixels tiles overlap (default 16)")
-    upscale.add_argument("--no-tiling", dest="tiling", action="store_false", help="refuse inputs larger than one tile")
-    _add_generation_options(
-        upscale, "upscale", ("image", "noise_level", "tile_size", "tile_overlap", "tiling"), 75, 9.0
-    )
 
     more = "With fp16 variants (or --engines) also the TensorRT profile that `sdtrt build` builds by default."
     info = command("info", commands.info, "describe an artifact folder: model, files and sizes", "folder", more=more)
@@ -246,84 +210,6 @@ def _add_serve_command(command: Callable[..., argparse.ArgumentParser]) -> None:
     ray.add_argument(
         "--replica-gpus", type=float, metavar="N", default=0.0, help="GPUs per replica (default 0; 1 on a GPU node)"
     )
-
-
-def _add_size_options(parser: argparse.ArgumentParser, default: str = "the model's native size") -> None:
-    parser.add_argument("--height", type=int, default=None, help=f"pixels (default: {default})")
-    parser.add_argument("--width", type=int, default=None, help=f"pixels (default: {default})")
-
-
-def _add_generation_options(
-    parser: argparse.ArgumentParser, method: str, own: tuple[str, ...], steps: int, guidance: float = 7.5
-) -> None:
-    """The options of every generating command; ``method``: its pipeline method, ``own``: the command's own options."""
-    from sdtrt.engine.backends import BACKEND_NAMES
-    from sdtrt.runtime.schedulers import SCHEDULERS
-
-    common = ("negative", "steps", "guidance", "seed", "scheduler", "num_images")
-    parser.set_defaults(method=method, options=(*common, *own))
-    parser.add_argument("-o", "--out", type=Path, default=Path("out.png"), help="PNG path (default: out.png)")
-    parser.add_argument("--negative", default=None, help="negative prompt (used when guidance > 1)")
-    parser.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default: {steps})")
-    parser.add_argument(
-        "--guidance", type=float, default=guidance, help=f"classifier-free guidance scale (default: {guidance})"
-    )
-    parser.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed)")
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="default: the model's own")
-    parser.add_argument("--num-images", type=int, default=1, help="images per prompt (default: 1)")
-    parser.add_argument(
-        "--backend",
-        choices=BACKEND_NAMES,
-        default="auto",
-        help="default: auto (trt, else ort-cuda, else openvino, else ort-cpu)",
-    )
-    parser.add_argument(
-        "--precision",
-        choices=("bf16", "fp32"),
-        default=None,
-        help="arithmetic precision where the backend offers a choice: openvino runs bf16 (default where the "
-        "CPU has native bf16) or fp32",
-    )
-    parser.add_argument(
-        "--lora",
-        action="append",
-        type=_lora_option,
-        default=[],
-        metavar="PATH[:SCALE]",
-        help="apply a LoRA adapter (.safetensors, diffusers or kohya keys) at SCALE (default 1); repeatable",
-    )
-
-
-def _add_control_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--control",
-        action="append",
-        type=_control_option,
-        default=[],
-        metavar="NAME=IMAGE[:SCALE]",
-        help="condition on IMAGE through the attached ControlNet NAME at SCALE (default 1); repeatable",
-    )
-    parser.add_argument("--control-start", type=float, default=0.0, help="ControlNets act from this fraction of steps")
-    parser.add_argument("--control-end", type=float, default=1.0, help="... up to this fraction (default 1)")
-    parser.add_argument("--guess-mode", action="store_true", help="ControlNets see the conditional half only")
-
-
-def _control_option(text: str) -> tuple[str, Path, float]:
-    """NAME=IMAGE[:SCALE] -> (name, image, scale); a colon not followed by a number is part of the path."""
-    name, _, image = text.partition("=")
-    if not name or not image:
-        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=IMAGE[:SCALE]")
-    path, scale = _lora_option(image)
-    return name, path, scale
-
-
-def _lora_option(text: str) -> Lora:
-    """PATH[:SCALE] -> (path, scale); a colon not followed by a number is part of the path."""
-    path, _, scale = text.rpartition(":")
-    try:
-        return (Path(path), float(scale)) if path else (Path(text), 1.0)
-    except ValueError:
-        return Path(text), 1.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,9 +8,7 @@ import sys
 from sdtrt.demo import run_demo
 from sdtrt.engine.errors import InvalidInputError, SdtrtError
 from sdtrt.generate import generate_images
-
-# a generating command's options by the pipeline's names for them, where these differ
-PIPELINE_NAMES = {"negative": "negative_prompt", "steps": "num_inference_steps", "guidance": "guidance_scale"}
+from sdtrt.task_cli import task_options
 
 
 def export(args: argparse.Namespace) -> None:
@@ -33,22 +31,13 @@ def export(args: argparse.Namespace) -> None:
 
 
 def run_task(args: argparse.Namespace) -> None:
-    """generate / img2img / inpaint / outpaint / upscale: pipeline method ``args.method``."""
-    options = {PIPELINE_NAMES.get(name, name): getattr(args, name) for name in args.options}
-    if getattr(args, "control", None):
-        names, images, scales = (list(column) for column in zip(*args.control, strict=True))
-        options |= {
-            "controlnet": names,
-            "control_image": images,
-            "controlnet_conditioning_scale": scales,
-            "control_guidance_start": args.control_start,
-            "control_guidance_end": args.control_end,
-            "guess_mode": args.guess_mode,
-        }
-    elif "control" in vars(args) and (args.guess_mode or (args.control_start, args.control_end) != (0, 1)):
-        raise SdtrtError("--control-start, --control-end and --guess-mode need a --control NAME=IMAGE")
+    """A drawing command (generate, img2img, ...: one per task in sdtrt.runtime.tasks): the pipeline's ``args.task``."""
+    from sdtrt.runtime.tasks import TASKS
+
+    task = TASKS[args.task]
+    options = task_options(task, args)
     generate_images(
-        args.method, args.folder, args.prompt, args.out, args.quiet, args.backend, args.lora, args.precision, **options
+        task.name, args.folder, args.prompt, args.out, args.quiet, args.backend, args.lora, args.precision, **options
     )
 
 

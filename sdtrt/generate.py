@@ -62,7 +62,7 @@ def generate_images(
     precision: str | None = None,
     **options,
 ) -> None:
-    """Run pipeline method ``task`` with a progress bar, write the PNGs, print seed and stage timings.
+    """Run the pipeline's ``task`` with a progress bar, write the PNGs, print seed and stage timings.
 
     ``loras``: (path, scale) of the LoRA adapters to apply first. Where the PNGs go, and the options every task
     shares, are checked before the model loads; the progress bar starts with the first step, after every check.
@@ -70,11 +70,14 @@ def generate_images(
     from tqdm.auto import tqdm
 
     from sdtrt.runtime.pipeline import Pipeline
+    from sdtrt.runtime.plan import precheck
     from sdtrt.runtime.request import REQUEST_OPTIONS, Request
 
     for path in image_paths(out, options.get("num_images", 1)):
         check_output(path)
-    Request(prompt, **{name: options[name] for name in REQUEST_OPTIONS if name in options}).checked(task)
+    shared = {name: options[name] for name in REQUEST_OPTIONS if name in options}
+    own = {name: value for name, value in options.items() if name not in shared}
+    precheck(task, Request(prompt, **shared), own)  # the pipeline's own checks of what needs no model
     bar: tqdm | None = None
     with Pipeline.load(folder, backend=backend, precision=precision) as pipe:
         for path, scale in loras:

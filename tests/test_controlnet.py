@@ -500,7 +500,8 @@ def test_profiles_of_the_controlnet_networks(controlnet_export: Path) -> None:
 
 
 def test_cli_control_option(controlnet_export: Path, tmp_path: Path) -> None:
-    from sdtrt.cli import _control_option, main
+    from sdtrt.cli import main
+    from sdtrt.task_cli import control_option as _control_option
 
     assert _control_option("edges=map.png:0.5") == ("edges", Path("map.png"), 0.5)
     assert _control_option("edges=C:/maps/a.png") == ("edges", Path("C:/maps/a.png"), 1.0)

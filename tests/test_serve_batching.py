@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from sdtrt.runtime.batching import BatchCall, run_batch
 from sdtrt.runtime.pipeline import Pipeline
@@ -48,7 +49,7 @@ def test_batched_requests_are_bit_identical_to_running_alone(
 ) -> None:
     requests = _requests(scheduler)
     alone = [pipe.run("txt2img", r) for r in requests]
-    results, unet_batches = run_batch(pipe, [BatchCall("txt2img", r) for r in requests], pad_to)
+    results, unet_batches = run_batch(pipe, [BatchCall(pipe.plan("txt2img", r)) for r in requests], pad_to)
     assert unet_batches == [2 * (1 + 4 + 1)] * STEPS  # every step one UNet call: 6 images, doubled by guidance
     for want, got in zip(alone, results, strict=True):
         assert not isinstance(got, Exception), got
@@ -65,12 +66,12 @@ def test_a_member_that_stops_or_fails_leaves_the_others_untouched(pipe: Pipeline
         raise RuntimeError("client went away")
 
     calls = [
-        BatchCall("txt2img", requests[0]),
-        BatchCall("txt2img", requests[1], progress=stop_after_one),
+        BatchCall(pipe.plan("txt2img", requests[0])),
+        BatchCall(pipe.plan("txt2img", requests[1]), progress=stop_after_one),
         BatchCall(
-            "txt2img", Request("x", scheduler="no-such", num_inference_steps=STEPS, **SIZE)
+            pipe.plan("txt2img", Request("x", scheduler="no-such", num_inference_steps=STEPS, **SIZE))
         ),  # fails before the UNet
-        BatchCall("txt2img", requests[2]),
+        BatchCall(pipe.plan("txt2img", requests[2])),
     ]
     samples: list[tuple[int, ...]] = []
     calls[0].on_sample = lambda sample: samples.append(sample.shape)
@@ -98,3 +99,51 @@ def test_a_model_that_draws_nothing_from_a_prompt_alone_still_serves(tiny_inpain
         assert worker.preview is None and worker.pipeline is not None
     finally:
         worker.stop()
+
+
+def _image(seed: int, size: tuple[int, int] = (64, 64)) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size[::-1], 3), dtype=np.uint8))
+
+
+def _mask() -> Image.Image:
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    return Image.fromarray(mask)
+
+
+IMAGE_TASKS = {  # each task's own inputs for two requests that may share a batch
+    "img2img": ({"image": _image(1), "strength": 0.7}, {"image": _image(2), "strength": 0.7}),
+    "inpaint": ({"image": _image(1), "mask": _mask()}, {"image": _image(2), "mask": _mask(), "strength": 1.0}),
+    "outpaint": ({"image": _image(1), "right": 16}, {"image": _image(2), "right": 16, "mask_blur": 8.0}),
+}
+
+
+@pytest.mark.parametrize("task", list(IMAGE_TASKS))
+def test_image_tasks_batch_bit_identically_where_requests_agree(pipe: Pipeline, task: str) -> None:
+    first, second = IMAGE_TASKS[task]
+    requests = [
+        Request("a red circle", seed=1, guidance_scale=5.0, num_inference_steps=STEPS),
+        Request(["a green square", "a cat"], seed=2, guidance_scale=3.0, num_inference_steps=STEPS),
+    ]
+    plans = [pipe.plan(task, requests[0], first), pipe.plan(task, requests[1], second)]
+    assert plans[0].batch_key is not None and plans[0].batch_key == plans[1].batch_key
+    alone = [pipe.execute(plan) for plan in plans]
+    results, unet_batches = run_batch(pipe, [BatchCall(plan) for plan in plans])
+    assert unet_batches and all(size == 2 * (1 + 2) for size in unet_batches)  # one UNet call a step, both inside
+    for want, got in zip(alone, results, strict=True):
+        assert not isinstance(got, Exception), got
+        np.testing.assert_array_equal(got.latents, want.latents)
+        for a, b in zip(want.images, got.images, strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_batch_keys_part_requests_that_differ_where_it_matters(pipe: Pipeline) -> None:
+    request = Request("a red circle", num_inference_steps=STEPS)
+    key = pipe.plan("img2img", request, {"image": _image(1)}).batch_key
+    assert pipe.plan("img2img", request, {"image": _image(2)}).batch_key == key  # other pixels, same shapes
+    assert pipe.plan("img2img", request, {"image": _image(1), "strength": 0.5}).batch_key != key  # other steps
+    assert pipe.plan("img2img", request, {"image": _image(1, (64, 96))}).batch_key != key  # another size
+    assert pipe.plan("img2img", request, {"image": str(Path("a.png"))}).batch_key is None  # size not known yet
+    assert pipe.plan("upscale", request, {"image": _image(1)}).batch_key is None  # tiles: never batched
+    lcm_like = Request("a red circle", num_inference_steps=STEPS, guidance_scale=1.0)
+    assert pipe.plan("txt2img", lcm_like).batch_key != pipe.plan("txt2img", request).batch_key  # CFG off vs on

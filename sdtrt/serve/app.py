@@ -49,7 +49,7 @@ def create_app(config: ServeConfig, server: Server | None = None) -> FastAPI:
 
     app = FastAPI(title="sdtrt", version=VERSION, lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.server = server
-    app.include_router(native.router)
+    app.include_router(native.make_router())
     app.include_router(openai.router)
     app.include_router(a1111.router)
     app.include_router(a1111.controlnet_router)
@@ -113,6 +113,12 @@ async def _validation_error(http: HttpRequest, exc: Exception) -> JSONResponse:
             http, ApiError("invalid_input", f"the body is not valid JSON: {first.get('ctx', {}).get('error')}")
         )
     where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "body"
+    route = http.scope.get("route")
+    body = getattr(getattr(route, "body_field", None), "field_info", None)
+    fields = getattr(getattr(body, "annotation", None), "model_fields", None)
+    if first.get("type") == "extra_forbidden" and fields:  # a field the route's body does not have
+        options = ", ".join(fields)
+        return _respond(http, ApiError("invalid_input", f"{route.name} has no option {where!r} (options: {options})"))
     return _respond(http, ApiError("invalid_input", f"{where}: {first.get('msg', 'invalid')}"))
 
 

@@ -17,11 +17,17 @@ from starlette.responses import JSONResponse, Response
 
 from sdtrt.runtime.generation import GenerationResult
 from sdtrt.serve.errors import ApiError
-from sdtrt.serve.schemas import TASK_BODIES, GenerationBody, b64_png, encode_png
+from sdtrt.serve.schemas import GenerationBody, b64_png, encode_png, task_bodies
 from sdtrt.serve.server import Server
 from sdtrt.serve.worker import Job
 
-router = APIRouter(prefix="/v1", tags=["native"])
+
+def make_router() -> APIRouter:
+    """One route per registered task (runtime/tasks), its body made from the task's record."""
+    router = APIRouter(prefix="/v1", tags=["native"])
+    for task, body in task_bodies().items():
+        router.add_api_route(f"/{task}", _route(task, body), methods=["POST"], name=task)
+    return router
 
 
 def _route(task: str, body_type: type[GenerationBody]) -> Callable[..., Awaitable[Response]]:
@@ -35,10 +41,6 @@ def _route(task: str, body_type: type[GenerationBody]) -> Callable[..., Awaitabl
     generate.__name__ = task
     generate.__doc__ = f"{task}: every option of Pipeline.{task}, images as base64."
     return generate
-
-
-for _task, _body in TASK_BODIES.items():
-    router.add_api_route(f"/{_task}", _route(_task, _body), methods=["POST"], name=_task)
 
 
 def _answer(job: Job, result: GenerationResult, accept: str) -> Response:

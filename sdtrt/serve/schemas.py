@@ -1,6 +1,7 @@
 """The native JSON API's request bodies (``/v1/txt2img`` and friends) and how images travel in them.
 
-Every option of the Python API's tasks is a field of the same name; images are base64 (PNG, JPEG,
+Each body is made from its task's record (runtime/tasks): every option of the Python API's task is a field of
+the same name, with the same default and help; images are base64 (PNG, JPEG,
 WebP; a ``data:`` URL prefix is accepted). Unknown fields are refused by name. Nothing in a body can
 name a file: models by their served name, LoRA adapters by their configured name, images as bytes.
 """
@@ -10,13 +11,14 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-from typing import Any
+from typing import Any, ClassVar
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from sdtrt.runtime.control import CONTROL_OPTIONS
 from sdtrt.runtime.request import Request
+from sdtrt.runtime.tasks import TASKS, Task
 from sdtrt.serve.errors import ApiError
 
 MAX_INPUT_PIXELS = 4096 * 4096  # a decoded input image; beyond it (a decompression bomb) the request is refused
@@ -54,8 +56,18 @@ class GenerationBody(Body):
         )
 
     def task_inputs(self) -> dict[str, Any]:
-        """The task's own options (beyond the Request's), images decoded."""
-        return {}
+        """The task's own arguments (beyond the Request's) as given or defaulted, images decoded, and the
+        ControlNet options given."""
+        given = self.model_dump(exclude=set(GenerationBody.model_fields) | {"height", "width"})
+        for name in self.image_fields:
+            given[name] = decode_image(given[name], name)
+        if isinstance(images := given.get("control_image"), str):
+            given["control_image"] = decode_image(images, "control_image")
+        elif images is not None:
+            given["control_image"] = [decode_image(image, f"control_image[{i}]") for i, image in enumerate(images)]
+        return {name: value for name, value in given.items() if name not in CONTROL_OPTIONS or value is not None}
+
+    image_fields: ClassVar[tuple[str, ...]] = ()  # the task's input images (base64)
 
 
 class SizedBody(GenerationBody):
@@ -73,79 +85,38 @@ class ControlledBody(SizedBody):
     control_guidance_end: float | list[float] | None = None
     guess_mode: bool | None = None
 
-    def control_inputs(self) -> dict[str, Any]:
-        """The ControlNet options given, control images decoded (the pipeline checks the rest)."""
-        given = self.model_dump(include=set(CONTROL_OPTIONS), exclude_none=True)
-        if isinstance(images := given.get("control_image"), str):
-            given["control_image"] = decode_image(images, "control_image")
-        elif images is not None:
-            given["control_image"] = [decode_image(image, f"control_image[{i}]") for i, image in enumerate(images)]
-        return given
 
-    def task_inputs(self) -> dict[str, Any]:
-        return self.control_inputs()
+FIELD_TYPES = {"int": int, "float": float, "bool": bool}
 
 
-class Txt2ImgBody(ControlledBody):
-    pass
+def task_body(task: Task) -> type[GenerationBody]:
+    """The native API's body of ``task``, made from its record: the shared options (its own steps and guidance as
+    their defaults), a size where it takes one, ControlNets where it takes them, its input images as base64 and
+    its options with their defaults and help (Python-only options are not fields)."""
+    base = ControlledBody if task.controlnets else SizedBody if task.sized else GenerationBody
+    fields: dict[str, Any] = {
+        "num_inference_steps": (int | None, Field(default=task.steps, description="denoising steps")),
+        "guidance_scale": (float | None, Field(default=task.guidance, description="classifier-free guidance scale")),
+    }
+    for argument in task.arguments:
+        if argument.python_only:
+            continue
+        if argument.kind == "image":
+            fields[argument.name] = (str, Field(description=f"{argument.help}: base64 PNG/JPEG/WebP"))
+            continue
+        kind = FIELD_TYPES[argument.kind]
+        annotation = kind | None if argument.default is None else kind
+        description = argument.help + (f" (default: {argument.default_help})" if argument.default_help else "")
+        fields[argument.name] = (annotation, Field(default=argument.default, description=description))
+    name = "".join(part.capitalize() for part in task.name.split("_")) + "Body"
+    body = create_model(name, __base__=base, __doc__=f"{task.name}: {task.summary}.", **fields)
+    body.image_fields = task.images
+    return body
 
 
-class Img2ImgBody(ControlledBody):
-    image: str = Field(description="base64 PNG/JPEG/WebP")
-    strength: float = 0.8
-
-    def task_inputs(self) -> dict[str, Any]:
-        return {"image": decode_image(self.image, "image"), "strength": self.strength, **self.control_inputs()}
-
-
-class InpaintBody(ControlledBody):
-    image: str
-    mask: str = Field(description="base64 image of the image's size: white = repaint")
-    strength: float = 1.0
-    mask_blur: float = 0.0
-
-    def task_inputs(self) -> dict[str, Any]:
-        image, mask = decode_image(self.image, "image"), decode_image(self.mask, "mask")
-        own = {"image": image, "mask": mask, "strength": self.strength, "mask_blur": self.mask_blur}
-        return own | self.control_inputs()
-
-
-class OutpaintBody(GenerationBody):
-    image: str
-    left: int = 0
-    right: int = 0
-    top: int = 0
-    bottom: int = 0
-    overlap: int = 16
-    mask_blur: float = 8.0
-    strength: float = 1.0
-
-    def task_inputs(self) -> dict[str, Any]:
-        own = self.model_dump(include={"left", "right", "top", "bottom", "overlap", "mask_blur", "strength"})
-        return {"image": decode_image(self.image, "image"), **own}
-
-
-class UpscaleBody(GenerationBody):
-    image: str
-    noise_level: int = 20
-    tile_size: int | None = None
-    tile_overlap: int | None = None
-    tiling: bool = True
-
-    def task_inputs(self) -> dict[str, Any]:
-        own = {"noise_level": self.noise_level, "tiling": self.tiling}
-        tiles = {"tile_size": self.tile_size, "tile_overlap": self.tile_overlap}
-        own.update({name: value for name, value in tiles.items() if value is not None})
-        return {"image": decode_image(self.image, "image"), **own}
-
-
-TASK_BODIES: dict[str, type[GenerationBody]] = {
-    "txt2img": Txt2ImgBody,
-    "img2img": Img2ImgBody,
-    "inpaint": InpaintBody,
-    "outpaint": OutpaintBody,
-    "upscale": UpscaleBody,
-}
+def task_bodies() -> dict[str, type[GenerationBody]]:
+    """The body of every registered task, by task name."""
+    return {name: task_body(task) for name, task in TASKS.items()}
 
 
 def decode_image(data: str, what: str) -> Image.Image:

@@ -13,14 +13,13 @@ from typing import Any
 from starlette.requests import Request as HttpRequest
 
 from sdtrt.engine.errors import SdtrtError
-from sdtrt.runtime.control import CONTROL_OPTIONS
 from sdtrt.runtime.generation import GenerationResult
 from sdtrt.runtime.request import Request
 from sdtrt.serve.config import ServeConfig, model_name
 from sdtrt.serve.errors import ApiError
 from sdtrt.serve.logs import request_id
 from sdtrt.serve.metrics import Metrics
-from sdtrt.serve.worker import BATCHED_TASKS, Job, ModelWorker
+from sdtrt.serve.worker import Job, ModelWorker
 
 log = logging.getLogger(__name__)
 
@@ -78,21 +77,14 @@ class Server:
             if not math.isfinite(scale):
                 raise ApiError("invalid_input", f"LoRA {name!r}: the scale must be a finite number, got {scale}")
         try:
-            checked = request.checked(task, worker.pipeline.limits)
+            plan = worker.pipeline.plan(task, request, inputs)
         except SdtrtError as exc:
             raise ApiError("invalid_input", worker.client_text(str(exc))) from None
-        job = Job(
-            worker.name,
-            task,
-            request,
-            inputs or {},
-            loras,
-            deadline=time.monotonic() + self.config.deadline_s,
-            images=len(checked.prompts) * checked.num_images,
-        )
+        job = Job(worker.name, plan, loras, deadline=time.monotonic() + self.config.deadline_s)
         if (rid := request_id.get()) != "-":  # the HTTP request's id: its log lines and the job's match
             job.id = rid
-        job.batch_key = self._batch_key(worker, task, checked, loras, job.inputs)
+        if plan.batch_key is not None and self.config.max_batch > 1:  # the same adapters at the same scales too
+            job.batch_key = (*plan.batch_key, tuple(sorted((name, scale) for name, scale in loras.items() if scale)))
         worker.submit(job)
         return job
 
@@ -110,20 +102,6 @@ class Server:
                 "invalid_input",
                 f"a prompt of {longest} characters is above this server's limit of {limits.max_prompt_chars}",
             )
-
-    def _batch_key(
-        self, worker: ModelWorker, task: str, checked: Request, loras: dict[str, float], inputs: dict[str, Any]
-    ) -> tuple | None:
-        """What jobs must share to run as one UNet batch: task, size, steps, scheduler, guidance on/off, LoRA scales.
-        A request with ControlNets runs alone (its UNet takes residuals that others have not)."""
-        if task not in BATCHED_TASKS or self.config.max_batch < 2 or any(name in inputs for name in CONTROL_OPTIONS):
-            return None
-        m = worker.pipeline.manifest
-        height = m.default_height if checked.height is None else checked.height
-        width = m.default_width if checked.width is None else checked.width
-        cfg = checked.guidance_scale > 1.0
-        scales = tuple(sorted((name, scale) for name, scale in loras.items() if scale))
-        return task, height, width, checked.num_inference_steps, checked.scheduler, cfg, scales
 
     async def wait(self, job: Job, http: HttpRequest) -> GenerationResult:
         """The result of ``job`` for the HTTP request ``http``; the job is stopped if the client goes away."""

@@ -17,7 +17,6 @@ from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -26,7 +25,7 @@ from sdtrt.engine.errors import InvalidInputError, SdtrtError
 from sdtrt.runtime.batching import BatchCall, run_batch
 from sdtrt.runtime.generation import GenerationResult
 from sdtrt.runtime.pipeline import Pipeline
-from sdtrt.runtime.request import Request
+from sdtrt.runtime.plan import Plan
 from sdtrt.serve import logs
 from sdtrt.serve.config import ServeConfig
 from sdtrt.serve.errors import ApiError
@@ -35,10 +34,6 @@ from sdtrt.serve.preview import LatentPreview
 
 log = logging.getLogger(__name__)
 
-BATCHED_TASKS = ("txt2img",)
-# backends that compile a network for each input shape and keep only the latest few: batched UNet calls are
-# padded to one size there, or batches of changing size would recompile the UNet again and again
-SHAPE_COMPILING_BACKENDS = ("openvino",)
 WARMUP_PROMPT = "warm-up"
 
 
@@ -51,20 +46,22 @@ class Job:
     """One request's generation: what to run, its deadline and progress, and the Future of its result."""
 
     model: str
-    task: str
-    request: Request
-    inputs: dict[str, Any]
+    plan: Plan  # the request, checked and resolved by the model's pipeline
     loras: dict[str, float]  # adapter -> scale for this request; adapters left out run at scale 0
     deadline: float  # time.monotonic() past which the job stops with 504
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     batch_key: tuple | None = None  # jobs with equal keys may share a UNet batch; None: runs alone
-    images: int = 1  # prompts x num_images
     created: float = field(default_factory=time.monotonic)
     started: float | None = None
     steps: tuple[int, int] = (0, 0)  # (done, total) denoising steps
     latest_sample: np.ndarray | None = None  # the UNet's latest sample input, for previews
     stop_reason: str | None = None  # "cancelled" (the client went away) or "deadline"
     future: Future = field(default_factory=Future)
+
+    @property
+    def images(self) -> int:
+        """Images the job draws: prompts x num_images."""
+        return self.plan.images
 
     def cancel(self) -> None:
         """Stop this job at its next step (or drop it from the queue): its client went away."""
@@ -184,8 +181,10 @@ class ModelWorker:
             max_images=limits.max_images,
         )
         self.pipeline = pipe
-        if pipe.backend.kind in SHAPE_COMPILING_BACKENDS and self.config.max_batch > 1:
-            self._pad_to = 2 * self.config.max_batch  # every batched UNet call one shape: the largest, under guidance
+        # a backend that compiles each input shape (and keeps only the latest few) gets batched UNet calls padded to
+        # one shape, the largest under guidance, or batches of changing size would recompile the UNet again and again
+        if pipe.backend.record.compiles_per_shape and self.config.max_batch > 1:
+            self._pad_to = 2 * self.config.max_batch
         for model, path in self.config.loras:
             if model == self.name:
                 pipe.load_lora(path, scale=0.0)
@@ -265,7 +264,7 @@ class ModelWorker:
         def on_sample(sample: np.ndarray) -> None:
             job.latest_sample = sample
 
-        return BatchCall(job.task, job.request, job.inputs, job.progress, on_sample, context)
+        return BatchCall(job.plan, job.progress, on_sample, context)
 
     def _set_loras(self, scales: dict[str, float]) -> None:
         """Give every loaded adapter the scale the batch asks for (0 where it asks for none)."""

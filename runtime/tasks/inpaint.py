@@ -1,4 +1,4 @@
-"""Inpainting (repaint the white part of a mask) and outpainting (extend an image past its borders).
+"""inpaint: repaint the white part of a mask.
 
 Inpainting models (a 9-channel UNet) see the mask and the masked image at every step; any ordinary
 model inpaints by latent blending: after each step the known region is replaced by the original
@@ -7,33 +7,35 @@ latents re-noised to the next timestep, as diffusers does.
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 from sdtrt.engine.errors import InvalidInputError
-from sdtrt.runtime import canvas
-from sdtrt.runtime import image as imageio
+from sdtrt.runtime import image as image_ops
 from sdtrt.runtime.generation import Generation, GenerationResult
-from sdtrt.runtime.request import is_integer, is_real
 from sdtrt.runtime.schedulers import Scheduler
-from sdtrt.runtime.tasks import check_size, check_strength, default_size, require
+from sdtrt.runtime.tasks.checks import check_size, default_size, require
+from sdtrt.runtime.tasks.record import Task, image_input, option
+
+STRENGTH_HELP = "how far to noise the masked part: 1 repaints it from noise"
 
 
-def inpaint(
-    gen: Generation,
-    image: imageio.ImageInput,
-    mask: imageio.ImageInput,
-    strength: float = 1.0,
-    mask_blur: float = 0.0,
-) -> GenerationResult:
-    """Pipeline.inpaint."""
-    source, mask_image = imageio.load_rgb(image), imageio.load_mask(mask)
-    return _inpaint(gen, source, mask_image, strength, mask_blur, default_size(gen, source))
+@dataclass(frozen=True)
+class InpaintOptions:
+    image: image_ops.ImageInput = image_input("the input RGB image")
+    mask: image_ops.ImageInput = image_input("a mask of the image's size: white = repaint")
+    strength: float = option(1.0, STRENGTH_HELP, low=0.0, high=1.0)
+    mask_blur: float = option(0.0, "feather the paste-back of the original pixels by this many pixels", low=0.0)
 
 
-def _inpaint(
+def inpaint(gen: Generation, options: InpaintOptions) -> GenerationResult:
+    source, mask_image = image_ops.load_rgb(options.image), image_ops.load_mask(options.mask)
+    return repaint(gen, source, mask_image, options.strength, options.mask_blur, default_size(gen, source))
+
+
+def repaint(
     gen: Generation,
     source: Image.Image,
     mask_image: Image.Image,
@@ -43,7 +45,6 @@ def _inpaint(
 ) -> GenerationResult:
     """Repaint ``mask_image``'s white part of ``source`` at ``size`` (height, width)."""
     require(gen, "inpaint", needs=("vae_encoder",))
-    strength, mask_blur = check_strength(strength), _checked_mask_blur(mask_blur)
     if mask_image.size != source.size:
         raise InvalidInputError(
             f"mask is {mask_image.width}x{mask_image.height} but the image is {source.width}x{source.height}: "
@@ -58,8 +59,8 @@ def _inpaint(
     _require_a_step(sched, start, steps, strength)
     feeds = gen.conditioning(height, width)
 
-    pixels = imageio.image_to_array(source, height, width)  # (1, 3, H, W) in [-1, 1]
-    mask_pixels = imageio.mask_to_array(mask_image, height, width)  # (1, 1, H, W): 1 = repaint
+    pixels = image_ops.image_to_array(source, height, width)  # (1, 3, H, W) in [-1, 1]
+    mask_pixels = image_ops.mask_to_array(mask_image, height, width)  # (1, 1, H, W): 1 = repaint
     blending = m.unet_in_channels == 4
     shape = gen.latent_shape(height, width)
     image_latents = None
@@ -91,59 +92,8 @@ def _inpaint(
     latents = gen.denoise(sched, start, latents, feeds, condition=condition, after_step=blend if blending else None)
     result = gen.finish(sched, latents)
     if mask_blur > 0:
-        result.images = _paste_back(result.images, pixels, imageio.soft_mask(mask_pixels, mask_blur))
+        result.images = _paste_back(result.images, pixels, image_ops.soft_mask(mask_pixels, mask_blur))
     return result
-
-
-def outpaint(
-    gen: Generation,
-    image: imageio.ImageInput,
-    left: int = 0,
-    right: int = 0,
-    top: int = 0,
-    bottom: int = 0,
-    overlap: int = 16,
-    mask_blur: float = 8.0,
-    strength: float = 1.0,
-) -> GenerationResult:
-    """Pipeline.outpaint."""
-    source = imageio.load_rgb(image)
-    m = gen.manifest
-    limit = min(m.default_height, m.default_width) // 2
-    sides = {"left": left, "right": right, "top": top, "bottom": bottom}
-    for side, pixels in sides.items():
-        if not is_integer(pixels) or pixels < 0:
-            raise InvalidInputError(f"{side} must be an integer >= 0, got {pixels!r}")
-        if pixels > limit:
-            raise InvalidInputError(
-                f"{side}={pixels}: one outpaint pass extends a side by at most {limit} pixels "
-                "(half the model's native size); outpaint the result again to go further"
-            )
-    if not any(sides.values()):
-        raise InvalidInputError("outpaint needs an extension > 0 on at least one side (left/right/top/bottom)")
-    if not is_integer(overlap) or overlap < 0:
-        raise InvalidInputError(f"overlap must be an integer >= 0, got {overlap!r}")
-    left, right, top, bottom, overlap = (int(n) for n in (left, right, top, bottom, overlap))
-    multiple = m.size_multiple
-    for side, size, low, high in (("height", source.height, top, bottom), ("width", source.width, left, right)):
-        # the canvas also grows (bottom/right) to the size multiple: that side's mask takes the overlap too
-        if (low or high or (size + low + high) % multiple) and overlap > size:
-            raise InvalidInputError(
-                f"overlap={overlap} is larger than the image {side} ({size} pixels) the canvas extends: "
-                f"pass an overlap of at most {size}"
-            )
-    painted, mask = canvas.outpaint_canvas(np.asarray(source), left, right, top, bottom, overlap, multiple)
-    painted_image = Image.fromarray(painted)
-    r = gen.request  # the canvas is drawn at its own size (the ceiling permitting), or as asked
-    own = r.height is None and r.width is None
-    size = (painted_image.height, painted_image.width) if own else default_size(gen, painted_image)
-    return _inpaint(gen, painted_image, Image.fromarray(mask), strength, mask_blur, size)
-
-
-def _checked_mask_blur(mask_blur: float) -> float:
-    if not is_real(mask_blur) or not math.isfinite(mask_blur) or mask_blur < 0:
-        raise InvalidInputError(f"mask_blur must be a number >= 0, got {mask_blur!r}")
-    return float(mask_blur)
 
 
 def _require_a_step(sched: Scheduler, start: int, steps: int, strength: float) -> None:
@@ -157,6 +107,27 @@ def _require_a_step(sched: Scheduler, start: int, steps: int, strength: float) -
 
 def _paste_back(images: list[Image.Image], original: np.ndarray, soft: np.ndarray) -> list[Image.Image]:
     """Blend each generated image over the original pixels: soft = 1 keeps the generated pixel."""
-    keep = imageio.to_pil(original)[0]
+    keep = image_ops.to_pil(original)[0]
     alpha = Image.fromarray((soft[0, 0] * 255).round().astype(np.uint8))
     return [Image.composite(image, keep, alpha) for image in images]
+
+
+TASK = Task(
+    name="inpaint",
+    run=inpaint,
+    options=InpaintOptions,
+    summary="repaint the white part of a mask",
+    doc="""Repaint the white part of ``mask`` (same size as ``image``) by ``prompt``, at img2img's default size.
+
+Inpainting models (a 9-channel UNet) see the mask and the masked image at every step; any
+ordinary model inpaints by latent blending, as diffusers does. Own options: ``strength``
+as img2img's, except that one too small for a single step is an error; ``mask_blur`` > 0
+pastes the original pixels back over the result through a mask feathered by a Gaussian of
+that radius (in pixels), hiding seams; 0 (the default) returns the model's output as
+diffusers does.""",
+    steps=50,
+    size_help="the image's own size, rounded down",
+    controlnets=True,
+    batchable=True,
+    batch_options=("strength", "mask_blur"),
+)
