@@ -11,6 +11,7 @@ $SDTRT_SCREENSHOTS when set (docs/playground.png is one).
 from __future__ import annotations
 
 import base64
+import io
 import os
 import re
 import shutil
@@ -222,30 +223,54 @@ def test_a_size_over_the_limit_shows_the_apis_one_line_error(page: object, serve
 
 @pytest.mark.browser
 def test_progress_preview_and_cancel_stop_the_job_on_the_server(page: object, server: ServerProcess) -> None:
+    from PIL import Image
+    from selenium.webdriver.common.keys import Keys
+
     _fill(page, prompt="a long one", steps=MAX_STEPS, guidance=1.5, seed=3)
     _fill_id(page, "width", "128")
     _fill_id(page, "height", "128")
     page.find_element("id", "generate").click()
-    _wait(page, lambda d: re.fullmatch(r"Step [1-9]\d* of \d+", d.find_element("id", "progress-label").text))
+    _wait_drawing(page)
     _wait(page, lambda d: d.find_element("id", "preview").is_displayed())
-    preview = _png(page.find_element("id", "preview").get_attribute("src"))
-    assert preview.startswith(b"\x89PNG")  # the latent preview: one pixel per latent pixel
+    preview = Image.open(io.BytesIO(_png(page.find_element("id", "preview").get_attribute("src"))))
+    assert preview.size == (16, 16)  # the latent preview: one pixel per latent pixel
     assert float(page.find_element("id", "progress").get_attribute("value")) > 0
     _screenshot(page, "drawing", None)
     assert page.switch_to.active_element.get_attribute("id") == "cancel"  # the focus moved to Cancel
     page.find_element("id", "cancel").click()
     _wait(page, lambda d: d.find_element("id", "status").text == "Cancelled.")
     assert page.find_elements("css selector", ".result") == [] and not page.find_element("id", "error").is_displayed()
-    deadline = time.monotonic() + WAIT_S
-    with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as client:
-        while client.get("/sdapi/v1/progress").json()["state"]["job_count"] and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
-    stopped = re.search(r"stopped at step (\d+) of (\d+): cancelled", server.log.getvalue())
-    assert stopped and int(stopped[1]) < int(stopped[2]), server.log.getvalue()[-2000:]
+    _stopped_on_the_server(server, 1)
+
+    page.find_element("id", "generate").click()  # again, and Escape cancels it
+    _wait_drawing(page)
+    page.switch_to.active_element.send_keys(Keys.ESCAPE)
+    _wait(page, lambda d: d.find_element("id", "status").text == "Cancelled.")
+    _stopped_on_the_server(server, 2)
+
+    _fill_id(page, "steps", "2")  # and the page draws after a cancel
+    page.find_element("id", "generate").click()
+    _results(page, 1)
 
 
 # -- helpers --------------------------------------------------------------------------------------------------
+
+
+def _wait_drawing(driver: object) -> None:
+    """Until the progress bar shows a step of the page's own request."""
+    _wait(driver, lambda d: re.fullmatch(r"Step [1-9]\d* of \d+", d.find_element("id", "progress-label").text))
+
+
+def _stopped_on_the_server(server: ServerProcess, count: int) -> None:
+    """Wait until the server's log says it stopped ``count`` jobs (in all) because their client went away,
+    each before its last step, and it runs none."""
+    pattern, deadline = re.compile(r"stopped at step (\d+) of (\d+): cancelled"), time.monotonic() + WAIT_S
+    while len(pattern.findall(server.log.getvalue())) < count and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stopped = pattern.findall(server.log.getvalue())
+    assert len(stopped) == count and all(int(done) < int(total) for done, total in stopped), stopped
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as client:
+        assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
 
 
 def _open(driver: object, server: ServerProcess) -> None:
