@@ -8,14 +8,14 @@ TORCH  ?= torch==2.13.0
 MODEL  ?= export/assets/tiny-sd
 OUT    ?= artifacts/$(notdir $(MODEL))-onnx
 
-.PHONY: setup demo test lint format export engines bench serve train-tiny train-tiny-controlnet clean
+.PHONY: setup demo test docs lint format export engines bench serve train-tiny train-tiny-controlnet clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[export,cpu,bench,dev,serve,controlnet]"
+	$(PY) -m pip install -q -e ".[export,cpu,bench,dev,serve,controlnet,browser,docs]"
 	touch $@
 
 demo: setup  ## export the embedded demo model, draw one image on the CPU
@@ -23,6 +23,9 @@ demo: setup  ## export the embedded demo model, draw one image on the CPU
 
 test: setup  ## the CPU test suite (gpu and slow tests are deselected)
 	$(PY) -m pytest
+
+docs: setup  ## the documentation site (MkDocs, docs/ and mkdocs.yml) into site/; a broken link fails it
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -42,22 +45,22 @@ BUILD ?=
 engines: setup  ## make engines DIR=artifacts/name-onnx [BUILD="--static HxW --batch N" | "--dynamic 256-1024"]
 	$(VENV)/bin/sdtrt build $(DIR) $(BUILD)
 
-# The demo model over HTTP on http://127.0.0.1:7860 (README "Serving"); e.g. make serve SERVE="--max-batch 8"
+# The demo model over HTTP on http://127.0.0.1:7860 (docs/serving.md); e.g. make serve SERVE="--max-batch 8"
 SERVE ?=
 serve: setup  ## export the embedded demo model (once), then serve it: make serve [SERVE="--port N ..."]
 	$(VENV)/bin/sdtrt demo --quiet
 	$(VENV)/bin/sdtrt serve artifacts/tiny-sd-onnx $(SERVE)
 
-# Retrain the embedded demo model (an hour or more on one CPU core; see README "The demo model"), then its
+# Retrain the embedded demo model (an hour or more on one CPU core; see docs/demo-model.md), then its
 # ControlNet (make train-tiny-controlnet), which fits one base model's weights.
 train-tiny: setup
 	$(PY) -m train.tiny --out export/assets/tiny-sd --overwrite
 
-# Retrain the demo model's tiny ControlNet (semantic maps) and its example maps (README "The demo model").
+# Retrain the demo model's tiny ControlNet (semantic maps) and its example maps (docs/demo-model.md).
 train-tiny-controlnet: setup
 	$(PY) -m train.controlnet --out export/assets/tiny-controlnet --maps export/assets/maps --overwrite
 
-# sdtrt's backends beside diffusers in one run (README "Benchmarks"): JSONL rows, a markdown table and a PNG
+# sdtrt's backends beside diffusers in one run (docs/benchmarks.md): JSONL rows, a markdown table and a PNG
 # under benchmarks/results/. With a GPU: SD-1.5-shaped, 512x512, every GPU backend and peer; without one:
 # 256x256 on OpenVINO (bf16), ORT CPU and diffusers fp32 and bf16 on the CPU, one thread each, side by side
 # taking turns step by step (~17 GiB together; add openvino-fp32 where ~22 GiB are free, or measure it with

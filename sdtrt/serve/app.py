@@ -1,6 +1,6 @@
-"""The ASGI app: routes of every API, health and metrics, and around them one middleware that gives each
-request an id (in its logs and its ``X-Request-Id`` header), bounds its body, checks the API key and
-times it; every error is one JSON line (errors.ApiError), never a traceback."""
+"""The ASGI app: routes of every API, health and metrics, the playground page, and around them one middleware
+that gives each request an id (in its logs and its ``X-Request-Id`` header), bounds its body, checks the API key
+(the page's own files need none) and times it; every error is one JSON line (errors.ApiError), never a traceback."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sdtrt.engine.version import VERSION
-from sdtrt.serve import a1111, native, openai
+from sdtrt.serve import a1111, native, openai, playground
 from sdtrt.serve.config import ServeConfig
 from sdtrt.serve.errors import ApiError
 from sdtrt.serve.logs import request_id
@@ -53,6 +53,7 @@ def create_app(config: ServeConfig, server: Server | None = None) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(a1111.router)
     app.include_router(a1111.controlnet_router)
+    playground.mount(app)
     app.add_api_route("/healthz", healthz, methods=["GET"])
     app.add_api_route("/readyz", readyz, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
@@ -181,7 +182,7 @@ class RequestMiddleware:
 
     def _refusal(self, path: str, headers: dict[str, str]) -> ApiError | None:
         key = self.server.config.api_key
-        if key and path not in OPEN_PATHS:
+        if key and path not in OPEN_PATHS and not playground.is_page(path):
             scheme, _, token = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
                 return ApiError(
