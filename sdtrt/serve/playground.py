@@ -22,8 +22,8 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import FileResponse
 from starlette.staticfiles import StaticFiles
 
-from sdtrt.runtime.tasks import TASKS
 from sdtrt.runtime.schedulers import SCHEDULERS
+from sdtrt.runtime.tasks import TASKS
 from sdtrt.serve.server import Server
 
 STATIC = Path(__file__).parent / "static"
