@@ -53,7 +53,8 @@ def _flip_a_byte(path: Path, at: int = 1000) -> None:
 def test_verify_a_good_export(export: Path, tmp_path: Path) -> None:
     result = run_cli(["verify", str(export)], tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"{export}: ok (12 files)"  # 8 .onnx, 4 with external data
+    # 8 .onnx, 4 with external data; the tokenizer's 4 files, the weight maps of text encoder and UNet at 2 precisions
+    assert result.stdout.strip() == f"{export}: ok (20 files)"
     assert result.stderr == ""
 
 
@@ -63,6 +64,60 @@ def test_verify_finds_a_flipped_byte(export: Path, tmp_path: Path) -> None:
     message = named + r".*; rebuild the export with: sdtrt export \S+ --out " + re.escape(f"{export} --overwrite")
     case = BadInput("verify, flipped byte", ("verify", str(export)), message)
     assert_one_clear_error(case, tmp_path, watch=[tmp_path])
+
+
+def _swap_two_words(path: Path) -> None:  # the ids of two words swapped: same size, other tokens
+    ids = {"100": "101", "101": "100"}
+    text = re.sub(r'(":\s*)(100|101)(?=[,}\s])', lambda m: m[1] + ids[m[2]], path.read_text(encoding="utf-8"))
+    path.write_text(text, encoding="utf-8")
+
+
+def _shift_an_offset(path: Path) -> None:  # LoRA would write its weights in the wrong place
+    text = path.read_text(encoding="utf-8")
+    path.write_text(re.sub(r'"offset": (\d+)', lambda m: f'"offset": {int(m[1]) + 4}', text, count=1), encoding="utf-8")
+
+
+def _forget_the_checksums(export: Path) -> None:  # an export by an sdtrt from before they were recorded
+    manifest = json.loads((export / "manifest.json").read_text())
+    del manifest["checksums"]
+    (export / "manifest.json").write_text(json.dumps(manifest))
+
+
+# name, what is done to the export, the file the line names, what it says
+VERIFY_CASES = [
+    ("two words of the vocabulary swapped", "tokenizer/vocab.json", _swap_two_words, "changed since the export"),
+    ("a weight map's offset changed", "unet.weights.json", _shift_an_offset, "changed since the export"),
+    ("a tokenizer file removed", "tokenizer/merges.txt", Path.unlink, "named in the manifest is missing"),
+    ("a tokenizer config replaced", "tokenizer/tokenizer_config.json", lambda p: p.write_text("{}"), "2 bytes, not"),
+]
+
+
+@pytest.mark.parametrize(("name", "file", "damage", "says"), VERIFY_CASES, ids=[case[0] for case in VERIFY_CASES])
+def test_verify_covers_every_file_the_runtime_reads(
+    export: Path, tmp_path: Path, name: str, file: str, damage, says: str
+) -> None:
+    damage(export / file)
+    message = re.escape(f"{export / file} ") + ".*" + says + r".*; rebuild the export with: sdtrt export"
+    assert_one_clear_error(BadInput(name, ("verify", str(export)), message), tmp_path, watch=[tmp_path])
+
+
+def test_verify_of_an_export_without_checksums_says_so(export: Path, tmp_path: Path) -> None:
+    _forget_the_checksums(export)
+    result = run_cli(["verify", str(export)], tmp_path)
+    assert result.returncode == 2
+    assert all("records no sha256" in line for line in result.stderr.splitlines()), result.stderr
+
+
+def test_verify_warns_of_files_it_did_not_write(export: Path, tmp_path: Path) -> None:
+    (export / "tokenizer" / "added_tokens.json").write_text("{}")
+    (export / "trt").mkdir()
+    (export / "trt" / "unet.plan").write_bytes(b"a cache")  # the engines' caches are not the export's
+    result = run_cli(["verify", str(export)], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        f"sdtrt.engine.verify: {export}: tokenizer/added_tokens.json is not a file sdtrt export wrote "
+        "(the runtime does not read it)"
+    ]
 
 
 def test_verify_names_each_problem_on_its_own_line(export: Path, tmp_path: Path) -> None:
