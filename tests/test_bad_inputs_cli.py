@@ -8,8 +8,11 @@ Tests run as root, where permission bits stop no write: the unwritable cases fai
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import socket
+import stat
 import subprocess
 from pathlib import Path
 
@@ -140,6 +143,9 @@ OUT_CASES = [
     ("deep under a file", "notes.txt/a/b/cat.png", None, r"notes\.txt is a file, not a folder"),
     ("a folder that takes no files", "/proc/sdtrt-test/cat.png", None, "/proc takes no new files"),
     ("one of several images is a folder", "cat.png --num-images 2", "cat-1.png", "it is a folder"),
+    ("a character device", "/dev/null", None, "it is a character device, not a regular file"),
+    ("a named pipe", "pipe.png", None, "it is a named pipe, not a regular file"),
+    ("a link to a named pipe", "link.png", None, "it is a named pipe, not a regular file"),
 ]
 
 
@@ -157,12 +163,65 @@ def test_an_unwritable_out_fails_before_any_step(
     (work / "pictures").mkdir(parents=True)
     (work / "cat-1.png").mkdir()
     (work / "notes.txt").write_text("a file")
+    os.mkfifo(work / "pipe.png")
+    (work / "link.png").symlink_to(work / "pipe.png")
     path, *more = out.split()
     named = work / (names or path)  # an absolute path stays itself
     argv = ("generate", str(export), "a cat", *GENERATE, "-o", str(work / path), *more)
     message = "^sdtrt: error: " + re.escape(f"cannot write {named}: ") + ".*" + says
     assert_one_clear_error(BadInput(name, argv, message), tmp_path, watch=[tmp_path])
     assert "denoise" not in runs[-1].stderr  # the check came before the pipeline, not after every step
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode) and stat.S_ISFIFO(os.stat(work / "pipe.png").st_mode)
+    assert (work / "link.png").is_symlink()
+
+
+# --- sdtrt serve: where it listens and what the environment says, before any model loads -------------
+
+
+SERVE_CASES = [  # name, arguments after the export folder, environment, the one line's regex
+    ("a port above 65535", ("--port", "99999"), {}, r"^sdtrt: error: --port 99999 is not a TCP port \(1 to 65535\)$"),
+    ("port 0", ("--port", "0"), {}, r"^sdtrt: error: --port 0 is not a TCP port"),
+    ("a host that is no address", ("--host", "256.1.1.1"), {}, r"^sdtrt: error: --host 256\.1\.1\.1: not an address"),
+    ("a host of another machine", ("--host", "192.0.2.1"), {}, r"^sdtrt: error: cannot listen on 192\.0\.2\.1:7860: "),
+    (
+        "an API key with a newline",
+        (),
+        {"SDTRT_API_KEY": "abc\ndef"},
+        r"^sdtrt: error: SDTRT_API_KEY must be printable ASCII without spaces",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "args", "env", "message"), SERVE_CASES, ids=[case[0] for case in SERVE_CASES])
+def test_serve_refuses_where_it_cannot_listen_in_one_line(
+    export: Path, tmp_path: Path, name: str, args: tuple[str, ...], env: dict[str, str], message: str
+) -> None:
+    assert_one_clear_error(BadInput(name, ("serve", str(export), *args), message, env=env), tmp_path, watch=[tmp_path])
+
+
+def test_serve_refuses_a_port_in_use(export: Path, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        message = rf"^sdtrt: error: cannot listen on 127\.0\.0\.1:{port}: Address already in use$"
+        case = BadInput("a port in use", ("serve", str(export), "--port", str(port)), message)
+        assert_one_clear_error(case, tmp_path, watch=[tmp_path])
+
+
+# --- sdtrt demo: what it is given is checked before it exports -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "given", "says"), [("missing", "missing.png", "no such file"), ("no image", "notes.txt", "not an image")]
+)
+def test_demo_checks_its_map_before_exporting(tmp_path: Path, name: str, given: str, says: str) -> None:
+    (tmp_path / "notes.txt").write_text("not a picture")
+    root = tmp_path / "demo"
+    message = rf"^sdtrt: error: --map {re.escape(given)}: {says}"
+    case = BadInput(f"--map {name}", ("demo", "--root", str(root), "--map", given), message)
+    assert_one_clear_error(case, tmp_path, watch=[tmp_path])
+    assert not root.exists()  # nothing exported first
 
 
 # --- --debug ------------------------------------------------------------------------------------------
