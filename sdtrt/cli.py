@@ -25,6 +25,11 @@ POSITIONAL_HELP = {
     "mask": "a mask of the image's size: white = repaint",
     "prompt": "what the picture should show",
 }
+ALLOW_PICKLE_HELP = (
+    "also read legacy pickled weights (.ckpt/.pt/.pth/.bin files, a folder's .bin without .safetensors). RISK: "
+    "unpickling can run arbitrary code hidden in the file; torch's weights-only unpickler limits it to tensors but "
+    "is no sandbox. Use only files you trust; better, convert them to .safetensors"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,13 +96,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=("epsilon", "v_prediction"),
         help="checkpoints: what the UNet predicts (default: what the checkpoint says; SD 2.x: v_prediction)",
     )
-    export.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="also read legacy pickled checkpoints (.ckpt/.pt/.pth/.bin). RISK: unpickling can run arbitrary "
-        "code hidden in the file; torch's weights-only unpickler limits it to tensors but is no sandbox. Use only "
-        "files you trust; better, convert them to .safetensors",
-    )
+    export.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
 
     gen = command("generate", commands.run_task, "draw a prompt: text to image", "folder", "prompt")
     _add_size_options(gen, "the model's native size; with --control, the first control image's, fitted")
@@ -137,6 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     attach.add_argument("--name", default=None, help="what --control calls it (default: its folder or file name)")
     attach.add_argument("--base", default=None, help="the model FOLDER was exported from (default: as recorded)")
     attach.add_argument("--overwrite", action="store_true", help="replace a ControlNet attached under this name")
+    attach.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
 
     summary = "4x super-resolution with an x4-upscaler export"
     upscale = command("upscale", commands.run_task, summary, "folder", "image", "prompt")
