@@ -307,6 +307,8 @@ def test_the_manifest_records_file_sizes(tiny_export: Path) -> None:
 
 def test_verify_export_reads_every_file(tiny_export: Path) -> None:
     result = verify_export(tiny_export)
-    assert result.ok and result.problems == () and result.files == 12
+    assert (
+        result.ok and result.problems == () and result.files == 20
+    )  # 12 ONNX files and data, 4 tokenizer files, 4 weight maps
     unet = load_manifest(tiny_export).components["unet"].files["fp32"]
     assert onnx_digest(tiny_export / unet.path) == unet.sha256  # the exporter's digest, recomputed
