@@ -209,6 +209,35 @@ def test_serve_refuses_a_port_in_use(export: Path, tmp_path: Path) -> None:
         assert_one_clear_error(case, tmp_path, watch=[tmp_path])
 
 
+# --- paths with spaces, accents and emoji ---------------------------------------------------------------
+
+
+def test_a_folder_of_spaces_accents_and_emoji_exports_and_draws_on_openvino(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Export, generate on OpenVINO (its IR and compiled-model caches in the export, the page-out thread reading
+    /proc/self/maps) and verify, in a folder whose name is not ASCII: no traceback from any thread.
+    (tests/test_pageout.py reads such a name under the C locale too.)"""
+    folder = tmp_path / "my exports ü 🙂" / "tiny sd"
+    picture = folder.parent / "cät 🐈.png"
+    steps = [
+        ["export", str(tiny_model_dir), "--out", str(folder), "-q"],
+        ["generate", str(folder), "a cat", *GENERATE, "--backend", "openvino", "-q", "-o", str(picture)],
+        ["verify", str(folder)],
+    ]
+    for argv in steps:
+        done = run_cli(argv, tmp_path)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, f"{argv[0]}: {done.stderr}"
+    assert picture.is_file() and (folder / "openvino").is_dir()
+
+
+def test_an_openvino_cache_that_takes_no_files_is_one_line_naming_the_variable(export: Path, tmp_path: Path) -> None:
+    message = r"^sdtrt: error: SDTRT_OPENVINO_CACHE=/proc: cannot make files in that folder \(.*\); name a writable"
+    argv = ("generate", str(export), "a cat", *GENERATE, "--backend", "openvino", "-q", "-o", str(tmp_path / "cat.png"))
+    case = BadInput("SDTRT_OPENVINO_CACHE=/proc", argv, message, env={"SDTRT_OPENVINO_CACHE": "/proc"})
+    assert_one_clear_error(case, tmp_path, watch=[tmp_path])
+
+
 # --- sdtrt demo: what it is given is checked before it exports -----------------------------------------
 
 
