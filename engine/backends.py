@@ -31,6 +31,7 @@ from sdtrt.engine.errors import (
     SdtrtError,
 )
 from sdtrt.engine.fallback import Fp32Fallback
+from sdtrt.engine.fsutil import folder_problem
 from sdtrt.engine.manifest import ComponentFile, Manifest
 from sdtrt.engine.networks import NETWORKS
 from sdtrt.engine.ort_session import OrtCpuSession
@@ -137,15 +138,12 @@ def openvino_cache_dir(folder: Path) -> Path | None:
     if (env := os.environ.get("SDTRT_OPENVINO_CACHE")) is not None:
         if not env:
             return None
-        try:
-            Path(env).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
+        if (why := folder_problem(env)) is not None:
             raise InvalidInputError(
-                f"SDTRT_OPENVINO_CACHE={env}: cannot make that folder ({exc.strerror}); name a writable folder, "
-                "or set it to '' to compile without a cache"
-            ) from None
+                f"SDTRT_OPENVINO_CACHE={env}: {why}; name a writable folder, or set it to '' to compile without a cache"
+            )
         return Path(env)
-    return folder / "openvino" if os.access(folder, os.W_OK) else None
+    return folder / "openvino" if folder_problem(folder / "openvino") is None else None
 
 
 def _openvino_compute() -> str:

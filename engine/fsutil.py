@@ -34,12 +34,23 @@ log = logging.getLogger(__name__)
 
 STAGING_SUFFIX = ".partial"
 LOCK_NAME = ".sdtrt-owner.lock"  # in a staging folder; removed before the folder takes its final name
+SPECIAL_FILES = (
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISFIFO, "named pipe"),
+    (stat.S_ISSOCK, "socket"),
+)
 
 
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; on success rename it over ``final``, else delete it."""
+    """Yield a temporary path beside ``final``; on success rename it over ``final``, else delete it.
+
+    A device, a named pipe or a socket at ``final`` (or behind a link there) is never replaced: FileExistsError.
+    """
     final = Path(final)
+    if (kind := special_file(final)) is not None:
+        raise FileExistsError(f"refusing to replace {final}: it is a {kind}, not a regular file")
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
@@ -50,6 +61,28 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def special_file(path: str | os.PathLike[str]) -> str | None:
+    """What ``path`` is when no new file may take its place ("character device", "named pipe", ...: the user's,
+    and nothing sdtrt writes belongs there); None for a regular file, a folder, or nothing there."""
+    try:
+        mode = os.stat(path).st_mode  # follows links: the node a link names is what a write would hit
+    except (OSError, ValueError):
+        return None
+    return next((name for test, name in SPECIAL_FILES if test(mode)), None)
+
+
+def folder_problem(folder: str | os.PathLike[str]) -> str | None:
+    """Why ``folder`` cannot hold new files and folders (one phrase), or None: it is made where missing, and a
+    folder is made and removed in it to find out (permission bits say nothing to root, an immutable folder or a
+    read-only mount say no to root too)."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".sdtrt-probe.", dir=folder))
+    except OSError as exc:
+        return f"cannot make files in that folder ({exc.strerror or exc})"
+    return None
 
 
 def _umask() -> int:
@@ -106,7 +139,8 @@ def replace_refusal(
     if not final.exists():
         return None
     if not final.is_dir():
-        return f"refusing to overwrite {final}: it is not a folder"
+        kind = special_file(final)  # a device or a pipe: named, since it is surely the user's
+        return f"refusing to overwrite {final}: it is " + (f"a {kind}, not a folder" if kind else "not a folder")
     if next(final.iterdir(), None) is None:
         return None
     if not overwrite:

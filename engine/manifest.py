@@ -9,13 +9,13 @@ import json
 import math
 import os
 import shlex
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sdtrt.engine.errors import ManifestError
-from sdtrt.engine.fsutil import write_json_atomic
+from sdtrt.engine.fsutil import sha256_file, write_json_atomic
 from sdtrt.engine.networks import COMPONENTS, CONTROLNET_PREFIX, is_known_network
 from sdtrt.engine.session import TensorSpec
 
@@ -26,6 +26,8 @@ PRECISIONS = ("fp32", "fp16")
 # A serialized ONNX ModelProto starts with its field 1, ir_version: tag byte 0x08, then a small varint
 # (protobuf writers put fields in number order; every .onnx an export writes starts 0x08 0x08).
 ONNX_TAG = 0x08
+# the files of a tokenizer folder the runtime reads (the first two always, the configs where present)
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
 # the manifest's sizes that must be positive integers
 POSITIVE_SIZES = (
     "vae_scale_factor",
@@ -152,6 +154,9 @@ class Manifest:
     # attached ControlNets by name (their network: "controlnet.<name>"): {"source": {"path", "sha256"},
     # "global_pool_conditions": bool}; older manifests have none
     controlnets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # the other files the runtime reads (read_files: tokenizers, weight maps) by relative path: {"size": bytes,
+    # "sha256": hex}, for `sdtrt verify`; older manifests have none
+    checksums: dict[str, dict[str, Any]] = field(default_factory=dict)
     sdtrt_version: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -177,6 +182,7 @@ class Manifest:
             "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt,
             "components": {name: c.to_dict() for name, c in self.components.items()},
             "controlnets": {name: dict(facts) for name, facts in self.controlnets.items()},
+            "checksums": {path: dict(record) for path, record in self.checksums.items()},
         }
 
     @classmethod
@@ -202,7 +208,17 @@ class Manifest:
             force_zeros_for_empty_prompt=bool(d["force_zeros_for_empty_prompt"]),
             components={str(k): Component.from_dict(v) for k, v in d["components"].items()},
             controlnets={str(k): dict(v) for k, v in d.get("controlnets", {}).items()},
+            checksums={
+                str(k): {"size": int(v["size"]), "sha256": str(v["sha256"])} for k, v in d.get("checksums", {}).items()
+            },
         )
+
+    def read_files(self) -> list[str]:
+        """Beside the networks' ONNX files (their sha256 in ``components``), the files the runtime reads, relative:
+        its tokenizers' files (those that exist) and the weight maps. ``checksums`` records them."""
+        tokenizers = [f"{folder}/{name}" for folder in self.tokenizers.values() for name in TOKENIZER_FILES]
+        maps = [file.weights for c in self.components.values() for file in c.all_files() if file.weights is not None]
+        return sorted({*tokenizers, *maps})
 
     def component_file(self, component: str, precision: str, fused: bool = False) -> ComponentFile:
         """The file of ``component`` at ``precision``: the plain graph, or ONNX Runtime's fused one."""
@@ -241,6 +257,16 @@ class Manifest:
                     if not all(isinstance(d, str) or (type(d) is int and d > 0) for d in spec.shape):
                         return f"{name}: {spec.name} has shape {list(spec.shape)} (sizes must be positive integers)"
         return None
+
+
+def file_records(folder: str | os.PathLike[str], paths: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The manifest's ``checksums`` of those of ``paths`` (relative to ``folder``) that exist."""
+    folder = Path(folder)
+    return {
+        path: {"size": (folder / path).stat().st_size, "sha256": sha256_file(folder / path)}
+        for path in paths
+        if (folder / path).is_file()
+    }
 
 
 def rebuild_command(folder: str | os.PathLike[str], source: str | None = None) -> str:

@@ -11,17 +11,22 @@ peak. ``python -m sdtrt.engine.openvino_ir ONNX FOLDER`` is that child.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from sdtrt.engine.fsutil import atomic_dir, onnx_files
+from sdtrt.engine.fsutil import atomic_dir, onnx_files, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-IR_NAME = "model.xml"  # and model.bin beside it
+IR_NAME = "model.xml"
+BIN_NAME = "model.bin"  # beside it: the weights
+SIZES_NAME = "sizes.json"  # the bytes of model.xml and model.bin as written: a cheap look finds a damaged IR
 CONVERT_TIMEOUT_S = 1800
 
 
@@ -37,8 +42,11 @@ def fp16_ir(onnx: Path, digest: str, cache_root: Path) -> Path | None:
     """The IR file of ``onnx`` with fp16 weights, made now if it is not there yet; None (logged) where it
     cannot be made (an unwritable cache folder, a failed conversion)."""
     folder = ir_folder(cache_root, onnx, digest)
-    if (folder / IR_NAME).is_file():
+    if (why := ir_problem(folder)) is None:
         return folder / IR_NAME
+    if folder.exists():  # a cache: what is damaged is made again
+        log.warning("%s: the OpenVINO IR in %s is damaged (%s): converting it again", onnx.name, folder, why)
+        discard(folder)
     log.info("%s: converting to OpenVINO's format with fp16 weights, once (in %s)", onnx.name, folder.parent)
     start = time.perf_counter()
     command = [sys.executable, "-m", "sdtrt.engine.openvino_ir", str(onnx), str(folder)]
@@ -47,12 +55,36 @@ def fp16_ir(onnx: Path, digest: str, cache_root: Path) -> Path | None:
     except (OSError, subprocess.TimeoutExpired) as exc:
         log.warning("%s: could not convert to OpenVINO's format (%s): compiling from the ONNX file", onnx.name, exc)
         return None
-    if done.returncode != 0 or not (folder / IR_NAME).is_file():
+    if done.returncode != 0 or ir_problem(folder) is not None:
         why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
         log.warning("%s: could not convert to OpenVINO's format (%s): compiling from the ONNX file", onnx.name, why)
         return None
     log.info("%s: converted in %.1f s", onnx.name, time.perf_counter() - start)
     return folder / IR_NAME
+
+
+def ir_problem(folder: Path) -> str | None:
+    """What a cheap look finds wrong with the IR in ``folder`` (missing, or its files not of the sizes written),
+    or None."""
+    try:
+        sizes = json.loads((folder / SIZES_NAME).read_text(encoding="utf-8"))
+        actual = {name: (folder / name).stat().st_size for name in (IR_NAME, BIN_NAME)}
+    except FileNotFoundError as exc:
+        return f"{Path(exc.filename).name} is missing"
+    except (OSError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None if sizes == actual else f"its files are {actual} bytes, not the {sizes} written"
+
+
+def discard(folder: Path) -> None:
+    """Remove a damaged IR folder (under a staging name first: a reader never sees half of it)."""
+    aside = folder.with_name(f".{folder.name}.{os.getpid()}.discarded")
+    try:
+        os.replace(folder, aside)
+    except OSError as exc:  # gone meanwhile, or not ours to remove: the conversion says what is wrong
+        log.debug("could not move %s aside: %s", folder, exc)
+        return
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def convert(onnx: Path, folder: Path) -> None:
@@ -64,6 +96,8 @@ def convert(onnx: Path, folder: Path) -> None:
     try:
         with atomic_dir(folder) as staging:
             ov.save_model(model, str(staging / IR_NAME), compress_to_fp16=True)
+            sizes = {name: (staging / name).stat().st_size for name in (IR_NAME, BIN_NAME)}
+            write_json_atomic(staging / SIZES_NAME, sizes)
     except FileExistsError:
         if not (folder / IR_NAME).is_file():
             raise

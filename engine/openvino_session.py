@@ -27,7 +27,7 @@ import numpy as np
 
 from sdtrt.engine.errors import BackendUnavailableError, InvalidInputError
 from sdtrt.engine.fsutil import onnx_files
-from sdtrt.engine.openvino_ir import fp16_ir
+from sdtrt.engine.openvino_ir import discard, fp16_ir
 from sdtrt.engine.ort_session import check_weights, default_cpu_threads
 from sdtrt.engine.pageout import paged_out
 from sdtrt.engine.session import TensorSpec, check_feeds
@@ -111,7 +111,18 @@ class OpenVinoSession:
             self._source = self._onnx if self._ir_home is None else fp16_ir(self._onnx, *self._ir_home) or self._onnx
             log.debug("%s: compiling from %s", self.name, self._source)
         model, self._unread = self._unread, None
-        return model if model is not None and self._source == self._onnx else self._core.read_model(str(self._source))
+        if model is not None and self._source == self._onnx:
+            return model
+        try:
+            return self._core.read_model(str(self._source))
+        except RuntimeError as exc:
+            if self._source == self._onnx:
+                raise
+            why = " ".join(str(exc).split())[-300:]  # OpenVINO's message: many lines, the reason last
+            log.warning("%s: the IR in %s is damaged (%s): compiling from the ONNX file", self.name, self._source, why)
+            discard(self._source.parent)  # a cache: a damaged entry is rebuilt, never served
+            self._source = self._onnx
+            return self._core.read_model(str(self._onnx))
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self.name, self.inputs, feeds)

@@ -27,10 +27,15 @@ _ORT_TYPES = {
 }
 
 
+ENV_THREADS = "SDTRT_NUM_THREADS"
+
+
 def default_cpu_threads() -> int:
     """Cores this process may use (respects affinity masks and SDTRT_NUM_THREADS)."""
-    if env := os.environ.get("SDTRT_NUM_THREADS"):
-        return max(1, int(env))
+    if env := os.environ.get(ENV_THREADS, "").strip():
+        if not env.isdecimal() or int(env) < 1:
+            raise InvalidInputError(f"{ENV_THREADS} must be an integer >= 1 (the CPU threads to use), got {env!r}")
+        return int(env)
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux

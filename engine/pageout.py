@@ -59,7 +59,8 @@ def page_out(prefixes: tuple[str, ...]) -> None:
     """Ask the kernel to drop the resident pages of this process's read-only mappings of the files named
     ``prefixes`` (or under them, for a folder's, which ends with a separator)."""
     try:
-        with open("/proc/self/maps") as maps:
+        # the kernel writes the paths' bytes as they are: decoded as Python decodes file names (str(path))
+        with open("/proc/self/maps", encoding=sys.getfilesystemencoding(), errors="surrogateescape") as maps:
             ranges = [_range(line) for line in maps if _maps_file(line, prefixes)]
     except OSError:
         return

@@ -28,13 +28,16 @@ from typing import Any
 import torch
 
 from sdtrt.engine.errors import ExportError, SdtrtError
-from sdtrt.engine.fsutil import scratch_dir, sha256_file, sha256_tree
-from sdtrt.engine.manifest import Component, ComponentFile, Manifest, load_manifest
+from sdtrt.engine.fsutil import LOCK_NAME, scratch_dir
+from sdtrt.engine.manifest import Component, ComponentFile, Manifest, file_records, load_manifest
 from sdtrt.engine.networks import CONTROLNET_PREFIX
 from sdtrt.engine.session import TensorSpec
 from sdtrt.export import exporter, single_file
+from sdtrt.export.chatter import held_back
+from sdtrt.export.controlnet_source import load_controlnet
 from sdtrt.export.networks import NetworkSpec, UNetNet
 from sdtrt.export.onnx_export import DEFAULT_OPSET
+from sdtrt.export.pickles import safetensors_only
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +178,7 @@ def attach_controlnet(
     base: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     opset: int = DEFAULT_OPSET,
+    allow_pickle: bool = False,
 ) -> Manifest:
     """Export ``controlnet`` (a diffusers ControlNet folder, a hub id, or a single .safetensors file diffusers
     converts) into the export ``folder`` as ``controlnet.<name>``, at the precisions of its UNet.
@@ -182,8 +186,21 @@ def attach_controlnet(
     The first ControlNet also exports ``unet_controlnet`` from the base model: ``base``, or by default the model
     the manifest names (its content hash must match). ``name`` defaults to the ControlNet's folder or file name;
     an attached name is replaced only with ``overwrite``. Nothing in ``folder`` changes unless all of it works.
+    Pickled weights are read only with ``allow_pickle``; the libraries' chatter shows only if it all works.
     """
-    folder = Path(folder)
+    with held_back():
+        return _attach(Path(folder), controlnet, name, base, overwrite, opset, allow_pickle)
+
+
+def _attach(
+    folder: Path,
+    controlnet: str | os.PathLike[str],
+    name: str | None,
+    base: str | os.PathLike[str] | None,
+    overwrite: bool,
+    opset: int,
+    allow_pickle: bool,
+) -> Manifest:
     manifest = load_manifest(folder)
     if manifest.family not in ("sd1", "sd2", "sdxl"):
         raise ExportError(f"ControlNets attach to SD 1.x, 2.x and XL exports; {folder} holds a {manifest.family} model")
@@ -195,7 +212,7 @@ def attach_controlnet(
         raise ExportError(f"a ControlNet's name is letters, digits, '_' and '-' (at most 64), got {name!r}")
     if name in manifest.controlnets and not overwrite:
         raise ExportError(f"{folder} has a ControlNet named {name!r} already: pass another name, or --overwrite")
-    model, record = _load_controlnet(controlnet)
+    model, record = load_controlnet(controlnet, allow_pickle)
     config = dict(model.config)
     layout = residual_layout(config)
     check_fits(manifest, config, layout, what=str(controlnet), folder=folder)
@@ -206,8 +223,8 @@ def attach_controlnet(
     with scratch_dir(folder, ".controlnet") as staging:
         components = dict(manifest.components)
         if UNET_CONTROLNET not in components:
-            with _base_model(manifest, folder, base) as source:
-                unet = _load_base_unet(source)
+            with _base_model(manifest, folder, base, allow_pickle) as source:
+                unet = _load_base_unet(source, allow_pickle)
                 base_layout = residual_layout(dict(unet.config))
                 if base_layout != layout:
                     raise ExportError(_misfit(str(controlnet), folder, "residuals", layout, base_layout))
@@ -224,6 +241,8 @@ def attach_controlnet(
         )
         facts = {"source": record, "global_pool_conditions": pooled}
         updated = replace(manifest, components=components, controlnets={**manifest.controlnets, name: facts})
+        written = file_records(staging, updated.read_files())  # the new networks' weight maps
+        updated = replace(updated, checksums={**manifest.checksums, **written})
         _move_in(staging, folder)
         updated.save(folder)
     log.info("attached ControlNet %s to %s", name, folder)
@@ -273,42 +292,17 @@ def _name(source: str | os.PathLike[str]) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", stem).strip("-_")[:64] or "controlnet"
 
 
-def _load_controlnet(source: str | os.PathLike[str]) -> tuple[torch.nn.Module, dict[str, str]]:
-    """The ControlNetModel of a diffusers folder, a hub id or a single .safetensors file; and its source record."""
-    from diffusers import ControlNetModel
-
-    path = Path(source)
-    try:
-        if path.is_dir():
-            if not (path / "config.json").is_file():
-                raise ExportError(f"{path} is not a diffusers ControlNet folder (no config.json)")
-            return ControlNetModel.from_pretrained(path), {"path": str(path), "sha256": sha256_tree(path)}
-        if path.is_file():
-            if path.suffix != ".safetensors":
-                raise ExportError(f"{path}: a single-file ControlNet must be .safetensors")
-            return ControlNetModel.from_single_file(path), {"path": str(path), "sha256": sha256_file(path)}
-        if not exporter.HUB_ID.match(str(source)):
-            raise ExportError(f"no ControlNet at {path}")
-        from huggingface_hub import snapshot_download
-
-        patterns = ["config.json", "diffusion_pytorch_model.safetensors"]
-        downloaded = Path(snapshot_download(str(source), allow_patterns=patterns))
-        return ControlNetModel.from_pretrained(downloaded), {"path": str(source), "sha256": sha256_tree(downloaded)}
-    except SdtrtError:
-        raise
-    except Exception as exc:  # diffusers, the hub client, safetensors: many types, long messages
-        raise ExportError(f"cannot load the ControlNet {source}: {exporter._one_line(exc)}") from exc
-
-
 @contextmanager
-def _base_model(manifest: Manifest, folder: Path, base: str | os.PathLike[str] | None) -> Iterator[Path]:
+def _base_model(
+    manifest: Manifest, folder: Path, base: str | os.PathLike[str] | None, allow_pickle: bool
+) -> Iterator[Path]:
     """The diffusers folder of the model ``folder`` was exported from: ``base`` or the manifest's source."""
     source = base if base is not None else manifest.source.get("path")
     if not source:
         raise ExportError(f"{folder} does not say which model it was exported from: pass the base model (--base)")
     expected = manifest.source.get("sha256")
     if Path(source).is_file():
-        resolved = single_file.converted_checkpoint(source, folder)
+        resolved = single_file.converted_checkpoint(source, folder, allow_pickle=allow_pickle)
     else:
         model = exporter.resolve_model_folder(source)
         resolved = _nothing_to_convert(model, {"sha256": exporter.source_hash(model)})
@@ -326,10 +320,10 @@ def _nothing_to_convert(model: Path, record: dict[str, str]) -> Iterator[tuple[P
     yield model, record
 
 
-def _load_base_unet(source: Path) -> torch.nn.Module:
+def _load_base_unet(source: Path, allow_pickle: bool) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel.from_pretrained(source / "unet")
+    return UNet2DConditionModel.from_pretrained(source / "unet", **safetensors_only(source / "unet", allow_pickle))
 
 
 def _export(
@@ -361,6 +355,8 @@ def _move_in(staging: Path, folder: Path) -> None:
     moved: list[Path] = []
     try:
         for file in sorted(staging.iterdir()):
+            if file.name == LOCK_NAME:  # the scratch folder's own owner lock, not an export file
+                continue
             target = folder / file.name
             if target.exists():  # a ControlNet attached again under its name (overwrite)
                 target.unlink()

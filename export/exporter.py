@@ -18,11 +18,28 @@ from typing import TYPE_CHECKING
 from tqdm.auto import tqdm
 
 from sdtrt.engine.errors import ExportError, SdtrtError
-from sdtrt.engine.fsutil import atomic_dir, onnx_digest, onnx_files, replace_refusal, sha256_file, sha256_tree
-from sdtrt.engine.manifest import MANIFEST_NAME, PRECISIONS, Component, ComponentFile, Manifest
+from sdtrt.engine.fsutil import (
+    LOCK_NAME,
+    atomic_dir,
+    onnx_digest,
+    onnx_files,
+    replace_refusal,
+    sha256_file,
+    sha256_tree,
+)
+from sdtrt.engine.manifest import (
+    MANIFEST_NAME,
+    PRECISIONS,
+    TOKENIZER_FILES,
+    Component,
+    ComponentFile,
+    Manifest,
+    file_records,
+)
 from sdtrt.engine.networks import COMPONENTS, TEXT_ENCODERS
 from sdtrt.engine.version import VERSION
 from sdtrt.export import networks, ort_fusion, single_file
+from sdtrt.export.chatter import held_back
 from sdtrt.export.onnx_export import (
     DEFAULT_OPSET,
     MAX_OPSET,
@@ -30,6 +47,7 @@ from sdtrt.export.onnx_export import (
     convert_fp16,
     export_fp32,
 )
+from sdtrt.export.pickles import safetensors_only
 from sdtrt.export.weight_map import map_path
 
 if TYPE_CHECKING:
@@ -37,7 +55,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
 SD_PIPELINES = {
     "StableDiffusionPipeline",
     "StableDiffusionImg2ImgPipeline",
@@ -48,7 +65,10 @@ SDXL_PIPELINES = {"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline
 UPSCALER_PIPELINE = "StableDiffusionUpscalePipeline"
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # what an earlier export may hold: the files it wrote, its tokenizers, and the engines' caches (trt/, openvino/)
-EXPORT_ENTRIES = re.compile(r"manifest\.json|.+\.onnx|.+\.onnx\.data|.+\.weights\.json|tokenizer(_2)?|trt|openvino")
+# (and the owner lock an earlier add-controlnet left behind)
+EXPORT_ENTRIES = re.compile(
+    r"manifest\.json|.+\.onnx|.+\.onnx\.data|.+\.weights\.json|tokenizer(_2)?|trt|openvino|" + re.escape(LOCK_NAME)
+)
 MANIFEST_KEYS = {"format_version", "family", "components"}  # in every sdtrt manifest, whatever its version
 # the model folders an export reads (their contents make up the source hash)
 SOURCE_PARTS = (
@@ -137,9 +157,10 @@ def export_model(
     ``ort_fused`` also writes ONNX Runtime's fused graphs of the UNet and the VAE (export/ort_fusion.py):
     fp16 for its CUDA provider where ``precisions`` has fp16, the UNet's fp32 for its CPU one where fp32.
 
-    ``model`` is a diffusers folder, a hub id or a single-file checkpoint; ``config``, ``prediction_type`` and
-    ``allow_pickle`` apply to checkpoints only (single_file.converted_checkpoint). ``components`` defaults to
-    every network the model's family uses.
+    ``model`` is a diffusers folder, a hub id or a single-file checkpoint; ``config`` and ``prediction_type``
+    apply to checkpoints only (single_file.converted_checkpoint). Pickled weights (a checkpoint, or a folder's
+    ``*.bin`` without safetensors) are read only with ``allow_pickle`` (export/pickles.py). ``components``
+    defaults to every network the model's family uses.
     """
     bad = [p for p in precisions if p not in PRECISIONS] + [c for c in components or () if c not in COMPONENTS]
     if bad or not precisions or (components is not None and not components):
@@ -158,9 +179,18 @@ def export_model(
     else:
         folder = resolve_model_folder(model)
         resolved = contextlib.nullcontext((folder, {"path": str(Path(model)), "sha256": source_hash(folder)}))
-    with resolved as (source, record):
+    with held_back(), resolved as (source, record):  # the libraries' chatter: shown only if it works
         return _export_folder(
-            source, record, out_dir, precisions, components, opset, overwrite, progress, ort_fused=ort_fused
+            source,
+            record,
+            out_dir,
+            precisions,
+            components,
+            opset,
+            overwrite,
+            progress,
+            ort_fused=ort_fused,
+            allow_pickle=allow_pickle,
         )
 
 
@@ -195,6 +225,7 @@ def _export_folder(
     overwrite: bool,
     progress: bool,
     ort_fused: bool = False,
+    allow_pickle: bool = False,
 ) -> Manifest:
     """Export the diffusers folder ``source``; ``record`` is the manifest's note of where it came from."""
     import diffusers
@@ -246,17 +277,22 @@ def _export_folder(
         "vae_encoder": networks.vae_encoder_spec(geometry),
     }
 
+    # safetensors only unless pickles are allowed: checked for every part before anything loads
+    weights = {part: safetensors_only(source / part, allow_pickle) for part in (*encoder_names, "unet", "vae")}
+
     @functools.cache
     def load_vae() -> torch.nn.Module:  # one load for both vae_decoder and vae_encoder
-        return diffusers.AutoencoderKL.from_pretrained(source / "vae")
+        return diffusers.AutoencoderKL.from_pretrained(source / "vae", **weights["vae"])
 
     def load(name: str) -> torch.nn.Module:
         if name in text_configs:
             encoder_class = getattr(transformers, model_index[name][1])  # CLIPTextModel(WithProjection)
-            return networks.TextEncoderNet(encoder_class.from_pretrained(source / name), encoders[name])
+            encoder = encoder_class.from_pretrained(source / name, **weights[name])
+            return networks.TextEncoderNet(encoder, encoders[name])
         if name == "unet":
             extra = tuple(s.name for s in unet_spec.inputs[3:])
-            return networks.UNetNet(diffusers.UNet2DConditionModel.from_pretrained(source / "unet"), extra)
+            unet = diffusers.UNet2DConditionModel.from_pretrained(source / "unet", **weights["unet"])
+            return networks.UNetNet(unet, extra)
         vae = load_vae()
         return networks.VaeDecoderNet(vae) if name == "vae_decoder" else networks.VaeEncoderNet(vae)
 
@@ -308,6 +344,7 @@ def _export_folder(
             tokenizers={name: TEXT_ENCODERS[name] for name in encoder_names},
             components=exported,
         )
+        manifest = replace(manifest, checksums=file_records(staging, manifest.read_files()))
         manifest.save(staging)
     return manifest
 

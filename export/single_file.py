@@ -22,6 +22,7 @@ from typing import Any
 from sdtrt.engine.errors import ExportError
 from sdtrt.engine.fsutil import scratch_dir, sha256_file, write_json_atomic
 from sdtrt.export.clip_vocab import EOS, write_clip_tokenizer
+from sdtrt.export.pickles import PICKLE_SUFFIXES, pickle_refusal
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,6 @@ CONFIG_ONLY = {"upscale"}  # supported by the exporter, but no bundled configs: 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"  # the UNet's first convolution
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # ModelSpec metadata ("modelspec.prediction_type") as various trainers write it
 PREDICTION_HINTS = {
     "v": "v_prediction",
@@ -72,10 +72,7 @@ def converted_checkpoint(
         raise ExportError(f"unknown prediction type {prediction_type!r} (known: {', '.join(PREDICTION_TYPES)})")
     file_format = _file_format(path)
     if file_format == "pickle" and not allow_pickle:
-        raise ExportError(
-            f"{path} is a pickled PyTorch checkpoint, and unpickling can run arbitrary code hidden in the file: "
-            "convert it to .safetensors, or pass --allow-pickle (allow_pickle=True) if you trust its source"
-        )
+        raise pickle_refusal(path)
     with scratch_dir(out_dir, ".convert") as work:  # a killed run's folder is removed by the next one
         weights = path if file_format == "safetensors" else _unpickle(path, work / "checkpoint.safetensors")
         shapes, metadata = _read_header(weights)

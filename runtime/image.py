@@ -159,6 +159,7 @@ def mask_to_array(mask: Image.Image, height: int, width: int) -> np.ndarray:
 def soft_mask(mask: np.ndarray, radius: float) -> np.ndarray:
     """(1, 1, H, W) binary mask -> the same blurred with a Gaussian of ``radius`` pixels, for blending seams."""
     grey = Image.fromarray((mask[0, 0] * 255).astype(np.uint8))
+    radius = min(radius, max(mask.shape[-2:]))  # wider than the image blurs no more (and 1e40 overflows PIL)
     blurred = np.asarray(grey.filter(ImageFilter.GaussianBlur(radius)), dtype=np.float32) / 255.0
     # keep every pixel the mask marks fully repainted: the blur only feathers into the kept side
     return np.maximum(blurred, mask[0, 0])[None, None]

@@ -22,6 +22,7 @@ import itertools
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,6 +43,9 @@ from sdtrt.runtime.clip_text import (
 
 logger = logging.getLogger("sdtrt.runtime.tokenizer")
 
+SURROGATE = re.compile("[\ud800-\udfff]")  # str can hold them, UTF-8 cannot
+# a truncated prompt's warning names up to SHOWN_TOKENS dropped tokens, else how many and their first SHOWN_CHARS
+SHOWN_TOKENS, SHOWN_CHARS = 100, 200
 DEFAULT_MAX_LENGTH = 77  # CLIP's text context; used when tokenizer_config.json does not set it
 _NO_RANK = 1 << 62  # above every merge rank
 _NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")  # transformers' order
@@ -228,13 +232,17 @@ class CLIPTokenizer:
         for text in texts:
             if not isinstance(text, str):
                 raise InvalidInputError(f"a prompt must be a string, got {type(text).__name__}")
+            if surrogate := SURROGATE.search(text):  # UTF-8 cannot encode it: no tokens, no picture
+                raise InvalidInputError(
+                    f"a prompt is not valid text: it holds {surrogate[0]!a} at character {surrogate.start()} "
+                    "(a lone UTF-16 surrogate, or bytes that are not UTF-8 on a command line)"
+                )
         out = np.full((len(texts), self.max_length), self.pad_id, dtype=np.int32)
         room = self.max_length - 2
         for row, text in enumerate(texts):
             ids = self.encode(text)
             if len(ids) > room:
-                dropped = self.decode(ids[room:])
-                logger.warning('prompt truncated to %d tokens; dropped: "%s"', self.max_length, dropped)
+                _warn_truncated(self.decode(ids[room : room + SHOWN_TOKENS]), len(ids) - room, self.max_length)
                 ids = ids[:room]
             out[row, : len(ids) + 2] = [self.bos_id, *ids, self.eos_id]
         return out
@@ -294,6 +302,16 @@ class CLIPTokenizer:
 
 
 # -- config files ---------------------------------------------------------------------------------
+
+
+def _warn_truncated(shown: str, dropped: int, max_length: int) -> None:
+    """One warning for a prompt cut to ``max_length`` tokens: the ``dropped`` tokens' text, or, beyond
+    SHOWN_TOKENS of them, how many and the start of ``shown`` (a 10 MB prompt makes no 10 MB log line)."""
+    if dropped <= SHOWN_TOKENS:
+        logger.warning('prompt truncated to %d tokens; dropped: "%s"', max_length, shown)
+        return
+    start = shown[:SHOWN_CHARS].rstrip()
+    logger.warning('prompt truncated to %d tokens; dropped %d tokens: "%s ..."', max_length, dropped, start)
 
 
 def _read_json(path: Path, *, required: bool) -> Any:

@@ -22,6 +22,11 @@ POSITIONAL_HELP = {
     "model": "a local diffusers folder, a single-file checkpoint (.safetensors) or a hub id such as org/name",
     "folder": "an artifact folder written by `sdtrt export`",
 }
+ALLOW_PICKLE_HELP = (
+    "also read legacy pickled weights (.ckpt/.pt/.pth/.bin files, a folder's .bin without .safetensors). RISK: "
+    "unpickling can run arbitrary code hidden in the file; torch's weights-only unpickler limits it to tensors but "
+    "is no sandbox. Use only files you trust; better, convert them to .safetensors"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,13 +93,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=("epsilon", "v_prediction"),
         help="checkpoints: what the UNet predicts (default: what the checkpoint says; SD 2.x: v_prediction)",
     )
-    export.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="also read legacy pickled checkpoints (.ckpt/.pt/.pth/.bin). RISK: unpickling can run arbitrary "
-        "code hidden in the file; torch's weights-only unpickler limits it to tensors but is no sandbox. Use only "
-        "files you trust; better, convert them to .safetensors",
-    )
+    export.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
 
     from sdtrt.runtime.tasks import TASKS
 
@@ -111,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     attach.add_argument("--name", default=None, help="what --control calls it (default: its folder or file name)")
     attach.add_argument("--base", default=None, help="the model FOLDER was exported from (default: as recorded)")
     attach.add_argument("--overwrite", action="store_true", help="replace a ControlNet attached under this name")
+    attach.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
 
     more = "With fp16 variants (or --engines) also the TensorRT profile that `sdtrt build` builds by default."
     info = command("info", commands.info, "describe an artifact folder: model, files and sizes", "folder", more=more)

@@ -44,7 +44,8 @@ def run_task(args: argparse.Namespace) -> None:
 def add_controlnet(args: argparse.Namespace) -> None:
     from sdtrt.export.controlnet import attach_controlnet
 
-    manifest = attach_controlnet(args.folder, args.controlnet, name=args.name, base=args.base, overwrite=args.overwrite)
+    options = {"name": args.name, "base": args.base, "overwrite": args.overwrite, "allow_pickle": args.allow_pickle}
+    manifest = attach_controlnet(args.folder, args.controlnet, **options)
     print(f"attached {args.controlnet} to {args.folder} (ControlNets: {', '.join(manifest.controlnets)})")
 
 

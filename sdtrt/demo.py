@@ -80,6 +80,7 @@ def run_demo(
 
     out = root / ("demo-grid.png" if grid else "demo-map.png" if semantic_map else "demo.png")
     check_output(out)  # before the export and the drawing, not after them
+    control = {} if semantic_map in (None, "examples") else _control(_map_path(semantic_map))  # as early
     export_dir = _current_export(root, quiet, with_controlnet=semantic_map is not None)
     if grid or semantic_map == "examples":
         cells = [(p, {}) for p in DEMO_GRID_PROMPTS]
@@ -88,7 +89,6 @@ def run_demo(
             cells = [(EXAMPLE_MAP_PROMPTS[name], _control(maps[name])) for name in EXAMPLE_MAP_PROMPTS]
         _demo_grid(export_dir, out, cells, steps, guidance, seed, quiet)
         return
-    control = {} if semantic_map is None else _control(_map_path(semantic_map))
     if prompt is None:
         prompt = EXAMPLE_MAP_PROMPTS.get(semantic_map or "", DEMO_PROMPT)
     generate_images(
@@ -120,6 +120,13 @@ def _map_path(semantic_map: str) -> Path:
             f"--map {semantic_map}: no such file, and no example map of that name "
             f"(examples: {', '.join(maps)}; or 'examples' for all of them)"
         )
+    from PIL import Image
+
+    try:  # a picture at all: checked before the export, not after it
+        with Image.open(semantic_map) as picture:
+            picture.verify()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InvalidInputError(f"--map {semantic_map}: not an image PIL can read ({exc})") from None
     return Path(semantic_map)
 
 

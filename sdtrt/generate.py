@@ -25,6 +25,10 @@ def image_paths(out: Path, count: int) -> list[Path]:
 def check_output(path: Path) -> None:
     """One error naming ``path`` unless a PNG can be written there: it is no folder, and its folder exists and
     takes new files, or can be created where it is missing. Checked before any work; nothing is left behind."""
+    from sdtrt.engine.fsutil import special_file
+
+    if kind := special_file(path):  # a device or a pipe is the user's: never replaced by a PNG
+        raise SdtrtError(f"cannot write {path}: it is a {kind}, not a regular file (name a file for the PNG)")
     if path.is_dir():
         raise SdtrtError(f"cannot write {path}: it is a folder (name a file in it, e.g. {path / 'out.png'})")
     folder = path.parent

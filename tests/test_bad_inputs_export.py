@@ -178,6 +178,9 @@ ROWS = [
     ),
     Row("--overwrite onto a file", _a_file, OUT + r"it is not a folder$"),
     Row(
+        "--overwrite onto a named pipe", lambda scene: os.mkfifo(scene.out), OUT + r"it is a named pipe, not a folder$"
+    ),
+    Row(
         "--overwrite onto another program's manifest.json",
         _a_foreign_manifest,
         OUT + r"its manifest\.json is not an sdtrt manifest$",

@@ -8,6 +8,7 @@ what no table row can reach: the environment, allocation failures, a network's n
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -250,6 +251,16 @@ CASES: list[tuple[str, Call, str]] = [
         r"input; this model's UNet has none: pick another scheduler$",
     ),
     (
+        "a lone surrogate in the prompt",
+        lambda p: p.sd.txt2img("a \ud800 cat", **FAST),
+        r"^a prompt is not valid text: it holds '\\ud800' at character 2 \(a lone UTF-16 surrogate",
+    ),
+    (
+        "a lone surrogate in the negative prompt",
+        lambda p: p.sd.txt2img(PROMPT, **FAST, negative_prompt="\udcff"),
+        r"^a prompt is not valid text: it holds '\\udcff' at character 0",
+    ),
+    (
         "RGBA array",
         lambda p: p.sd.img2img(PROMPT, np.zeros((64, 64, 4), np.uint8)),
         r"^image array must be \(H, W\) or \(H, W, 3\) of uint8, bool or floats in \[0, 1\]; got uint8 \(64, 64, 4\)$",
@@ -319,6 +330,18 @@ CLI_CASES = [  # name, argv after the export folder (IMAGE: the named image), ex
         r"^sdtrt: error: scheduler 'lcm' needs an LCM-distilled model",
     ),
     (
+        "SDTRT_NUM_THREADS=abc",
+        ("generate", "a cat", *GENERATE),
+        2,
+        r"^sdtrt: error: SDTRT_NUM_THREADS must be an integer >= 1 \(the CPU threads to use\), got 'abc'$",
+    ),
+    (
+        "a prompt of bytes that are not UTF-8",
+        ("generate", os.fsdecode(b"a \xff cat"), *GENERATE),
+        2,
+        r"^sdtrt: error: a prompt is not valid text: it holds '\\udcff' at character 2",
+    ),
+    (
         "RGBA PNG",
         ("img2img", "rgba", "a cat", *IMG2IMG),
         0,
@@ -331,7 +354,11 @@ CLI_CASES = [  # name, argv after the export folder (IMAGE: the named image), ex
         r"^sdtrt.runtime.image: image grey16.png is I;16: converted to 8-bit RGB$",
     ),
 ]
-CLI_ENV = {"SDTRT_MAX_SIDE=128": {"SDTRT_MAX_SIDE": "128"}, "SDTRT_MAX_IMAGES=x": {"SDTRT_MAX_IMAGES": "x"}}
+CLI_ENV = {
+    "SDTRT_MAX_SIDE=128": {"SDTRT_MAX_SIDE": "128"},
+    "SDTRT_MAX_IMAGES=x": {"SDTRT_MAX_IMAGES": "x"},
+    "SDTRT_NUM_THREADS=abc": {"SDTRT_NUM_THREADS": "abc"},
+}
 
 
 @pytest.mark.parametrize(("name", "argv", "code", "message"), CLI_CASES, ids=[case[0] for case in CLI_CASES])

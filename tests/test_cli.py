@@ -366,4 +366,4 @@ def test_an_unexpected_error_is_one_line_and_debug_adds_its_traceback(
 
 def test_verify_and_debug_in_process(tiny_export: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["verify", str(tiny_export), "--debug"]) == 0
-    assert capsys.readouterr().out == f"{tiny_export}: ok (12 files)\n"
+    assert capsys.readouterr().out == f"{tiny_export}: ok (20 files)\n"

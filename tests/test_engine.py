@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,18 @@ def test_atomic_path_keeps_nothing_on_failure(tmp_path: Path) -> None:
     fsutil.write_bytes_atomic(target, b"whole")
     assert target.read_bytes() == b"whole"
     assert target.stat().st_mode & 0o644 == 0o644
+
+
+def test_atomic_path_never_replaces_a_device_or_a_pipe(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "link").symlink_to(tmp_path / "pipe")
+    for target, kind in ((Path("/dev/null"), "character device"), (tmp_path / "pipe", "named pipe")):
+        with pytest.raises(FileExistsError, match=f"refusing to replace {target}: it is a {kind}, not a regular file"):
+            fsutil.write_bytes_atomic(target, b"a report")
+    with pytest.raises(FileExistsError, match="it is a named pipe"):
+        fsutil.write_bytes_atomic(tmp_path / "link", b"a report")
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode) and stat.S_ISFIFO(os.lstat(tmp_path / "pipe").st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "pipe"]
 
 
 def test_atomic_dir_replaces_only_when_complete(tmp_path: Path) -> None:
@@ -294,6 +307,8 @@ def test_the_manifest_records_file_sizes(tiny_export: Path) -> None:
 
 def test_verify_export_reads_every_file(tiny_export: Path) -> None:
     result = verify_export(tiny_export)
-    assert result.ok and result.problems == () and result.files == 12
+    assert (
+        result.ok and result.problems == () and result.files == 20
+    )  # 12 ONNX files and data, 4 tokenizer files, 4 weight maps
     unet = load_manifest(tiny_export).components["unet"].files["fp32"]
     assert onnx_digest(tiny_export / unet.path) == unet.sha256  # the exporter's digest, recomputed

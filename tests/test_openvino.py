@@ -8,6 +8,9 @@ its default precision (bf16 where the CPU has native bf16).
 
 from __future__ import annotations
 
+import logging
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,7 @@ pytest.importorskip("openvino")
 from sdtrt.cli import main
 from sdtrt.engine.artifact import open_artifact
 from sdtrt.engine.errors import InvalidInputError
+from sdtrt.engine.openvino_ir import ir_problem
 from sdtrt.engine.openvino_session import MAX_COMPILED_SHAPES
 from sdtrt.runtime.pipeline import Pipeline
 
@@ -108,12 +112,57 @@ def test_bf16_without_ir(
     np.testing.assert_allclose(from_onnx, from_ir, rtol=0, atol=1e-3 * np.abs(from_ir).max())
 
 
-def test_unusable_cache_variable(tiny_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("where", "says"),
+    [("file/cache", "Not a directory"), ("/proc", "")],  # a file stands in the way; a folder that takes no files
+    ids=["under a file", "a folder that takes no files"],
+)
+def test_unusable_cache_variable(
+    tiny_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, says: str
+) -> None:
     (tmp_path / "file").write_text("not a folder")
-    monkeypatch.setenv("SDTRT_OPENVINO_CACHE", str(tmp_path / "file" / "cache"))
+    cache = tmp_path / where  # an absolute ``where`` stays itself
+    monkeypatch.setenv("SDTRT_OPENVINO_CACHE", str(cache))
     with open_artifact(tiny_export, "openvino", "bf16") as artifact, pytest.raises(InvalidInputError) as error:
         artifact.session("unet")
-    assert str(error.value).startswith(f"SDTRT_OPENVINO_CACHE={tmp_path / 'file' / 'cache'}: cannot make that folder")
+    assert str(error.value).startswith(f"SDTRT_OPENVINO_CACHE={cache}: cannot make files in that folder ({says}")
+    assert str(error.value).endswith("name a writable folder, or set it to '' to compile without a cache")
+
+
+def _truncate_bin(ir: Path) -> None:
+    (ir / "model.bin").write_bytes((ir / "model.bin").read_bytes()[:1000])
+
+
+def _garbage_xml_of_its_size(ir: Path) -> None:  # the cheap look at sizes passes: reading it fails
+    (ir / "model.xml").write_bytes(b"x" * (ir / "model.xml").stat().st_size)
+
+
+IR_DAMAGES = {
+    "model.bin truncated": _truncate_bin,
+    "model.bin missing": lambda ir: (ir / "model.bin").unlink(),
+    "model.xml garbage": lambda ir: (ir / "model.xml").write_text("<garbage"),
+    "model.xml garbage of its size": _garbage_xml_of_its_size,
+}
+
+
+@pytest.mark.parametrize("damage", IR_DAMAGES)
+def test_a_damaged_ir_in_the_cache_is_made_again(
+    tiny_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    monkeypatch.setenv("SDTRT_OPENVINO_CACHE", str(tmp_path / "cache"))
+    with open_artifact(tiny_export, "openvino", "bf16") as artifact:
+        feeds = _feeds(artifact, "unet", np.random.default_rng(2))
+        expected = artifact.session("unet").run(feeds)["noise_pred"]
+    (ir,) = (tmp_path / "cache" / "ir").iterdir()
+    IR_DAMAGES[damage](ir)
+    shutil.rmtree(tmp_path / "cache" / "bf16")  # the compiled-model cache: else nothing reads the IR again
+    with caplog.at_level(logging.WARNING), open_artifact(tiny_export, "openvino", "bf16") as artifact:
+        again = artifact.session("unet").run(feeds)["noise_pred"]
+    assert re.search(r"is damaged \(.*\): (converting it again|compiling from the ONNX file)", caplog.text)
+    np.testing.assert_allclose(again, expected, rtol=0, atol=1e-3 * np.abs(expected).max())
+    with open_artifact(tiny_export, "openvino", "bf16") as artifact:  # and the IR is whole again
+        artifact.session("unet").run(feeds)
+    assert ir_problem(next((tmp_path / "cache" / "ir").iterdir())) is None
 
 
 def test_cli_precision(tiny_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -54,3 +54,31 @@ def test_paged_out_gives_back_a_read_only_mapping(tmp_path: Path) -> None:
 def test_paged_out_of_nothing_is_a_no_op() -> None:
     with paged_out([]):
         pass
+
+
+PAGE_OUT_A_NON_ASCII_PATH = """
+import mmap, sys
+from pathlib import Path
+from sdtrt.engine.pageout import page_out
+folder = Path(sys.argv[1])
+folder.mkdir()
+(folder / "w.bin").write_bytes(bytes(1 << 16))
+with open(folder / "w.bin", "rb") as f:
+    mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    page_out((str(folder) + "/",))
+print("ok")
+"""
+
+
+def test_a_folder_of_spaces_accents_and_emoji_under_the_c_locale(tmp_path: Path) -> None:
+    """/proc/self/maps names the folder in its bytes: read as Python reads file names, not in the locale's
+    ASCII (a traceback from the sdtrt-pageout thread, once)."""
+    import os
+    import subprocess
+
+    folder = tmp_path / "my exports ü 🙂"
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    done = subprocess.run(
+        [sys.executable, "-c", PAGE_OUT_A_NON_ASCII_PATH, str(folder)], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

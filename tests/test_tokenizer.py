@@ -217,6 +217,15 @@ def test_truncation_warning(ours, theirs, caplog):
     assert caplog.records[0].getMessage() == f'prompt truncated to 77 tokens; dropped: "{removed}"'
 
 
+def test_a_huge_prompt_logs_how_much_was_dropped_and_its_start_only(ours, caplog):
+    caplog.set_level(logging.WARNING, logger="sdtrt.runtime.tokenizer")
+    ours("dragon " * 200_000)  # 1.4 MB of text, 200000 tokens
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert message.startswith('prompt truncated to 77 tokens; dropped 199925 tokens: "dragon dragon ')
+    assert message.endswith(' ..."') and len(message) < 400
+
+
 def test_decode_matches_transformers(ours, theirs):
     rng = random.Random(7)
     for _ in range(300):

@@ -51,6 +51,7 @@ SAMPLERS = {
 }
 
 
+MAX_THRESHOLD = 10_000  # canny's thresholds act on gradient magnitudes: a few thousand at most
 CONTROL_MODULES = ("none", "canny")  # the extension's preprocessors this server runs
 GUESS_MODES = {0: False, "Balanced": False, 2: True, "ControlNet is more important": True}  # control_mode ->
 
@@ -58,7 +59,7 @@ GUESS_MODES = {0: False, "Balanced": False, 2: True, "ControlNet is more importa
 class ControlNetUnit(BaseModel):
     """One ControlNet unit of the sd-webui-controlnet extension's API."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     enabled: bool = True
     image: str | dict[str, Any] | None = None  # base64, or {"image": base64, "mask": ...}
@@ -69,8 +70,8 @@ class ControlNetUnit(BaseModel):
     guidance_start: float = 0.0
     guidance_end: float = 1.0
     control_mode: int | str = 0
-    threshold_a: float = -1  # canny's low threshold; -1: the module's default (100)
-    threshold_b: float = -1  # canny's high threshold; -1: 200
+    threshold_a: float = Field(default=-1, le=MAX_THRESHOLD)  # canny's low threshold; < 0: the default (100)
+    threshold_b: float = Field(default=-1, le=MAX_THRESHOLD)  # canny's high threshold; < 0: 200
 
     def control_image(self, index: int) -> Any:
         """The unit's control image, decoded and run through its module."""
@@ -90,7 +91,7 @@ class ControlNetUnit(BaseModel):
 
 
 class A1111Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     prompt: str = ""
     negative_prompt: str = ""
@@ -131,7 +132,10 @@ class A1111Body(BaseModel):
 
     @property
     def model(self) -> str | None:
-        return self.override_settings.get("sd_model_checkpoint")
+        model = self.override_settings.get("sd_model_checkpoint")
+        if model is not None and not isinstance(model, str):
+            raise ApiError("invalid_input", "override_settings.sd_model_checkpoint must be a served model's name")
+        return model
 
     def control_inputs(self) -> dict[str, Any]:
         """The enabled units of ``alwayson_scripts.controlnet`` as the Python API's ControlNet options."""

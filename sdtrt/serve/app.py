@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 OPEN_PATHS = ("/healthz", "/readyz")  # answered without the API key: load balancers and orchestrators probe them
 PROBE_PATHS = (*OPEN_PATHS, "/metrics", "/sdapi/v1/progress")  # polled: logged at debug level only
 CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # an X-Request-Id a client may choose
-HTTP_KINDS = {401: "unauthorized", 404: "not_found", 405: "not_found", 413: "too_large"}
+HTTP_KINDS = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
 
 def create_app(config: ServeConfig, server: Server | None = None) -> FastAPI:
@@ -126,7 +126,7 @@ async def _validation_error(http: HttpRequest, exc: Exception) -> JSONResponse:
 async def _http_error(http: HttpRequest, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     kind = HTTP_KINDS.get(exc.status_code, "invalid_input" if exc.status_code < 500 else "internal")
-    return _respond(http, ApiError(kind, str(exc.detail)))
+    return _respond(http, ApiError(kind, str(exc.detail), dict(exc.headers or {})))  # 405's Allow
 
 
 # --------------------------------------------------------------------------------------------------

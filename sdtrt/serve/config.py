@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sdtrt.engine.errors import InvalidInputError
 
 ENV_API_KEY = "SDTRT_API_KEY"
+API_KEY = re.compile(r"[\x21-\x7e]+")
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class ServeConfig:
     def with_env_api_key(self) -> ServeConfig:
         """This config with the API key from SDTRT_API_KEY where none was given."""
         key = self.api_key or os.environ.get(ENV_API_KEY) or None
+        if key is not None and not API_KEY.fullmatch(key):  # clients send it in a header: visible ASCII only
+            raise InvalidInputError(f"{ENV_API_KEY} must be printable ASCII without spaces (it is sent in a header)")
         return replace(self, api_key=key)
 
 

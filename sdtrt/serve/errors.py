@@ -13,6 +13,7 @@ KINDS = {
     "invalid_input": 400,
     "unauthorized": 401,
     "not_found": 404,
+    "method_not_allowed": 405,  # with an Allow header
     "too_large": 413,
     "queue_full": 429,
     "internal": 500,

@@ -9,6 +9,7 @@ from pathlib import Path
 import uvicorn
 
 from sdtrt.engine.manifest import load_manifest
+from sdtrt.serve.address import check_address
 from sdtrt.serve.app import create_app
 from sdtrt.serve.config import ServeConfig, ServeLimits, parse_lora
 from sdtrt.serve.logs import setup_logging
@@ -43,6 +44,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 
 def serve(args: argparse.Namespace) -> None:
     """Serve until interrupted (Ctrl-C or SIGTERM)."""
+    check_address(args.host, args.port)  # before the models load: a bad --port is no minute's wait
     config = config_from_args(args)
     setup_logging(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
     if args.ray:

@@ -124,12 +124,19 @@ class Server:
             raise
         finally:
             gone.cancel()
+            result.add_done_callback(_retrieved)  # an abandoned job's error is its cancellation, logged above
 
     def _abandon(self, job: Job, reason: str) -> None:
         """Nobody waits for ``job`` any more: take it out of the queue, or stop it at its next step."""
         job.stop_reason = job.stop_reason or reason
         self.workers[job.model].withdraw(job)
         log.info("request %s abandoned: %s", job.id, reason)
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    """Mark ``future``'s outcome as seen (asyncio logs an unseen exception at ERROR when the future is freed)."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def _disconnected(http: HttpRequest) -> None:
