@@ -190,10 +190,19 @@ def _compress_to_fp16(model) -> None:
 
 
 def _replace_constants(model, weights: Mapping[str, np.ndarray]) -> None:
-    """Give the model's constants named after these initializers the new values."""
+    """Give the model's constants named after these initializers the new values.
+
+    Read from the ONNX file, such a constant carries the initializer's name; read from the fp16 IR
+    (engine/openvino_ir.py), the name is on the Convert that decompresses it (the constant itself is
+    "<name>_compressed"): that Convert's output is what gets replaced.
+    """
     from openvino import opset13
 
-    constants = {op.get_friendly_name(): op for op in model.get_ops() if op.get_type_name() == "Constant"}
+    constants = {}
+    for op in model.get_ops():
+        kind = op.get_type_name()
+        if kind == "Constant" or (kind == "Convert" and op.input_value(0).get_node().get_type_name() == "Constant"):
+            constants.setdefault(op.get_friendly_name(), op)
     if missing := sorted(set(weights) - set(constants)):
         raise InvalidInputError(f"OpenVINO names no constant {', '.join(missing[:3])}: re-export the model")
     for name, array in weights.items():
