@@ -4,7 +4,6 @@ loading, several adapters with scales, swapping without residue, and clear error
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import struct
 from pathlib import Path
@@ -38,9 +37,6 @@ LORA_TOLERANCE = 1e-5
 # openvino bf16 runs the matrix work in bfloat16 (8 mantissa bits): measured 1.3e-2 relative on the latents of
 # the kohya file against diffusers fp32 (1.6e-2 without the LoRA), while the LoRA moves them by 0.21
 BF16_LORA_TOLERANCE = 5e-2
-# every CPU backend x precision: openvino bf16 compiles from the fp16 IR (engine/openvino_ir.py), whose constants
-# are named otherwise than the ONNX file's
-LORA_BACKENDS = [("ort-cpu", None), ("openvino", "fp32"), ("openvino", "bf16")]
 UNET_TARGETS = (  # Linear, 1x1 and 3x3 Conv weights
     *("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"),
     *("proj_in", "proj_out", "conv1", "time_emb_proj"),
@@ -49,15 +45,6 @@ TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 RANK = 4
 
 Factors = dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]  # (component, module) -> (down, up)
-
-
-@pytest.fixture(scope="module", params=LORA_BACKENDS, ids=[f"{b}-{p or 'fp32'}" for b, p in LORA_BACKENDS])
-def lora_backend(request: pytest.FixtureRequest) -> dict[str, str | None]:
-    """Pipeline.load's backend and precision, for each CPU backend x precision installed here."""
-    backend, precision = request.param
-    if backend == "openvino" and importlib.util.find_spec("openvino") is None:
-        pytest.skip("openvino is not installed (pip install 'sdtrt[cpu]')")
-    return {"backend": backend, "precision": precision}
 
 
 def _tolerance(backend: dict) -> float:
