@@ -121,8 +121,11 @@ def unet_steps(export: Path, backend: str, precision: str | None, steps: int) ->
                 (rng.standard_normal((16, in_features)) * 0.02).astype(np.float32),
                 (rng.standard_normal((out_features, 16)) * 0.02).astype(np.float32),
             )
-        unbranched = _unbranched_session(artifact, "unet")
-        sessions = {"before (no branches)": (unbranched, None), "rank 0": (branched, {}), "rank 16": (branched, rank16)}
+        unbranched = _unbranched_session(artifact, "unet", fused=None)
+        sessions = {"before": (unbranched, None)}
+        if getattr(unbranched, "name", "").endswith(".ort.onnx"):  # ONNX Runtime's fused graph: also its plain one
+            sessions["plain graph"] = (_unbranched_session(artifact, "unet", fused=False), None)
+        sessions |= {"rank 0": (branched, {}), "rank 16": (branched, rank16)}
         times: dict[str, list[float]] = {name: [] for name in sessions}
         for _ in range(2):  # warm-up: compile
             for session, factors in sessions.values():
@@ -134,17 +137,20 @@ def unet_steps(export: Path, backend: str, precision: str | None, steps: int) ->
                 if factors is not None:
                     session.set_factors(factors)
                 times[name].append(_timed(lambda s=session: s.run(feeds)))
-        unbranched.close()
+        for session, factors in sessions.values():
+            if factors is None:
+                session.close()
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def _unbranched_session(artifact, network: str):
-    """The network's session as the backend ran it without a LoRA before branches: no weight map (OpenVINO:
-    no branches), ONNX Runtime's fused graph where the export has one."""
+def _unbranched_session(artifact, network: str, fused: bool | None):
+    """The network's session without a weight map, hence without branches; ``fused`` None: as the backend ran it
+    without a LoRA before branches (ONNX Runtime's fused graph where the export has one)."""
     from sdtrt.engine.backends import SessionTarget, component_fused, open_session
 
     precision = artifact.precision(network)
-    fused = component_fused(artifact.backend, artifact.manifest, network, precision)
+    if fused is None:
+        fused = component_fused(artifact.backend, artifact.manifest, network, precision)
     return open_session(
         artifact.backend, SessionTarget(artifact.folder, artifact.manifest, network, precision, fused=fused)
     )
@@ -196,13 +202,25 @@ def markdown_table(rows: list[dict[str, Any]], stamp: dict[str, str]) -> str:
         f"LoRA swap cost, {stamp['model']} export, {stamp['cpu']}, {stamp['time']} (seconds; the call + the "
         "next 256² 1-step generation beyond a warm one; first load: round 1, the others: medians of the rounds after)",
         "",
-        f"| backend | {FIRST} | " + " | ".join(COLUMNS) + " | UNet step: before / rank 0 / rank 16 |",
-        "| --- " * (len(COLUMNS) + 3) + "|",
+        f"| backend | {FIRST} | " + " | ".join(COLUMNS) + " |",
+        "| --- " * (len(COLUMNS) + 2) + "|",
+    ]
+    for row in rows:
+        lines.append(f"| {row['backend']} | " + " | ".join(f"{row[c]:.2f}" for c in (FIRST, *COLUMNS)) + " |")
+    lines += [
+        "",
+        "UNet step, batch 2 at 256² (seconds before; the others as a ratio to it): before = the session the backend "
+        "ran without a LoRA before branches (ort-cpu: ONNX Runtime's fused graph), plain graph = ort-cpu's unfused "
+        "graph without branches (what a LoRA ran on before), rank 0 = branched without an adapter, rank 16 = an "
+        "adapter of rank 16 on every attention projection",
+        "",
+        "| backend | before | plain graph | rank 0 | rank 16 |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         steps = row["unet_step_s"]
-        before = steps["before (no branches)"]
-        step = f"{before:.3f} s / {steps['rank 0'] / before:.3f}× / {steps['rank 16'] / before:.3f}×"
-        cells = " | ".join(f"{row[c]:.2f}" for c in (FIRST, *COLUMNS))
-        lines.append(f"| {row['backend']} | {cells} | {step} |")
+        ratios = [
+            f"{steps[k] / steps['before']:.3f}×" if k in steps else "–" for k in ("plain graph", "rank 0", "rank 16")
+        ]
+        lines.append(f"| {row['backend']} | {steps['before']:.3f} s | " + " | ".join(ratios) + " |")
     return "\n".join(lines) + "\n"
