@@ -27,11 +27,16 @@ def branched_graph(path: Path, weight_map: WeightMap) -> tuple[bytes, dict[str, 
     up.T: a MatMul's or Gemm's); None without the ``onnx`` package."""
     try:
         import onnx
+        from google.protobuf.message import DecodeError
         from onnx import TensorProto, helper
     except ImportError:
         log.info("%s: no onnx package: LoRA adapters are folded into the weights (a new session each)", path.name)
         return None
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (OSError, ValueError, DecodeError) as exc:  # a damaged file: ONNX Runtime's own load names it
+        log.debug("%s: not read for LoRA branches: %s", path.name, exc)
+        return None
     graph, nodes, branched = model.graph, [], {}
     shape = helper.make_tensor("lora_flat_shape", TensorProto.INT64, [3], [0, 0, -1])
     for original in graph.node:
