@@ -79,18 +79,21 @@ def _timed(call: Callable[[], Any]) -> float:
 
 
 def swap_round(pipe, adapters: dict[str, Path]) -> dict[str, float]:
-    """One sequence: warm generation, load A, swap A -> B, rescale B, unload; each the call + the generation
-    after it minus a warm one."""
+    """One sequence: load A, swap A -> B, rescale B, unload; each the call + the generation after it minus the
+    generation just before it (warm, without the change), and the call alone ("<step> call")."""
     generate = lambda: pipe.txt2img(**GENERATION)  # noqa: E731
     generate()
-    warm = statistics.median(_timed(generate) for _ in range(2))
     steps = {
         "load A": lambda: pipe.load_lora(adapters["a"]),
         "swap A → B": lambda: (pipe.unload_lora("a"), pipe.load_lora(adapters["b"])),
         "rescale B": lambda: pipe.set_lora_scale("b", 0.5),
         "unload": lambda: pipe.unload_lora(),
     }
-    costs = {name: _timed(call) + _timed(generate) - warm for name, call in steps.items()}
+    costs = {}
+    for name, call in steps.items():
+        before = _timed(generate)
+        costs[f"{name} call"] = _timed(call)
+        costs[name] = costs[f"{name} call"] + _timed(generate) - before
     pipe.load_lora(adapters["a"])
     costs["set_lora_scale alone"] = _timed(lambda: pipe.set_lora_scale("a", 0.7))
     pipe.unload_lora()
@@ -183,7 +186,8 @@ def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     for name in pipes:
         backend, precision = BACKENDS[name]
         row = {"backend": name, FIRST: rounds[name][0]["load A"]}
-        row |= {column: statistics.median(r[column] for r in rounds[name][1:] or rounds[name]) for column in COLUMNS}
+        later = rounds[name][1:] or rounds[name]
+        row |= {column: statistics.median(r[column] for r in later) for column in rounds[name][0]}
         row["unet_step_s"] = unet_steps(export, backend, precision, args.steps)
         rows.append(row)
     stamp = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_name(), "model": args.model}
@@ -200,13 +204,17 @@ def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 def markdown_table(rows: list[dict[str, Any]], stamp: dict[str, str]) -> str:
     lines = [
         f"LoRA swap cost, {stamp['model']} export, {stamp['cpu']}, {stamp['time']} (seconds; the call + the "
-        "next 256² 1-step generation beyond a warm one; first load: round 1, the others: medians of the rounds after)",
+        "next 256² 1-step generation beyond the one just before it, and in parentheses the call alone; first load: "
+        "round 1, the others: medians of the rounds after)",
         "",
         f"| backend | {FIRST} | " + " | ".join(COLUMNS) + " |",
         "| --- " * (len(COLUMNS) + 2) + "|",
     ]
-    for row in rows:
-        lines.append(f"| {row['backend']} | " + " | ".join(f"{row[c]:.2f}" for c in (FIRST, *COLUMNS)) + " |")
+    for row in rows:  # the call alone in parentheses
+        cells = [f"{row[FIRST]:.2f}"] + [
+            f"{row[c]:.2f} ({row[f'{c} call']:.2f})" if f"{c} call" in row else f"{row[c]:.2f}" for c in COLUMNS
+        ]
+        lines.append(f"| {row['backend']} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "UNet step, batch 2 at 256² (seconds before; the others as a ratio to it): before = the session the backend "
