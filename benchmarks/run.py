@@ -87,6 +87,12 @@ def _parser() -> argparse.ArgumentParser:
         help="instead: the serving row (benchmarks/serving.py: `sdtrt serve` on the demo model or --export, "
         "images/s and p50/p99 at 1/4/16 clients, batching on and off) into benchmarks/results/serving.jsonl",
     )
+    p.add_argument(
+        "--lora-swap",
+        action="store_true",
+        help="instead: the LoRA swap table (benchmarks/lora_swap.py: load, swap, rescale, unload on every CPU "
+        "backend, interleaved, and the UNet step with and without adapters) into benchmarks/results/lora-swap.jsonl",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="show a failed worker's traceback")
     return p
 
@@ -264,6 +270,10 @@ def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         forwarded = ["--export", str(args.export)] if args.export else []
         forwarded += ["--threads", str(args.threads)] if args.threads else []
         return serving.run(forwarded)
+    if args.lora_swap:
+        from benchmarks import lora_swap
+
+        return lora_swap.run(["--model", args.model, "--root", str(args.root)])
     if args.verbose:
         log.setLevel(logging.DEBUG)
     gpu = gpu_name()

@@ -10,8 +10,10 @@ while and after it compiles (engine/pageout.py): what stays resident is the comp
 OpenVINO's model cache (``cache_dir``) makes a second start load the compiled model instead of
 compiling it again (base weights only: a LoRA's weights are compiled afresh).
 
-LoRA: the export keeps every weight-mapped initializer as a constant of its own, which OpenVINO
-names after the initializer; set_weights replaces those constants in the models compiled next.
+LoRA: a model with a weight map is compiled with a low-rank branch beside each Linear and 1x1
+convolution weight (engine/openvino_lora.py): set_factors feeds the adapters' factors to the same
+compiled models, nothing recompiles. The other mapped weights (kxk convolutions) are constants of
+their own, named after their initializers; set_weights replaces those in the models compiled next.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ import numpy as np
 
 from sdtrt.engine.errors import BackendUnavailableError, InvalidInputError
 from sdtrt.engine.fsutil import onnx_files
+from sdtrt.engine.lora_branch import check_factors, factor_feeds
 from sdtrt.engine.openvino_ir import discard, fp16_ir
+from sdtrt.engine.openvino_lora import add_branches, branch_sites, named_weights
 from sdtrt.engine.ort_session import check_weights, default_cpu_threads
 from sdtrt.engine.pageout import paged_out
 from sdtrt.engine.session import TensorSpec, check_feeds
@@ -102,6 +106,9 @@ class OpenVinoSession:
         self._unread = self._core.read_model(str(self._onnx))
         self.inputs = _port_specs(self._unread.inputs, inputs)
         self.outputs = _port_specs(self._unread.outputs, outputs)
+        # the weights whose LoRA is a branch fed at run time (rank 0 until set_factors says otherwise)
+        self.branched = frozenset() if weight_map is None else frozenset(branch_sites(self._unread, weight_map))
+        self._factors = {} if weight_map is None else factor_feeds(self.branched, weight_map, {})
         log.debug("opened %s on OpenVINO %s (%s)", self.name, ov.__version__, precision)
 
     def _read(self):
@@ -129,7 +136,9 @@ class OpenVinoSession:
         key = tuple(feeds[name].shape for name in self.inputs)
         with self._lock:
             request = self._request(key)
-            results = request.infer({name: np.ascontiguousarray(feeds[name]) for name in self.inputs})
+            results = request.infer(
+                {**{name: np.ascontiguousarray(feeds[name]) for name in self.inputs}, **self._factors}
+            )
             # every name of each output tensor: a compiled model may merge an output with a tensor of another name
             outputs = {name: value for port, value in results.items() for name in port.get_names()}
             return {name: np.array(outputs[name], dtype=self.outputs[name].dtype) for name in self.outputs}
@@ -144,6 +153,10 @@ class OpenVinoSession:
         model = self._read()
         if self._weights:
             _replace_constants(model, self._weights)
+        if self.branched and add_branches(model, self._weight_map) != self.branched:
+            raise BackendUnavailableError(
+                f"{self.name}: {self._source} differs from the ONNX file: delete {self._source.parent}"
+            )
         if self.precision == "bf16" and (self._source == self._onnx or self._weights):  # the IR's are fp16 already
             _compress_to_fp16(model)
         model.reshape({name: list(shape) for name, shape in zip(self.inputs, key, strict=True)})
@@ -168,6 +181,14 @@ class OpenVinoSession:
             self._weights = dict(weights)
             self._compiled.clear()  # compiled with the old weights: recompiled on next use
         log.debug("%s: %d weights changed, recompiling on next use", self.name, len(weights))
+
+    def set_factors(self, factors: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Feed these LoRA factors (initializer -> (down (rank, in), up (out, rank)) float32, scales folded into
+        ``up``) to the branches from now on, rank 0 to every other branch: no recompile."""
+        check_factors(self.branched, self._weight_map, factors, self.name)
+        feeds = factor_feeds(self.branched, self._weight_map, factors)
+        with self._lock:
+            self._factors = feeds
 
     def close(self) -> None:
         with self._lock:
@@ -201,13 +222,14 @@ def _compress_to_fp16(model) -> None:
 
 
 def _replace_constants(model, weights: Mapping[str, np.ndarray]) -> None:
-    """Give the model's constants named after these initializers the new values."""
+    """Give the model's constants named after these initializers the new values (read from the fp16 IR, the
+    name is on the Convert that decompresses the constant: its output is what gets replaced)."""
     from openvino import opset13
 
-    constants = {op.get_friendly_name(): op for op in model.get_ops() if op.get_type_name() == "Constant"}
-    if missing := sorted(set(weights) - set(constants)):
+    nodes = named_weights(model)
+    if missing := sorted(set(weights) - set(nodes)):
         raise InvalidInputError(f"OpenVINO names no constant {', '.join(missing[:3])}: re-export the model")
     for name, array in weights.items():
         new = opset13.constant(np.ascontiguousarray(array))
         new.set_friendly_name(name)
-        constants[name].output(0).replace(new.output(0))
+        nodes[name].output(0).replace(new.output(0))

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from sdtrt.engine.errors import BackendUnavailableError, InvalidInputError
+from sdtrt.engine.lora_branch import DOWN, UP, check_factors, factor_feeds
+from sdtrt.engine.ort_lora import EXTERNAL_FOLDER, branched_graph
 from sdtrt.engine.session import TensorSpec, check_feeds
 from sdtrt.engine.weights import WeightMap
 
@@ -101,8 +103,17 @@ class OrtCpuSession:
         self._threads = threads or default_cpu_threads()
         self._weight_map = weight_map
         self._replaced = False  # whether some initializers hold other values than the file's
+        # LoRA: the graph with low-rank branches (engine/ort_lora.py) where the file has a weight map
+        branched = None if weight_map is None else branched_graph(Path(path), weight_map)
+        self._graph, self._transposed = branched or (None, {})
+        self.branched = frozenset(self._transposed)
         self._session = self._create({})
-        self.inputs = ort_tensor_specs(self._session.get_inputs())
+        self._factors = self._factor_feeds({})
+        self.inputs = {
+            name: spec
+            for name, spec in ort_tensor_specs(self._session.get_inputs()).items()
+            if not name.startswith((DOWN, UP))
+        }
         self.outputs = ort_tensor_specs(self._session.get_outputs())
         log.debug("loaded %s on ORT CPU with %d threads", self.name, self._threads)
 
@@ -118,12 +129,30 @@ class OrtCpuSession:
         # makes it one line), not also as a log line on stderr
         options.log_severity_level = 4
         replace_initializers(options, weights)
-        return ort.InferenceSession(self._path, sess_options=options, providers=["CPUExecutionProvider"])
+        if self._graph is not None:
+            options.add_session_config_entry(EXTERNAL_FOLDER, str(Path(self._path).parent))
+        model = self._path if self._graph is None else self._graph
+        return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self.name, self.inputs, feeds)
-        results = self._session.run(list(self.outputs), dict(feeds))
+        results = self._session.run(list(self.outputs), {**feeds, **self._factors})
         return dict(zip(self.outputs, results, strict=True))
+
+    def set_factors(self, factors: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Feed these LoRA factors to the branches from now on (engine/session.py LowRankSession): no new session."""
+        check_factors(self.branched, self._weight_map, factors, self.name)
+        self._factors = self._factor_feeds(factors)
+
+    def _factor_feeds(self, factors: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+        """factor_feeds' arrays, transposed where the branch is a MatMul's (x @ down.T @ up.T)."""
+        if not self.branched:
+            return {}
+        feeds = factor_feeds(self.branched, self._weight_map, factors)
+        return {
+            name: np.ascontiguousarray(array.T) if self._transposed[name.partition(":")[2]] else array
+            for name, array in feeds.items()
+        }
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         check_weights(self._weight_map, weights, self.name)

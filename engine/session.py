@@ -80,3 +80,18 @@ def check_feeds(name: str, specs: Mapping[str, TensorSpec], feeds: Mapping[str, 
                 raise InvalidInputError(
                     f"{name}: dimension {want!r} is {bound[want]} in one input and {got} in {key!r}"
                 )
+
+
+@runtime_checkable
+class LowRankSession(Protocol):
+    """A session that runs some weights' LoRA as a low-rank branch beside them, fed at run time: changing
+    adapters feeds other factors to the same compiled network (engine/openvino_lora.py).
+
+    ``branched`` names those weights (initializers of the weight map); ``set_factors`` takes, per
+    such weight, down (rank, in) and up (out, rank) float32 with the scales folded into up; every
+    branched weight it does not name gets rank 0, which leaves the outputs the base ones bit for bit.
+    """
+
+    branched: frozenset[str]
+
+    def set_factors(self, factors: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None: ...

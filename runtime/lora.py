@@ -372,9 +372,13 @@ def _layer_scale(tensor: tuple[str, np.ndarray] | None, config: Mapping, module:
 
 
 def compose(
-    weight_map: WeightMap, component: str, adapters: Sequence[tuple[LoraAdapter, float]]
+    weight_map: WeightMap,
+    component: str,
+    adapters: Sequence[tuple[LoraAdapter, float]],
+    skip: frozenset[str] = frozenset(),
 ) -> dict[str, np.ndarray]:
-    """The initializers of one component under ``adapters`` at their scales: base + sum(scale * delta).
+    """The initializers of one component under ``adapters`` at their scales: base + sum(scale * delta),
+    but for those in ``skip`` (a session's low-rank branches take them: runtime/lora_apply.py).
 
     Computed in float32 from the export's base values and stored at the initializer's dtype and
     layout. Only adapted initializers are returned: an empty dict means the base weights. Weights
@@ -383,7 +387,7 @@ def compose(
     active = [(adapter, adapter.layers.get(component, {}), scale) for adapter, scale in adapters if scale != 0]
     weights = {}
     for param in sorted({param for _, layers, _ in active for param in layers}):
-        for w in weight_map.by_param[param]:
+        for w in [w for w in weight_map.by_param[param] if w.name not in skip]:
             value = weight_map.base(w.name).astype(np.float32)  # a copy: the base stays untouched
             with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked below, once
                 for _, layers, scale in active:

@@ -19,7 +19,8 @@ from sdtrt.engine.errors import InvalidInputError
 from sdtrt.engine.manifest import rebuild_command
 from sdtrt.engine.networks import NETWORKS
 from sdtrt.engine.session import Session, TensorSpec
-from sdtrt.runtime.lora import LoraAdapter, compose, read_lora
+from sdtrt.runtime.lora import LoraAdapter, read_lora
+from sdtrt.runtime.lora_apply import adapt
 from sdtrt.runtime.request import is_real
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class Networks:
         session = self.artifact.session(network)
         weight_map = self.artifact.weight_map(network)
         if not opened and self._loras and weight_map is not None:
-            session.set_weights(compose(weight_map, NETWORKS[network].lora_component, list(self._loras.values())))
+            adapt(session, weight_map, NETWORKS[network].lora_component, list(self._loras.values())).give(session)
         return session
 
     def inputs(self, network: str) -> dict[str, TensorSpec]:
@@ -108,13 +109,13 @@ class Networks:
         """Compose the weights of every open session for ``loras`` from the base and hand them over
         (a session whose weights stay the base ones does nothing)."""
         adapters = list(loras.values())
-        composed = {  # all of them first: weights that do not compose change no session
-            network: compose(weight_map, NETWORKS[network].lora_component, adapters)  # unet_controlnet: unet's
-            for network, weight_map in self.artifact.weight_maps().items()
+        adapted = {  # all of them first: weights that do not compose change no session
+            network: adapt(self.artifact.session(network), weight_map, NETWORKS[network].lora_component, adapters)
+            for network, weight_map in self.artifact.weight_maps().items()  # unet_controlnet: unet's component
             if self.artifact.is_open(network)
         }
-        for network, weights in composed.items():
-            self.artifact.session(network).set_weights(weights)
+        for network, weights in adapted.items():
+            weights.give(self.artifact.session(network))
         self._loras = loras
 
 

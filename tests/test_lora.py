@@ -34,6 +34,9 @@ GENERATION |= {"height": 128, "width": 128}
 # Ours folds each delta into the weight (W + s * B @ A), diffusers/PEFT runs the LoRA branch beside it
 # (W x + s * B (A x)): the same math in another order, measured at ~1.3e-6 relative on the latents.
 LORA_TOLERANCE = 1e-5
+# openvino bf16 runs the matrix work in bfloat16 (8 mantissa bits): measured 1.3e-2 relative on the latents of
+# the kohya file against diffusers fp32 (1.6e-2 without the LoRA), while the LoRA moves them by 0.21
+BF16_LORA_TOLERANCE = 5e-2
 UNET_TARGETS = (  # Linear, 1x1 and 3x3 Conv weights
     *("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"),
     *("proj_in", "proj_out", "conv1", "time_emb_proj"),
@@ -42,6 +45,10 @@ TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 RANK = 4
 
 Factors = dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]  # (component, module) -> (down, up)
+
+
+def _tolerance(backend: dict) -> float:
+    return BF16_LORA_TOLERANCE if backend["precision"] == "bf16" else LORA_TOLERANCE
 
 
 def _reference(folder: Path):
@@ -222,34 +229,36 @@ def test_weight_map_tells_equal_weights_apart_and_reports_what_it_cannot_map(tmp
 
 @pytest.mark.parametrize("style", ["a", "a_kohya"])
 def test_lora_matches_diffusers(
-    tiny_model_dir: Path, tiny_export: Path, loras: dict[str, Path], style: str, cpu_backend: dict
+    tiny_model_dir: Path, tiny_export: Path, loras: dict[str, Path], style: str, lora_backend: dict
 ) -> None:
     reference = _reference(tiny_model_dir)
     base = _theirs(reference)
     reference.load_lora_weights(str(loras[style]), adapter_name="a")
     expected = _theirs(reference)
-    assert _relative(expected, base) > 1e-2  # the LoRA matters far beyond the tolerance
-    with Pipeline.load(tiny_export, **cpu_backend) as pipe:
+    assert _relative(expected, base) > 4 * _tolerance(lora_backend)  # the LoRA matters far beyond the tolerance
+    with Pipeline.load(tiny_export, **lora_backend) as pipe:
         assert pipe.load_lora(loras[style]) == style
-        assert _relative(_ours(pipe), expected) < LORA_TOLERANCE
+        assert _relative(_ours(pipe), expected) < _tolerance(lora_backend)
 
 
-def test_two_adapters_with_scales_match_diffusers(tiny_model_dir: Path, tiny_export: Path, loras: dict) -> None:
+def test_two_adapters_with_scales_match_diffusers(
+    tiny_model_dir: Path, tiny_export: Path, loras: dict, lora_backend: dict
+) -> None:
     reference = _reference(tiny_model_dir)
     reference.load_lora_weights(str(loras["a"]), adapter_name="a")
     reference.load_lora_weights(str(loras["b"]), adapter_name="b")
     reference.set_adapters(["a", "b"], adapter_weights=[0.7, -0.5])
     expected = _theirs(reference)
-    with Pipeline.load(tiny_export, backend="ort-cpu") as pipe:
+    with Pipeline.load(tiny_export, **lora_backend) as pipe:
         pipe.load_lora(loras["a"])
         pipe.load_lora(loras["b"], scale=-0.5)
         pipe.set_lora_scale("a", 0.7)
         assert pipe.loras == {"a": 0.7, "b": -0.5}
-        assert _relative(_ours(pipe), expected) < LORA_TOLERANCE
+        assert _relative(_ours(pipe), expected) < _tolerance(lora_backend)
 
 
-def test_swapping_adapters_leaves_no_residue(tiny_export: Path, loras: dict[str, Path], cpu_backend: dict) -> None:
-    with Pipeline.load(tiny_export, **cpu_backend) as pipe:
+def test_swapping_adapters_leaves_no_residue(tiny_export: Path, loras: dict[str, Path], lora_backend: dict) -> None:
+    with Pipeline.load(tiny_export, **lora_backend) as pipe:
         base = _ours(pipe)
         pipe.load_lora(loras["b"])
         only_b = _ours(pipe)
@@ -268,7 +277,7 @@ def test_swapping_adapters_leaves_no_residue(tiny_export: Path, loras: dict[str,
         # the sessions' initializers are the base ones again: a fresh session answers the same, bit for bit
         maps = _maps(tiny_export)
         feeds = {"input_ids": np.full((1, 77), 49407, np.int32)}
-        with open_artifact(tiny_export, **cpu_backend) as fresh_artifact:  # the same backend, never adapted
+        with open_artifact(tiny_export, **lora_backend) as fresh_artifact:  # the same backend, never adapted
             fresh = fresh_artifact.session("text_encoder").run(feeds)
         np.testing.assert_array_equal(pipe.session("text_encoder").run(feeds)["hidden_states"], fresh["hidden_states"])
     adapter = read_lora(loras["a"], maps)

@@ -190,6 +190,32 @@ def test_lora_by_name_matches_the_python_api_and_is_off_unless_asked(
     assert styled.json()["images"] != plain.json()["images"]
 
 
+def test_lora_from_openai_extra_body_and_a1111_prompt_tags(
+    client: httpx.Client, pipe: Pipeline, demo_lora: Path
+) -> None:
+    """The OpenAI route's ``loras`` (the client's extra_body) and A1111's ``<lora:NAME:WEIGHT>``, which leaves the
+    text the encoder sees: both answer what the Python API draws with the adapter at that scale."""
+    openai = {"prompt": PROMPTS[0], "n": 1, "size": "64x64", "seed": 12, "loras": {"style": 0.8}}
+    a1111 = {"prompt": f"{PROMPTS[1]}, <lora:style:1.2> <lora:style:0.3>", "seed": 6, "steps": STEPS, "cfg_scale": 5.0}
+    a1111 |= {"width": 64, "height": 64, "sampler_name": "Euler a"}
+    answers = client.post("/v1/images/generations", json=openai), client.post("/sdapi/v1/txt2img", json=a1111)
+    assert [answer.status_code for answer in answers] == [200, 200], [answer.text for answer in answers]
+    name = pipe.load_lora(demo_lora, scale=0.8)
+    try:
+        expected_openai = pipe.txt2img(PROMPTS[0], seed=12, height=64, width=64).images
+        pipe.set_lora_scale(name, 1.5)  # 1.2 + 0.3: the same name twice adds up
+        options = {"seed": 6, "num_inference_steps": STEPS, "guidance_scale": 5.0, "height": 64, "width": 64}
+        expected_a1111 = pipe.txt2img(f"{PROMPTS[1]},", scheduler="euler_a", **options).images
+    finally:
+        pipe.unload_lora(name)
+    same([d["b64_json"] for d in answers[0].json()["data"]], expected_openai)
+    same(answers[1].json()["images"], expected_a1111)
+    refusals = {"x <lora:watercolor:1>": "named 'watercolor'", "x <lora:style:lots>": "<lora:NAME:WEIGHT>"}
+    for prompt, words in refusals.items():
+        refused = client.post("/sdapi/v1/txt2img", json={"prompt": prompt})
+        assert refused.status_code == 400 and words in refused.json()["error"]["message"], refused.text
+
+
 def test_concurrent_compatible_requests_share_a_unet_batch_and_match_running_alone(
     server: ServerProcess, pipe: Pipeline
 ) -> None:

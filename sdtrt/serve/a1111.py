@@ -11,11 +11,13 @@ per ControlNet, ``model`` an attached ControlNet's name (the web UI's "name [has
 ``image`` base64, ``weight``, ``guidance_start`` / ``guidance_end``, ``control_mode`` "Balanced" (0) or
 "ControlNet is more important" (2: diffusers' guess mode), ``module`` "none" (the image is the map) or "canny"
 (``threshold_a`` / ``threshold_b``: its thresholds). ``GET /controlnet/model_list`` and ``/controlnet/module_list``
-answer as the extension does.
+answer as the extension does. LoRA adapters the server was started with (``--lora``) are asked for as the web UI
+does, ``<lora:NAME:WEIGHT>`` in the prompt (serve/lora_prompt.py): the tags leave the text the encoder sees.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -31,6 +33,7 @@ from sdtrt.runtime.control_images import canny
 from sdtrt.runtime.generation import GenerationResult
 from sdtrt.runtime.request import Request
 from sdtrt.serve.errors import ApiError
+from sdtrt.serve.lora_prompt import split_lora_tags
 from sdtrt.serve.schemas import b64_png, decode_image
 from sdtrt.serve.server import Server
 
@@ -185,7 +188,8 @@ class A1111Img2ImgBody(A1111Body):
 @router.post("/txt2img")
 async def txt2img(body: A1111Body, http: HttpRequest) -> dict[str, Any]:
     server: Server = http.app.state.server
-    job = server.submit("txt2img", body.to_request(), await run_in_threadpool(body.control_inputs), model=body.model)
+    request, loras = _lora_request(body)
+    job = server.submit("txt2img", request, await run_in_threadpool(body.control_inputs), body.model, loras)
     return await _answer(body, await server.wait(job, http))
 
 
@@ -201,8 +205,15 @@ async def img2img(body: A1111Img2ImgBody, http: HttpRequest) -> dict[str, Any]:
         return own | body.control_inputs()
 
     task = "img2img" if body.mask is None else "inpaint"
-    job = server.submit(task, body.to_request(), await run_in_threadpool(inputs), model=body.model)
+    request, loras = _lora_request(body)
+    job = server.submit(task, request, await run_in_threadpool(inputs), body.model, loras)
     return await _answer(body, await server.wait(job, http))
+
+
+def _lora_request(body: A1111Body) -> tuple[Request, dict[str, float]]:
+    """The request with the ``<lora:NAME:WEIGHT>`` tags taken out of its prompt, and those adapters' scales."""
+    prompt, loras = split_lora_tags(body.prompt)
+    return dataclasses.replace(body.to_request(), prompt=prompt), loras
 
 
 async def _answer(body: A1111Body, result: GenerationResult) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """OpenAI's image API: ``POST /v1/images/generations`` (prompt, n, size, response_format b64_json).
 
 ``model`` is a served model's name (left out: the only one served); ``seed``, ``negative_prompt``,
-``steps`` and ``guidance_scale`` are sdtrt's additions. Fields OpenAI defines that do not apply here
+``steps``, ``guidance_scale`` and ``loras`` (configured adapter name -> scale; the OpenAI client's
+``extra_body``) are sdtrt's additions. Fields OpenAI defines that do not apply here
 (quality, style, user) are accepted and ignored; others are refused by name.
 """
 
@@ -40,6 +41,7 @@ class ImagesGenerationsBody(BaseModel):
     negative_prompt: str | None = None
     steps: int | None = None
     guidance_scale: float | None = None
+    loras: dict[str, float] = Field(default_factory=dict, description="configured adapter name -> scale (extra_body)")
 
 
 @router.post("/generations")
@@ -60,7 +62,7 @@ async def generations(body: ImagesGenerationsBody, http: HttpRequest) -> dict:
         seed=body.seed,
         num_images=body.n,
     )
-    job = server.submit("txt2img", request, model=body.model)
+    job = server.submit("txt2img", request, model=body.model, loras=body.loras)
     result = await server.wait(job, http)
     images = await run_in_threadpool(lambda: [b64_png(image) for image in result.images])
     return {"created": int(time.time()), "data": [{"b64_json": image} for image in images], "seed": result.seed}
