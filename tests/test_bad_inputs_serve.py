@@ -24,7 +24,7 @@ from PIL import Image  # noqa: E402
 from benchmarks.serving import ServerProcess  # noqa: E402
 from sdtrt.serve.a1111 import A1111Body, A1111Img2ImgBody, ControlNetUnit  # noqa: E402
 from sdtrt.serve.openai import ImagesGenerationsBody  # noqa: E402
-from sdtrt.serve.schemas import TASK_BODIES  # noqa: E402
+from sdtrt.serve.schemas import task_bodies  # noqa: E402
 
 
 def _b64_image(side: int = 64) -> str:
@@ -44,13 +44,14 @@ NATIVE = {
     "upscale": {"prompt": "x", "num_inference_steps": 1, "image": IMAGE},
 }
 UNIT = {"image": IMAGE, "model": "map", "module": "canny"}
+BODIES = task_bodies()
 ROUTES: list[tuple[str, dict[str, Any], list[str]]] = [
-    ("/v1/txt2img", NATIVE["txt2img"], list(TASK_BODIES["txt2img"].model_fields)),
+    ("/v1/txt2img", NATIVE["txt2img"], list(BODIES["txt2img"].model_fields)),
     *(
         (
             f"/v1/{task}",
             NATIVE[task],
-            [*sorted(set(TASK_BODIES[task].model_fields) - set(TASK_BODIES["txt2img"].model_fields)), "prompt"],
+            [*sorted(set(BODIES[task].model_fields) - set(BODIES["txt2img"].model_fields)), "prompt"],
         )
         for task in NATIVE
         if task != "txt2img"
