@@ -27,6 +27,7 @@ import numpy as np
 
 from sdtrt.engine.errors import BackendUnavailableError, InvalidInputError
 from sdtrt.engine.fsutil import onnx_files
+from sdtrt.engine.manifest import ComponentFile, Manifest
 from sdtrt.engine.openvino_ir import fp16_ir
 from sdtrt.engine.ort_session import check_weights, default_cpu_threads
 from sdtrt.engine.pageout import paged_out
@@ -36,6 +37,7 @@ from sdtrt.engine.weights import WeightMap
 log = logging.getLogger(__name__)
 
 OPENVINO_PRECISIONS = {"bf16": "bf16", "fp32": "f32"}  # ours -> OpenVINO's INFERENCE_PRECISION_HINT
+INT8 = "int8"  # an int8 IR (`sdtrt quantize`): what it does not quantize runs at default_compute()
 MAX_COMPILED_SHAPES = 2  # compiled models kept per network (each holds its own weights): least recently used go
 
 
@@ -57,6 +59,21 @@ def default_compute() -> str:
     return "bf16" if native_bf16() else "fp32"
 
 
+def openvino_file(manifest: Manifest, component: str, onnx: ComponentFile, compute: str) -> tuple[ComponentFile, str]:
+    """The file the openvino backend compiles for ``component`` and its precision: under int8 the component's
+    int8 IR where the export has one, else (the VAE, a ControlNet) the ONNX file at default_compute()."""
+    if compute != INT8:
+        return onnx, compute
+    if (ir := manifest.components[component].openvino.get(INT8)) is not None:
+        return ir, INT8
+    log.info(
+        "%s has no int8 IR (sdtrt quantize makes the UNet's and text encoders'): it runs at %s",
+        component,
+        default_compute(),
+    )
+    return onnx, default_compute()
+
+
 class OpenVinoSession:
     """One ONNX model on OpenVINO's CPU plugin, compiled once per input shape."""
 
@@ -72,9 +89,9 @@ class OpenVinoSession:
         weight_map: WeightMap | None = None,
         digest: str | None = None,
     ) -> None:
-        if precision not in OPENVINO_PRECISIONS:
+        if precision not in (*OPENVINO_PRECISIONS, INT8):
             raise InvalidInputError(
-                f"unknown OpenVINO precision {precision!r} (choose from {', '.join(OPENVINO_PRECISIONS)})"
+                f"unknown OpenVINO precision {precision!r} (choose from {', '.join((*OPENVINO_PRECISIONS, INT8))})"
             )
         ov = import_openvino()
         self.name = Path(path).name
@@ -83,7 +100,7 @@ class OpenVinoSession:
         self._weights: Mapping[str, np.ndarray] = {}  # constants that hold other values than the file's
         self._core = ov.Core()
         self._config = {
-            "INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision],
+            "INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[default_compute() if precision == INT8 else precision],
             "INFERENCE_NUM_THREADS": threads or default_cpu_threads(),
             "PERFORMANCE_HINT": "LATENCY",
         }
