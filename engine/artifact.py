@@ -134,9 +134,8 @@ def open_artifact(folder: str | os.PathLike[str], backend: str = "auto", precisi
     where `sdtrt quantize --int8` made int8 IRs: one clear error where it did not)."""
     folder = Path(folder)
     manifest = load_manifest(folder)
-    choice = choose_backend(backend, compute=precision)
-    if choice.compute == "int8" and not any(component.openvino for component in manifest.components.values()):
+    if precision == "int8" and not any(component.openvino for component in manifest.components.values()):
         raise InvalidInputError(
             f"{folder} has no int8 networks: make them with `sdtrt quantize {folder} --int8`, or run at bf16 or fp32"
         )
-    return Artifact(folder, manifest, choice)
+    return Artifact(folder, manifest, choose_backend(backend, compute=precision))
