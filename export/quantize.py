@@ -5,8 +5,8 @@ of every activation is known to hurt SD images): NNCF first stores the weights o
 and feed-forward projections) as int8, weights only, then quantizes the rest of the UNet (convolutions:
 weights and inputs; the attention products) with activation ranges measured on calibration inputs, the
 UNet's inputs recorded while the runtime drew a set of prompts (sdtrt/quantize.py records them). The text
-encoders get weight compression only (they run once per prompt; no calibration); the VAE stays as it is
-(its convolutions run once per image, and their activations are the picture's pixels).
+encoders and the UNet that takes ControlNet residuals get weight compression only (no calibration); the VAE
+and the ControlNets stay as they are (the VAE's convolutions run once per image, on the picture's pixels).
 
 Each IR (``unet.int8-<digest>.xml`` + ``.bin`` beside ``unet.onnx``) is written in a scratch folder, renamed into the
 export under a name of its own, and only then recorded in the manifest (Component.openvino["int8"]), which
@@ -33,7 +33,9 @@ from sdtrt.engine.manifest import ComponentFile, Manifest, load_manifest
 log = logging.getLogger(__name__)
 
 HYBRID, WEIGHTS = "hybrid", "weights"  # int8 weights and activations where safe / int8 weights only
-MODES = {"unet": HYBRID, "text_encoder": WEIGHTS, "text_encoder_2": WEIGHTS}  # the networks quantized, and how
+# the networks quantized, and how; the UNet that takes ControlNet residuals gets int8 weights only (calibrating its
+# activations would need control images)
+MODES = {"unet": HYBRID, "unet_controlnet": WEIGHTS, "text_encoder": WEIGHTS, "text_encoder_2": WEIGHTS}
 IR_INFIX = ".int8-"  # beside unet.onnx: unet.int8-<the first 12 hex of the IR's sha256>.xml and .bin
 MAX_SAMPLES = 300  # NNCF's own default subset size
 
