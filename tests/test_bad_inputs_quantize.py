@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from bad_input import BadInput, assert_one_clear_error
+from bad_input import BadInput, assert_one_clear_error, flip_a_byte
 
 pytest.importorskip("nncf")
 
@@ -20,22 +20,14 @@ GENERATE = ("a cat", "--steps", "1", "--height", "128", "--width", "128", "-o")
 
 @pytest.fixture
 def export(tiny_export: Path, tmp_path: Path) -> Path:
-    folder = tmp_path / "export"
-    shutil.copytree(tiny_export, folder)
-    return folder
+    """A copy of the plain tiny export."""
+    return Path(shutil.copytree(tiny_export, tmp_path / "export"))
 
 
 @pytest.fixture
 def int8(tiny_int8_export: Path, tmp_path: Path) -> Path:
-    folder = tmp_path / "int8"
-    shutil.copytree(tiny_int8_export, folder)
-    return folder
-
-
-def _flip_a_byte(path: Path, at: int = 1000) -> None:
-    data = bytearray(path.read_bytes())
-    data[at] ^= 0xFF
-    path.write_bytes(bytes(data))
+    """A copy of the quantized tiny export."""
+    return Path(shutil.copytree(tiny_int8_export, tmp_path / "int8"))
 
 
 def _truncate(path: Path) -> None:
@@ -44,7 +36,7 @@ def _truncate(path: Path) -> None:
 
 # name, how the export is damaged, the arguments after `quantize FOLDER --int8`, what the one line says
 QUANTIZE_CASES = [
-    ("a flipped byte", lambda e: _flip_a_byte(e / "unet.onnx.data"), (), r"unet\.onnx changed since the export"),
+    ("a flipped byte", lambda e: flip_a_byte(e / "unet.onnx.data"), (), r"unet\.onnx changed since the export"),
     ("a truncated file", lambda e: _truncate(e / "unet.onnx.data"), (), r"bytes, not the \d+ the export wrote"),
     ("no manifest", lambda e: (e / "manifest.json").unlink(), (), "has no manifest.json"),
     ("no prompts file", lambda e: None, ("--prompts", "missing.txt"), "cannot read prompts from .*missing.txt"),
