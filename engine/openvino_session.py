@@ -12,6 +12,10 @@ compiling it again (base weights only: a LoRA's weights are compiled afresh).
 
 LoRA: the export keeps every weight-mapped initializer as a constant of its own, which OpenVINO
 names after the initializer; set_weights replaces those constants in the models compiled next.
+
+int8 ("int8"): a network `sdtrt quantize --int8` made an int8 IR of (export/quantize.py) compiles from
+that IR, what it leaves in float at default_compute(); a network without one runs its ONNX file at
+default_compute(). An int8 IR has no weight map: its weights are quantized (LoRA is refused upstream).
 """
 
 from __future__ import annotations
