@@ -15,7 +15,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[export,cpu,bench,dev,serve,controlnet,browser,docs]"
+	$(PY) -m pip install -q -e ".[export,cpu,bench,dev,serve,controlnet,browser,docs,quantize]"
 	touch $@
 
 demo: setup  ## export the embedded demo model, draw one image on the CPU

@@ -26,6 +26,7 @@ SDTRT_BACKENDS: dict[str, tuple[str, str | None]] = {
     "ort-cuda": ("ort-cuda", None),
     "openvino": ("openvino", None),  # bf16 where the CPU has native bf16, else fp32
     "openvino-fp32": ("openvino", "fp32"),
+    "openvino-int8": ("openvino", "int8"),  # the export quantized first where it is not (benchmarks/prepare.py)
     "ort-cpu": ("ort-cpu", None),
 }
 # the diffusers peers: every row's ratios are to these. "torch" is eager (fp32 on the CPU, fp16 on the GPU),

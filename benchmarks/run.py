@@ -286,6 +286,8 @@ def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     log.info("preparing %s (exports: %s)", args.model, ", ".join(needed) or "none")
     request = {"task": "prepare", "model": args.model, "root": str(args.root), "precisions": needed}
     request.update(seed=args.seed, export=None if args.export is None else str(args.export))
+    if "openvino-int8" in precisions:  # calibrated at the size measured (default: the native one)
+        request["int8"] = {"height": args.height, "width": args.width}
     (prepared,) = _run_workers([request], threads)
     if prepared["status"] != "ok":
         raise BenchmarkError(f"cannot prepare {args.model}: {prepared['reason']}")
@@ -354,6 +356,7 @@ def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 "images": job.images,
                 "cfg": job.cfg,
                 "export_s": export.get("export_s"),
+                **({"quantize_s": export.get("quantize_s")} if backend == "openvino-int8" else {}),
                 "export_cached": export.get("cached"),
             }
             if backend in skipped:

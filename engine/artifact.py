@@ -23,7 +23,7 @@ from sdtrt.engine.backends import (
     component_precision,
     open_session,
 )
-from sdtrt.engine.errors import ManifestError
+from sdtrt.engine.errors import InvalidInputError, ManifestError
 from sdtrt.engine.manifest import ComponentFile, Manifest, load_manifest
 from sdtrt.engine.networks import LORA_NETWORKS
 from sdtrt.engine.session import Session, TensorSpec
@@ -91,8 +91,17 @@ class Artifact:
                 self._weight_maps.pop(network, None)
                 if (session := self._sessions.pop(network, None)) is not None:
                     session.close()
+        if int8 := [network for network in LORA_NETWORKS if network in self and self.runs_int8(network)]:
+            raise InvalidInputError(
+                f"LoRA cannot change {', '.join(int8)} of {self.folder} at --precision int8 (their weights are "
+                "quantized): load it at --precision bf16 or fp32 to use LoRA"
+            )
         maps = {network: self.weight_map(network) for network in LORA_NETWORKS if network in self}
         return {network: weight_map for network, weight_map in maps.items() if weight_map is not None}
+
+    def runs_int8(self, network: str) -> bool:
+        """Whether ``network`` runs its int8 OpenVINO IR (`sdtrt quantize --int8`) on this backend."""
+        return self.backend.compute == "int8" and "int8" in self.manifest.components[network].openvino
 
     def session(self, network: str) -> Session:
         """The session of ``network``, opened on first use."""
@@ -121,7 +130,12 @@ class Artifact:
 
 def open_artifact(folder: str | os.PathLike[str], backend: str = "auto", precision: str | None = None) -> Artifact:
     """Open an artifact folder written by ``sdtrt export``; ``backend`` is "auto" or a name in BACKENDS,
-    ``precision`` the arithmetic precision where the backend offers a choice (openvino: "bf16" or "fp32")."""
+    ``precision`` the arithmetic precision where the backend offers a choice (openvino: "bf16", "fp32", or "int8"
+    where `sdtrt quantize --int8` made int8 IRs: one clear error where it did not)."""
     folder = Path(folder)
     manifest = load_manifest(folder)
+    if precision == "int8" and not any(component.openvino for component in manifest.components.values()):
+        raise InvalidInputError(
+            f"{folder} has no int8 networks: make them with `sdtrt quantize {folder} --int8`, or run at bf16 or fp32"
+        )
     return Artifact(folder, manifest, choose_backend(backend, compute=precision))

@@ -118,16 +118,16 @@ def _open_ort_cpu(choice: BackendChoice, target: SessionTarget) -> Session:
 
 
 def _open_openvino(choice: BackendChoice, target: SessionTarget) -> Session:
-    from sdtrt.engine.openvino_session import OpenVinoSession
+    from sdtrt.engine.openvino_session import OpenVinoSession, openvino_file
 
-    file = target.file
+    file, precision = openvino_file(target.manifest, target.component, target.file, choice.compute)
     return OpenVinoSession(
-        target.path,
+        target.folder / file.path,
         file.inputs,
         file.outputs,
-        precision=choice.compute,
+        precision=precision,
         cache_dir=openvino_cache_dir(target.folder),
-        weight_map=target.weight_map,
+        weight_map=target.weight_map if file is target.file else None,  # an int8 IR's weights are quantized
         digest=file.sha256,
     )
 
@@ -178,7 +178,7 @@ class Backend:
         if requested not in allowed:
             raise InvalidInputError(
                 f"backend {self.name} runs at {' or '.join(allowed)}, not {requested!r}"
-                + ("" if requested != "bf16" else " (bf16 is the openvino backend's: pip install 'sdtrt[cpu]')")
+                + ("" if requested not in ("bf16", "int8") else f" ({requested} is the openvino backend's)")
             )
         return requested
 
@@ -197,7 +197,7 @@ BACKENDS: dict[str, Backend] = {
             "fp32",
             _open_openvino,
             strict_precision=True,
-            computes=("bf16", "fp32"),
+            computes=("bf16", "fp32", "int8"),  # int8: the networks `sdtrt quantize --int8` made IRs of
             default_compute=_openvino_compute,
             compiles_per_shape=True,
             error_modules=("openvino",),

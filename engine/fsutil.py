@@ -331,10 +331,16 @@ def sha256_tree(root: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def data_file_name(name: str) -> str:
+    """The weights file beside a model file: an .onnx's external data ``<name>.onnx.data``, an OpenVINO IR's
+    ``<stem>.bin`` beside its ``<stem>.xml``."""
+    return name.removesuffix(".xml") + ".bin" if name.endswith(".xml") else name + ".data"
+
+
 def onnx_files(path: str | os.PathLike[str]) -> list[Path]:
-    """An .onnx file and its external data file (``<name>.onnx.data``), if it has one."""
+    """A model file (.onnx, or an OpenVINO IR's .xml) and its weights file (data_file_name), if it has one."""
     path = Path(path)
-    data = path.with_name(path.name + ".data")
+    data = path.with_name(data_file_name(path.name))
     return [path, data] if data.exists() else [path]
 
 

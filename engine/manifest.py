@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sdtrt.engine.errors import ManifestError
-from sdtrt.engine.fsutil import sha256_file, write_json_atomic
+from sdtrt.engine.fsutil import data_file_name, sha256_file, write_json_atomic
 from sdtrt.engine.networks import COMPONENTS, CONTROLNET_PREFIX, is_known_network
 from sdtrt.engine.session import TensorSpec
 
@@ -23,11 +23,13 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 FAMILIES = ("sd1", "sd2", "sdxl", "upscaler")
 PRECISIONS = ("fp32", "fp16")
+OPENVINO_IR_PRECISIONS = ("int8",)  # `sdtrt quantize`: OpenVINO IRs beside the ONNX files (export/quantize.py)
 # A serialized ONNX ModelProto starts with its field 1, ir_version: tag byte 0x08, then a small varint
 # (protobuf writers put fields in number order; every .onnx an export writes starts 0x08 0x08).
 ONNX_TAG = 0x08
 # the files of a tokenizer folder the runtime reads (the first two always, the configs where present)
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
+IR_SUFFIX = ".xml"  # an OpenVINO IR: model.xml, its weights in model.bin
 # the manifest's sizes that must be positive integers
 POSITIVE_SIZES = (
     "vae_scale_factor",
@@ -56,11 +58,14 @@ class ComponentFile:
     data_size: int | None = None
     # an ONNX Runtime fused graph (export --ort-fused): what fused, export/ort_fusion.py FusionReport.to_dict
     fusion: dict[str, Any] | None = None
+    # an OpenVINO IR made by `sdtrt quantize`: how (export/quantize.py QuantizationReport.to_dict)
+    quantization: dict[str, Any] | None = None
 
     @property
     def data_path(self) -> str:
-        """Where the export keeps this file's external data (weights), relative, when it has any."""
-        return self.path + ".data"
+        """Where the export keeps this file's external data (weights), relative, when it has any: beside an
+        .onnx file its name + ".data", beside an OpenVINO IR's .xml the .bin of the same stem."""
+        return data_file_name(self.path)
 
     def expected_files(self) -> dict[str, int | None]:
         """The files this entry needs, relative, with their recorded sizes (None: not recorded)."""
@@ -72,15 +77,19 @@ class ComponentFile:
         return files
 
     def to_dict(self) -> dict:
-        return {
-            "path": self.path,
-            "sha256": self.sha256,
-            "size": self.size,
-            "data_size": self.data_size,
-            "inputs": [t.to_dict() for t in self.inputs],
-            "outputs": [t.to_dict() for t in self.outputs],
-            "weights": self.weights,
-        } | ({} if self.fusion is None else {"fusion": dict(self.fusion)})
+        return (
+            {
+                "path": self.path,
+                "sha256": self.sha256,
+                "size": self.size,
+                "data_size": self.data_size,
+                "inputs": [t.to_dict() for t in self.inputs],
+                "outputs": [t.to_dict() for t in self.outputs],
+                "weights": self.weights,
+            }
+            | ({} if self.fusion is None else {"fusion": dict(self.fusion)})
+            | ({} if self.quantization is None else {"quantization": dict(self.quantization)})
+        )
 
     @classmethod
     def from_dict(cls, d: Mapping) -> ComponentFile:
@@ -93,6 +102,7 @@ class ComponentFile:
             size=None if d.get("size") is None else int(d["size"]),
             data_size=None if d.get("data_size") is None else int(d["data_size"]),
             fusion=None if d.get("fusion") is None else dict(d["fusion"]),
+            quantization=None if d.get("quantization") is None else dict(d["quantization"]),
         )
 
 
@@ -108,14 +118,18 @@ class Component:
     # ONNX Runtime's fused graphs by precision (export --ort-fused): "fp16" for its CUDA provider, "fp32"
     # for its CPU one. A key of its own, so that readers from before it still read the manifest (format 1)
     ort_fused: dict[str, ComponentFile] = field(default_factory=dict)
+    # OpenVINO IRs by precision (`sdtrt quantize --int8`: "int8"), which only the openvino backend runs; a key
+    # of its own too
+    openvino: dict[str, ComponentFile] = field(default_factory=dict)
 
     def all_files(self) -> list[ComponentFile]:
-        """The plain files, then the fused ones."""
-        return [*self.files.values(), *self.ort_fused.values()]
+        """The plain files, then the fused ones, then the OpenVINO IRs."""
+        return [*self.files.values(), *self.ort_fused.values(), *self.openvino.values()]
 
     def to_dict(self) -> dict:
         fused = {"ort_fused": {p: f.to_dict() for p, f in self.ort_fused.items()}} if self.ort_fused else {}
-        return {"files": {p: f.to_dict() for p, f in self.files.items()}} | fused
+        ir = {"openvino": {p: f.to_dict() for p, f in self.openvino.items()}} if self.openvino else {}
+        return {"files": {p: f.to_dict() for p, f in self.files.items()}} | fused | ir
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Component:
@@ -124,10 +138,13 @@ class Component:
         # since nothing a reader needs changed.
         files = {str(p): ComponentFile.from_dict(f) for p, f in d["files"].items()}
         fused = {str(p): ComponentFile.from_dict(f) for p, f in d.get("ort_fused", {}).items()}
+        ir = {str(p): ComponentFile.from_dict(f) for p, f in d.get("openvino", {}).items()}
         for precision in (*files, *fused):
             if precision not in PRECISIONS:
                 raise ValueError(f"unknown precision {precision!r}")
-        return cls(files=files, ort_fused=fused)
+        if unknown := sorted(set(ir) - set(OPENVINO_IR_PRECISIONS)):
+            raise ValueError(f"unknown OpenVINO IR precision {unknown[0]!r}")
+        return cls(files=files, ort_fused=fused, openvino=ir)
 
 
 @dataclass(frozen=True)
@@ -291,16 +308,19 @@ def file_problems(folder: Path, file: ComponentFile) -> list[str]:
             problems.append(f"{path} is empty")
         elif size is not None and actual != size:
             problems.append(f"{path} is {actual} bytes, not the {size} the export wrote (truncated or replaced)")
-        elif named == file.path and not _onnx_header(path):
-            problems.append(f"{path} is not an ONNX model (it does not start as one)")
+        elif named == file.path and not _model_header(path):
+            what = "an OpenVINO IR" if path.suffix == IR_SUFFIX else "an ONNX model"
+            problems.append(f"{path} is not {what} (it does not start as one)")
     return problems
 
 
-def _onnx_header(path: Path) -> bool:
-    """Whether ``path`` starts as a serialized ONNX model: ir_version first (see ONNX_TAG)."""
+def _model_header(path: Path) -> bool:
+    """Whether ``path`` starts as a serialized ONNX model (ir_version first, see ONNX_TAG) or, named .xml, as XML."""
     with open(path, "rb") as f:
-        head = f.read(2)
-    return len(head) == 2 and head[0] == ONNX_TAG and 0 < head[1] < 0x80
+        head = f.read(5)
+    if path.suffix == IR_SUFFIX:
+        return head == b"<?xml"
+    return len(head) >= 2 and head[0] == ONNX_TAG and 0 < head[1] < 0x80
 
 
 def read_manifest(folder: str | os.PathLike[str]) -> Manifest:

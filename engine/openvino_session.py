@@ -14,6 +14,9 @@ LoRA: a model with a weight map is compiled with a low-rank branch beside each L
 convolution weight (engine/openvino_lora.py): set_factors feeds the adapters' factors to the same
 compiled models, nothing recompiles. The other mapped weights (kxk convolutions) are constants of
 their own, named after their initializers; set_weights replaces those in the models compiled next.
+int8 ("int8"): a network `sdtrt quantize --int8` made an int8 IR of (export/quantize.py) compiles from
+that IR, what it leaves in float at default_compute(); a network without one runs its ONNX file at
+default_compute(). An int8 IR has no weight map: its weights are quantized (LoRA is refused upstream).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import numpy as np
 from sdtrt.engine.errors import BackendUnavailableError, InvalidInputError
 from sdtrt.engine.fsutil import onnx_files
 from sdtrt.engine.lora_branch import check_factors, factor_feeds
+from sdtrt.engine.manifest import ComponentFile, Manifest
 from sdtrt.engine.openvino_ir import discard, fp16_ir
 from sdtrt.engine.openvino_lora import add_branches, branch_sites, named_weights
 from sdtrt.engine.ort_session import check_weights, default_cpu_threads
@@ -40,6 +44,7 @@ from sdtrt.engine.weights import WeightMap
 log = logging.getLogger(__name__)
 
 OPENVINO_PRECISIONS = {"bf16": "bf16", "fp32": "f32"}  # ours -> OpenVINO's INFERENCE_PRECISION_HINT
+INT8 = "int8"  # an int8 IR (`sdtrt quantize`): what it does not quantize runs at default_compute()
 MAX_COMPILED_SHAPES = 2  # compiled models kept per network (each holds its own weights): least recently used go
 
 
@@ -61,6 +66,21 @@ def default_compute() -> str:
     return "bf16" if native_bf16() else "fp32"
 
 
+def openvino_file(manifest: Manifest, component: str, onnx: ComponentFile, compute: str) -> tuple[ComponentFile, str]:
+    """The file the openvino backend compiles for ``component`` and its precision: under int8 the component's
+    int8 IR where the export has one, else (the VAE, a ControlNet) the ONNX file at default_compute()."""
+    if compute != INT8:
+        return onnx, compute
+    if (ir := manifest.components[component].openvino.get(INT8)) is not None:
+        return ir, INT8
+    log.info(
+        "%s has no int8 IR (sdtrt quantize makes the UNet's and text encoders'): it runs at %s",
+        component,
+        default_compute(),
+    )
+    return onnx, default_compute()
+
+
 class OpenVinoSession:
     """One ONNX model on OpenVINO's CPU plugin, compiled once per input shape."""
 
@@ -76,9 +96,9 @@ class OpenVinoSession:
         weight_map: WeightMap | None = None,
         digest: str | None = None,
     ) -> None:
-        if precision not in OPENVINO_PRECISIONS:
+        if precision not in (*OPENVINO_PRECISIONS, INT8):
             raise InvalidInputError(
-                f"unknown OpenVINO precision {precision!r} (choose from {', '.join(OPENVINO_PRECISIONS)})"
+                f"unknown OpenVINO precision {precision!r} (choose from {', '.join((*OPENVINO_PRECISIONS, INT8))})"
             )
         ov = import_openvino()
         self.name = Path(path).name
@@ -87,7 +107,7 @@ class OpenVinoSession:
         self._weights: Mapping[str, np.ndarray] = {}  # constants that hold other values than the file's
         self._core = ov.Core()
         self._config = {
-            "INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision],
+            "INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[default_compute() if precision == INT8 else precision],
             "INFERENCE_NUM_THREADS": threads or default_cpu_threads(),
             "PERFORMANCE_HINT": "LATENCY",
         }

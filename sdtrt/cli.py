@@ -120,6 +120,19 @@ def _parser() -> argparse.ArgumentParser:
     more = "Reads every file in full; prints FOLDER: ok, or one line per problem and exits 2."
     command("verify", commands.verify, summary, "folder", more=more)
 
+    summary = "quantize an export's UNet and text encoders to int8 for the openvino backend (NNCF, hybrid)"
+    more = "Calibrates on the runtime's own drawings of --prompts; then: sdtrt generate FOLDER PROMPT --precision int8."
+    quantize = command("quantize", commands.quantize, summary, "folder", more=more)
+    quantize.add_argument(
+        "--int8", action="store_true", required=True, help="int8 weights, int8 activations where safe"
+    )
+    quantize.add_argument("--prompts", type=Path, metavar="FILE", help="calibration prompts, one a line (default: 8)")
+    quantize.add_argument("--steps", type=int, default=20, help="denoising steps per prompt (default: 20)")
+    quantize.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: 7.5)")
+    for side in ("height", "width"):
+        quantize.add_argument(f"--{side}", type=int, default=None, help="pixels (default: the model's native size)")
+    quantize.add_argument("--overwrite", action="store_true", help="quantize an export quantized already again")
+
     summary = "build TensorRT engines for an artifact folder (NVIDIA GPU + tensorrt)"
     build = command(
         "build", commands.build, summary, "folder", more="`--backend trt` then finds the plans in the folder."
@@ -173,7 +186,7 @@ def _add_serve_command(command: Callable[..., argparse.ArgumentParser]) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     serve.add_argument("--backend", choices=BACKEND_NAMES, default="auto", help="default: auto")
-    serve.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="openvino: bf16 or fp32")
+    serve.add_argument("--precision", choices=("bf16", "fp32", "int8"), default=None, help="openvino: bf16, fp32, int8")
     serve.add_argument(
         "--lora",
         action="append",

@@ -92,6 +92,16 @@ def verify(args: argparse.Namespace) -> int | None:
     return 2
 
 
+def quantize(args: argparse.Namespace) -> None:
+    from sdtrt.quantize import quantize, read_prompts
+
+    prompts = None if args.prompts is None else read_prompts(args.prompts)
+    options = {"steps": args.steps, "guidance": args.guidance, "height": args.height, "width": args.width}
+    manifest = quantize(args.folder, prompts=prompts, overwrite=args.overwrite, **options)
+    networks = [name for name, component in manifest.components.items() if component.openvino]
+    print(f"quantized {', '.join(networks)} of {args.folder} to int8 (run it with --precision int8)")
+
+
 def build(args: argparse.Namespace) -> None:
     from sdtrt.engine.manifest import load_manifest
     from sdtrt.engine.profiles import parse_profile

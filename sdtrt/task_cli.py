@@ -95,10 +95,10 @@ def _add_shared_options(parser: argparse.ArgumentParser, steps: int, guidance: f
     )
     parser.add_argument(
         "--precision",
-        choices=("bf16", "fp32"),
+        choices=("bf16", "fp32", "int8"),
         default=None,
         help="arithmetic precision where the backend offers a choice: openvino runs bf16 (default where the "
-        "CPU has native bf16) or fp32",
+        "CPU has native bf16), fp32, or int8 once `sdtrt quantize --int8` made int8 networks",
     )
     parser.add_argument(
         "--lora",

@@ -30,6 +30,13 @@ class BadInput:
     env: dict[str, str] = field(default_factory=dict)
 
 
+def flip_a_byte(path: Path, at: int = 1000) -> None:
+    """Damage ``path`` in place, keeping its size: only a full read (sdtrt verify, a sha256) sees it."""
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def files_under(folder: Path) -> set[Path]:
     """Every file and folder below ``folder``, hidden ones included."""
     return set(folder.rglob("*")) if folder.exists() else set()

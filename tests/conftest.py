@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
@@ -104,4 +105,23 @@ def demo_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("exports") / "tiny-sd"
     export_model(demo_model_dir(), out, precisions=("fp32", "fp16"), progress=False)
+    return out
+
+
+# the tiny int8 export's calibration: three prompts, 8 steps each at the native size (24 UNet inputs, batch 2)
+INT8_CALIBRATION = {
+    "prompts": ["a red circle on a blue background", "a cat", "a photograph of an astronaut riding a horse"],
+    "steps": 8,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_int8_export(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the tiny export with `sdtrt quantize --int8`'s IRs (tests copy it before changing it)."""
+    pytest.importorskip("nncf")
+    from sdtrt.quantize import quantize
+
+    out = tmp_path_factory.mktemp("exports") / "tiny-sd1-int8"
+    shutil.copytree(tiny_export, out)
+    quantize(out, **INT8_CALIBRATION)
     return out

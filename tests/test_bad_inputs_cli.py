@@ -18,7 +18,7 @@ from pathlib import Path
 
 import bad_input
 import pytest
-from bad_input import BadInput, assert_one_clear_error, run_cli
+from bad_input import BadInput, assert_one_clear_error, flip_a_byte, run_cli
 
 GENERATE = ("--steps", "1", "--height", "128", "--width", "128")
 
@@ -44,12 +44,6 @@ def runs(monkeypatch: pytest.MonkeyPatch) -> list[subprocess.CompletedProcess]:
     return done
 
 
-def _flip_a_byte(path: Path, at: int = 1000) -> None:
-    data = bytearray(path.read_bytes())
-    data[at] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
 # --- sdtrt verify -------------------------------------------------------------------------------------
 
 
@@ -62,7 +56,7 @@ def test_verify_a_good_export(export: Path, tmp_path: Path) -> None:
 
 
 def test_verify_finds_a_flipped_byte(export: Path, tmp_path: Path) -> None:
-    _flip_a_byte(export / "unet.onnx.data")  # same size: loading cannot see it, a full read can
+    flip_a_byte(export / "unet.onnx.data")  # same size: loading cannot see it, a full read can
     named = re.escape(f"{export / 'unet.onnx.data'} changed since the export")
     message = named + r".*; rebuild the export with: sdtrt export \S+ --out " + re.escape(f"{export} --overwrite")
     case = BadInput("verify, flipped byte", ("verify", str(export)), message)
@@ -124,7 +118,7 @@ def test_verify_warns_of_files_it_did_not_write(export: Path, tmp_path: Path) ->
 
 
 def test_verify_names_each_problem_on_its_own_line(export: Path, tmp_path: Path) -> None:
-    _flip_a_byte(export / "unet.onnx.data")
+    flip_a_byte(export / "unet.onnx.data")
     (export / "text_encoder.fp16.onnx.data").unlink()
     result = run_cli(["verify", str(export)], tmp_path)
     assert result.returncode == 2 and result.stdout == ""

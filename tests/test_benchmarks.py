@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -15,6 +16,7 @@ from benchmarks.harness import GPU_BACKENDS, SDTRT_BACKENDS, TORCH_BACKENDS, Job
 from benchmarks.presets import PRESET_CONFIGS, build_networks
 from benchmarks.report import load_rows, markdown, targets, write_report
 from benchmarks.run import BACKENDS, CPU_DEFAULT, add_ratios, run
+from sdtrt.engine.manifest import load_manifest
 
 CPU_BACKENDS = ["openvino", "openvino-fp32", "ort-cpu", "torch", "torch-bf16"]
 ALL_BACKENDS = [*CPU_BACKENDS, "trt", "ort-cuda", "torch-graph", "torch-compile"]
@@ -310,3 +312,19 @@ def test_gpu_peers_give_rows(tiny_model_dir: Path, tmp_path: Path) -> None:
         assert row["device"] == "cuda" and row["precision"] == "fp16" and row["unet_ms_median"] > 0
         assert row["compile_s"] is None if row["backend"] == "torch" else row["compile_s"] > 0
     assert set(rows[0]["vs"]) == {"torch-graph", "torch-compile"}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("nncf") is None, reason="needs nncf (pip install 'sdtrt[quantize]')")
+def test_the_int8_row_quantizes_the_export_first(tiny_model_dir: Path, tiny_export: Path, tmp_path: Path) -> None:
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export, export)
+    options = ["--warmup", "1", "--timed-steps", "2", "--steps", "2", "--device", "cpu", "--threads", "1"]
+    model = ["--model", str(tiny_model_dir), "--export", str(export), "--root", str(tmp_path / "cache")]
+    size = ["--height", "128", "--width", "128", "--out", str(tmp_path / "int8.jsonl"), "--no-report"]
+    rows = {r["backend"]: r for r in run([*model, "--backend", "openvino", "openvino-int8", *size, *options])}
+    int8 = rows["openvino-int8"]
+    assert int8["status"] == "ok", int8.get("reason")
+    assert int8["precision"] == "int8" and int8["quantize_s"] > 0 and int8["interleaved"]
+    assert "quantize_s" not in rows["openvino"]
+    calibration = load_manifest(export).components["unet"].openvino["int8"].quantization["calibration"]
+    assert (calibration["prompts"], calibration["height"], calibration["width"]) == (4, 128, 128)

@@ -77,10 +77,17 @@ def map_accuracy(draw: Callable[[np.ndarray, str, int], np.ndarray], cases: Sequ
 
 
 def map_accuracy_on_runtime(
-    export: Path, name: str, count: int, backend: str = "ort-cpu", steps: int = 20, guidance: float = DEMO_GUIDANCE
+    export: Path,
+    name: str,
+    count: int,
+    backend: str = "ort-cpu",
+    steps: int = 20,
+    guidance: float = DEMO_GUIDANCE,
+    precision: str | None = None,
 ) -> dict[str, float]:
-    """map_accuracy of ``count`` map_cases through the runtime, the ControlNet attached to ``export`` as ``name``."""
-    with Pipeline.load(export, backend=backend) as pipe:
+    """map_accuracy of ``count`` map_cases through the runtime, the ControlNet attached to ``export`` as ``name``
+    (``precision``: the backend's arithmetic, e.g. openvino's "int8")."""
+    with Pipeline.load(export, backend=backend, precision=precision) as pipe:
 
         def draw(control: np.ndarray, prompt: str, seed: int) -> np.ndarray:
             result = pipe.txt2img(
@@ -109,15 +116,16 @@ def semantic_accuracy(
     steps: int = 20,
     guidance: float = DEMO_GUIDANCE,
     seed: int = 123,
+    precision: str | None = None,
 ) -> dict[str, float]:
     """Shares of ``count`` random captions whose picture has the asked shape colour, background, both, kind, place.
 
-    "position" is the share of the captions that name a place.
+    "position" is the share of the captions that name a place; ``precision``: the backend's arithmetic.
     """
     rng = np.random.default_rng(seed)
     hits = dict.fromkeys(SCORES, 0)
     placed = 0  # captions that name a place
-    with Pipeline.load(export, backend=backend) as pipe:
+    with Pipeline.load(export, backend=backend, precision=precision) as pipe:
         for i in range(count):
             scene = shapes.sample_scene(rng)
             caption = shapes.sample_caption(scene, rng)
@@ -171,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--backend", default="ort-cpu")
+    parser.add_argument("--precision", default=None, help="the backend's arithmetic (openvino: bf16, fp32, int8)")
     parser.add_argument("--controlnet", type=Path, help="score this ControlNet folder (diffusers, torch) instead")
     parser.add_argument("--base", type=Path, default=Path("export/assets/tiny-sd"), help="its demo model folder")
     parser.add_argument("--attached", metavar="NAME", help="score the ControlNet attached to the export as NAME")
@@ -193,9 +202,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(1)
         shares = map_accuracy(diffusers_drawer(args.base, args.controlnet), map_cases(args.count))
     elif args.export and args.attached:
-        shares = map_accuracy_on_runtime(args.export, args.attached, args.count, args.backend)
+        shares = map_accuracy_on_runtime(args.export, args.attached, args.count, args.backend, precision=args.precision)
     elif args.export:
-        shares = semantic_accuracy(args.export, args.count, args.backend)
+        shares = semantic_accuracy(args.export, args.count, args.backend, precision=args.precision)
     else:
         parser.error("give an export folder or --controlnet FOLDER")
     unit = "maps" if args.controlnet or args.attached else "captions"
