@@ -152,6 +152,10 @@ class Manifest:
     # attached ControlNets by name (their network: "controlnet.<name>"): {"source": {"path", "sha256"},
     # "global_pool_conditions": bool}; older manifests have none
     controlnets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # the attached tiny VAE (vae_decoder_tiny / vae_encoder_tiny): {"source": {"path", "sha256"}, "family"}
+    tiny_vae: dict[str, Any] | None = None
+    # the attached step-cache graphs (unet_cache / unet_shallow): {"branch": DeepCache's cache_branch_id}
+    step_cache: dict[str, Any] | None = None
     sdtrt_version: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -177,7 +181,7 @@ class Manifest:
             "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt,
             "components": {name: c.to_dict() for name, c in self.components.items()},
             "controlnets": {name: dict(facts) for name, facts in self.controlnets.items()},
-        }
+        } | {key: dict(value) for key in ("tiny_vae", "step_cache") if (value := getattr(self, key)) is not None}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Manifest:
@@ -202,6 +206,8 @@ class Manifest:
             force_zeros_for_empty_prompt=bool(d["force_zeros_for_empty_prompt"]),
             components={str(k): Component.from_dict(v) for k, v in d["components"].items()},
             controlnets={str(k): dict(v) for k, v in d.get("controlnets", {}).items()},
+            tiny_vae=None if d.get("tiny_vae") is None else dict(d["tiny_vae"]),
+            step_cache=None if d.get("step_cache") is None else dict(d["step_cache"]),
         )
 
     def component_file(self, component: str, precision: str, fused: bool = False) -> ComponentFile:

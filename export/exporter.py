@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from sdtrt.engine.errors import ExportError, SdtrtError
 from sdtrt.engine.fsutil import atomic_dir, onnx_digest, onnx_files, replace_refusal, sha256_file, sha256_tree
 from sdtrt.engine.manifest import MANIFEST_NAME, PRECISIONS, Component, ComponentFile, Manifest
-from sdtrt.engine.networks import COMPONENTS, TEXT_ENCODERS
+from sdtrt.engine.networks import EXPORTED, TEXT_ENCODERS
 from sdtrt.engine.version import VERSION
 from sdtrt.export import networks, ort_fusion, single_file
 from sdtrt.export.onnx_export import (
@@ -141,9 +141,9 @@ def export_model(
     ``allow_pickle`` apply to checkpoints only (single_file.converted_checkpoint). ``components`` defaults to
     every network the model's family uses.
     """
-    bad = [p for p in precisions if p not in PRECISIONS] + [c for c in components or () if c not in COMPONENTS]
+    bad = [p for p in precisions if p not in PRECISIONS] + [c for c in components or () if c not in EXPORTED]
     if bad or not precisions or (components is not None and not components):
-        raise ExportError(f"unknown precision or component {bad} (precisions {PRECISIONS}, components {COMPONENTS})")
+        raise ExportError(f"unknown precision or component {bad} (precisions {PRECISIONS}, components {EXPORTED})")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset {opset} is not supported (use an ONNX opset from {MIN_OPSET} to {MAX_OPSET})")
     out_dir = Path(out_dir)

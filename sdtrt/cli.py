@@ -29,7 +29,7 @@ POSITIONAL_HELP = {
 
 def _parser() -> argparse.ArgumentParser:
     from sdtrt.engine.manifest import PRECISIONS
-    from sdtrt.engine.networks import COMPONENTS
+    from sdtrt.engine.networks import COMPONENTS, EXPORTED
 
     common = argparse.ArgumentParser(add_help=False)  # SUPPRESS: -q/-v/--debug count before or after the command
     for flags, text in (
@@ -67,11 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--components",
         nargs="+",
-        choices=[c for c in COMPONENTS if c != "unet_controlnet"],  # that one comes with add-controlnet
+        choices=EXPORTED,  # the attached networks come with their own commands (add-controlnet, add-tiny-vae)
         default=None,
         help="networks (default: all the model uses)",
     )
     export.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    export.add_argument("--step-cache", action="store_true", help="also the step-cache graphs (add-step-cache)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing artifact folder")
     export.add_argument(
         "--ort-fused",
@@ -137,6 +138,19 @@ def _parser() -> argparse.ArgumentParser:
     attach.add_argument("--name", default=None, help="what --control calls it (default: its folder or file name)")
     attach.add_argument("--base", default=None, help="the model FOLDER was exported from (default: as recorded)")
     attach.add_argument("--overwrite", action="store_true", help="replace a ControlNet attached under this name")
+
+    summary = "attach a tiny VAE (a diffusers AutoencoderTiny: TAESD for SD 1.x/2.x, TAESDXL for SDXL) to an export"
+    more = "Then: sdtrt generate FOLDER PROMPT --tiny-vae (a ~10x faster decode)."
+    tiny_vae = command("add-tiny-vae", commands.add_tiny_vae, summary, "folder", more=more)
+    tiny_vae.add_argument("tiny_vae", metavar="TINY_VAE", help="a diffusers AutoencoderTiny folder (.safetensors)")
+    tiny_vae.add_argument("--overwrite", action="store_true", help="replace the tiny VAE attached before")
+
+    summary = "attach the step-cache graphs (DeepCache: a UNet that returns its deep feature, a shallow UNet)"
+    more = "Then: sdtrt generate FOLDER PROMPT --cache-interval 3. Reads the UNet's weights file, adds no copy."
+    step_cache = command("add-step-cache", commands.add_step_cache, summary, "folder", more=more)
+    step_cache.add_argument("--branch", type=int, default=0, help="DeepCache's skip branch (default 0)")
+    step_cache.add_argument("--base", default=None, help="the model FOLDER was exported from (default: as recorded)")
+    step_cache.add_argument("--overwrite", action="store_true", help="replace the step-cache graphs attached before")
 
     summary = "4x super-resolution with an x4-upscaler export"
     upscale = command("upscale", commands.run_task, summary, "folder", "image", "prompt")
@@ -260,7 +274,7 @@ def _add_generation_options(
     from sdtrt.engine.backends import BACKEND_NAMES
     from sdtrt.runtime.schedulers import SCHEDULERS
 
-    common = ("negative", "steps", "guidance", "seed", "scheduler", "num_images")
+    common = ("negative", "steps", "guidance", "seed", "scheduler", "num_images", "vae", "cache_interval")
     parser.set_defaults(method=method, options=(*common, *own))
     parser.add_argument("-o", "--out", type=Path, default=Path("out.png"), help="PNG path (default: out.png)")
     parser.add_argument("--negative", default=None, help="negative prompt (used when guidance > 1)")
@@ -271,6 +285,12 @@ def _add_generation_options(
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed)")
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="default: the model's own")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt (default: 1)")
+    parser.add_argument(
+        "--tiny-vae", dest="vae", action="store_const", const="tiny", default="full", help="decode with the tiny VAE"
+    )
+    parser.add_argument(
+        "--cache-interval", type=int, default=1, metavar="N", help="step caching: the whole UNet every N-th step"
+    )
     parser.add_argument(
         "--backend",
         choices=BACKEND_NAMES,
