@@ -168,6 +168,44 @@ def test_cached_img2img_matches_deepcache(cache_export: Path, tiny_model_dir: Pa
     assert _relative_error(ours.latents, expected) < IMAGE_LATENT_TOLERANCE
 
 
+def test_cached_sdxl_matches_deepcache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from sdtrt.export.exporter import export_model
+    from sdtrt.export.step_cache import attach_step_cache
+    from sdtrt.export.tiny import build_tiny_sdxl
+
+    root = tmp_path_factory.mktemp("sdxl-step-cache")
+    model = build_tiny_sdxl(root / "sdxl")
+    export_model(model, root / "export", progress=False)
+    attach_step_cache(root / "export")
+    latents = np.random.default_rng(4).standard_normal((1, 4, 16, 16), dtype=np.float32)
+    options = {"num_inference_steps": 7, "guidance_scale": 5.0, "height": 128, "width": 128}
+    expected = _deepcache_latents(
+        "StableDiffusionXLPipeline", model, "euler", 3, 0, latents=torch.from_numpy(latents), **options
+    )
+    with Pipeline.load(root / "export", backend="ort-cpu") as pipe:
+        ours = pipe.txt2img(PROMPT, latents=latents, scheduler="euler", cache_interval=3, **options)
+    assert _relative_error(ours.latents, expected) < LATENT_TOLERANCE
+
+
+def test_cached_inpaint_runs_the_nine_channel_unet(tiny_inpaint_export: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from sdtrt.export.step_cache import attach_step_cache
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_inpaint_export, export)
+    attach_step_cache(export)
+    image = Image.fromarray(np.full((128, 128, 3), 90, np.uint8))
+    mask = np.zeros((128, 128), np.uint8)
+    mask[32:96, 32:96] = 255
+    options = {"num_inference_steps": 6, "seed": 2}
+    with Pipeline.load(export, backend="ort-cpu") as pipe:
+        plain = pipe.inpaint(PROMPT, image, Image.fromarray(mask), **options)
+        cached = pipe.inpaint(PROMPT, image, Image.fromarray(mask), cache_interval=3, **options)
+    assert np.isfinite(cached.latents).all()
+    assert 1e-4 < _relative_error(cached.latents, plain.latents) < 1.0
+
+
 def test_without_guidance_and_with_the_nonuniform_schedule(cache_export: Path) -> None:
     latents = np.random.default_rng(1).standard_normal((2, 4, 16, 16), dtype=np.float32)
     options = {"num_inference_steps": 6, "guidance_scale": 1.0, "latents": latents, "prompt": [PROMPT, NEGATIVE]}
