@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch_noise import TorchNoise
 
 from sdtrt.cli import main
 from sdtrt.engine.errors import ExportError, InvalidInputError
@@ -22,16 +23,6 @@ NEGATIVE = "blurry"
 LATENT_TOLERANCE = 1e-5  # as the plain txt2img parity test (tests/test_pipeline.py)
 IMAGE_LATENT_TOLERANCE = 5e-5  # img2img: the VAE encoder too, as tests/test_image_pipelines.py
 DIFFUSERS_SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "lms": "LMSDiscreteScheduler"}
-
-
-class TorchNoise:
-    """A NumPy-Generator look-alike that replays torch.randn draws from a seeded torch.Generator."""
-
-    def __init__(self, seed: int) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def standard_normal(self, size, dtype) -> np.ndarray:
-        return torch.randn(size, generator=self.generator, dtype=torch.float32).numpy()
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch_noise import TorchNoise
 
 from sdtrt.cli import main
 from sdtrt.engine.errors import ExportError, InvalidInputError
@@ -21,16 +22,6 @@ LATENT_TOLERANCE = 1e-5  # txt2img: as the plain parity test (the UNet is the sa
 IMAGE_LATENT_TOLERANCE = 5e-5  # img2img: the (tiny) encoder too, as tests/test_image_pipelines.py
 PIXEL_TOLERANCE = 1  # levels of 255
 PIXELS_OFF_BY_ONE = 1e-3
-
-
-class TorchNoise:
-    """A NumPy-Generator look-alike that replays torch.randn draws from a seeded torch.Generator."""
-
-    def __init__(self, seed: int) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def standard_normal(self, size, dtype) -> np.ndarray:
-        return torch.randn(size, generator=self.generator, dtype=torch.float32).numpy()
 
 
 @pytest.fixture(scope="session")
