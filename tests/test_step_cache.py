@@ -225,6 +225,15 @@ def test_cli_cache_interval(cache_export: Path, tmp_path: Path) -> None:
     assert out.is_file()
 
 
+def test_export_step_cache_flag(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "export"
+    argv = ["export", str(tiny_model_dir), "--out", str(out), "--step-cache", "--components", "text_encoder", "unet"]
+    assert main([*argv, "--quiet"]) == 0
+    manifest = load_manifest(out)
+    assert manifest.step_cache == {"branch": 0}
+    assert sorted(manifest.components) == ["text_encoder", "unet", "unet_cache", "unet_shallow"]
+
+
 # --------------------------------------------------------------------------------------------------
 # Bad inputs: one line each, before any network runs
 
