@@ -59,6 +59,8 @@ class Job:
     threads: int  # CPU threads (ORT intra-op, torch)
     device: str  # "cpu" | "cuda": where the torch peers run
     seed: int = 0
+    cache_interval: int = 1  # sdtrt: step caching, the whole UNet every N-th step (benchmarks/per_image.py)
+    vae: str = "full"  # sdtrt: "tiny" decodes with the export's tiny VAE
 
     @property
     def cfg(self) -> bool:

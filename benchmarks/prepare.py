@@ -111,3 +111,23 @@ def ensure_int8(export: Path, height: int | None, width: int | None) -> float | 
     start = time.perf_counter()
     quantize(export, prompts=DEFAULT_PROMPTS[:4], steps=10, height=height, width=width)
     return time.perf_counter() - start
+
+
+def ensure_latency_graphs(export: Path, root: str | os.PathLike[str], step_cache: bool, tiny_vae: bool) -> None:
+    """Attach what per-image rows need to ``export``, once: the step-cache graphs (DeepCache's default branch) and
+    a random-weight tiny VAE of TAESD's own config (it costs what TAESD costs), built under ``root``."""
+    manifest = load_manifest(export)
+    if step_cache and manifest.step_cache is None:
+        from sdtrt.export.step_cache import attach_step_cache
+
+        log.info("attaching the step-cache graphs to %s", export)
+        attach_step_cache(export)
+    if tiny_vae and manifest.tiny_vae is None:
+        from sdtrt.export.tiny import build_tiny_taesd
+        from sdtrt.export.tiny_vae import attach_tiny_vae
+
+        taesd = Path(root) / "taesd"
+        if not (taesd / "config.json").is_file():
+            build_tiny_taesd(taesd, taesd_size=True, overwrite=True)
+        log.info("attaching a TAESD-sized tiny VAE to %s", export)
+        attach_tiny_vae(export, taesd)

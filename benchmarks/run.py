@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from benchmarks import per_image
 from benchmarks.harness import GPU_BACKENDS, SDTRT_BACKENDS, TORCH_BACKENDS, Job
 from benchmarks.measure import cpu_cores, cpu_name, gpu_name, library_versions
 from benchmarks.presets import PRESETS
@@ -66,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
         "--export", type=Path, default=None, help="an existing sdtrt export of --model (default: export, cached)"
     )
     p.add_argument("--sweep", action="store_true", help="every size 512/768/1024 x batch 1/2/4")
+    p.add_argument(
+        "--cache-interval", type=int, nargs="+", default=[1], metavar="N", help="sdtrt rows per step-cache interval"
+    )
+    p.add_argument("--tiny-vae", action="store_true", help="sdtrt rows with the tiny VAE too (per_image.py)")
     p.add_argument("--warmup", type=int, default=3, help="untimed UNet steps first (default 3)")
     p.add_argument("--timed-steps", type=int, default=20, help="timed UNet steps (default 20)")
     p.add_argument("--e2e-runs", type=int, default=1, help="timed end-to-end runs, medians reported (default 1)")
@@ -288,6 +293,7 @@ def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     request.update(seed=args.seed, export=None if args.export is None else str(args.export))
     if "openvino-int8" in precisions:  # calibrated at the size measured (default: the native one)
         request["int8"] = {"height": args.height, "width": args.width}
+    request.update(step_cache=max(args.cache_interval) > 1, tiny_vae=args.tiny_vae)
     (prepared,) = _run_workers([request], threads)
     if prepared["status"] != "ok":
         raise BenchmarkError(f"cannot prepare {args.model}: {prepared['reason']}")
@@ -326,7 +332,9 @@ def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     for height, width, batch in shapes:
         shape_rows: list[dict[str, Any]] = []
         pending: list[tuple[Job, dict[str, Any]]] = []  # what to measure, and the row each completes
-        for backend in backends:
+        for backend, (interval, vae) in (
+            (b, v) for b in backends for v in per_image.variants(b, args.cache_interval, args.tiny_vae)
+        ):
             export = exports.get(precisions.get(backend, ""), {})
             on_gpu = backend in GPU_BACKENDS or (backend == "torch" and device == "cuda")
             job = Job(
@@ -344,6 +352,8 @@ def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 threads=threads,
                 device="cuda" if on_gpu else "cpu",
                 seed=args.seed,
+                cache_interval=interval,
+                vae=vae,
             )
             row = {
                 **base,
@@ -358,6 +368,8 @@ def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 "export_s": export.get("export_s"),
                 **({"quantize_s": export.get("quantize_s")} if backend == "openvino-int8" else {}),
                 "export_cached": export.get("cached"),
+                "cache_interval": interval,
+                "vae": vae,
             }
             if backend in skipped:
                 row.update(status="skipped", reason=skipped[backend])
@@ -376,6 +388,8 @@ def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             f.writelines(json.dumps(row) + "\n" for row in shape_rows)
         rows.extend(shape_rows)
     print(markdown(rows))
+    if max(args.cache_interval) > 1 or args.tiny_vae:
+        print(per_image.table(rows))
     if not args.no_report:
         md, png = write_report(rows, args.out.with_suffix(".md"), args.out.with_suffix(".png"))
         print(f"rows appended to {args.out}; report {md}, {png}")

@@ -64,6 +64,8 @@ class SdtrtRunner:
             scheduler=job.scheduler,
             latents=latents,
             progress=count,
+            cache_interval=job.cache_interval,
+            vae=job.vae,
         )
         t = result.timings
         return StageTimes(

@@ -25,7 +25,7 @@ from sdtrt.engine.fsutil import write_json_atomic
 
 def prepare(request: dict[str, Any]) -> dict[str, Any]:
     """The model folder and, per precision, its sdtrt export or the reason there is none."""
-    from benchmarks.prepare import ensure_export, ensure_int8, ensure_model
+    from benchmarks.prepare import ensure_export, ensure_int8, ensure_latency_graphs, ensure_model
 
     model, root, seed = request["model"], request["root"], request["seed"]
     model_dir, build_s = ensure_model(model, root, seed)
@@ -36,6 +36,7 @@ def prepare(request: dict[str, Any]) -> dict[str, Any]:
         except SdtrtError as exc:  # a family the export stage does not support yet, a precision not exported
             exports[precision] = {"error": str(exc)}
             continue
+        ensure_latency_graphs(out, root, request.get("step_cache", False), request.get("tiny_vae", False))
         exports[precision] = {"dir": str(out), "export_s": export_s, "cached": cached}
         if precision == "fp32" and request.get("int8") is not None:
             exports[precision]["quantize_s"] = ensure_int8(out, **request["int8"])

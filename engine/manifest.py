@@ -174,6 +174,10 @@ class Manifest:
     # the other files the runtime reads (read_files: tokenizers, weight maps) by relative path: {"size": bytes,
     # "sha256": hex}, for `sdtrt verify`; older manifests have none
     checksums: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # the attached tiny VAE (vae_decoder_tiny / vae_encoder_tiny): {"source": {"path", "sha256"}, "family"}
+    tiny_vae: dict[str, Any] | None = None
+    # the attached step-cache graphs (unet_cache / unet_shallow): {"branch": DeepCache's cache_branch_id}
+    step_cache: dict[str, Any] | None = None
     sdtrt_version: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -200,7 +204,7 @@ class Manifest:
             "components": {name: c.to_dict() for name, c in self.components.items()},
             "controlnets": {name: dict(facts) for name, facts in self.controlnets.items()},
             "checksums": {path: dict(record) for path, record in self.checksums.items()},
-        }
+        } | {key: dict(value) for key in ("tiny_vae", "step_cache") if (value := getattr(self, key)) is not None}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Manifest:
@@ -228,6 +232,8 @@ class Manifest:
             checksums={
                 str(k): {"size": int(v["size"]), "sha256": str(v["sha256"])} for k, v in d.get("checksums", {}).items()
             },
+            tiny_vae=None if d.get("tiny_vae") is None else dict(d["tiny_vae"]),
+            step_cache=None if d.get("step_cache") is None else dict(d["step_cache"]),
         )
 
     def read_files(self) -> list[str]:

@@ -35,6 +35,7 @@ class Network:
     fp32_fallback: bool = False  # fp16 output checked for NaN/inf and recomputed by the fp32 variant
     tokenizer: str | None = None  # text encoders: the tokenizer folder beside the ONNX files
     lora_keys: str | None = None  # the network whose LoRA keys adapt this one, where not its own name
+    attached: bool = False  # written into an existing export by its own command, never by `sdtrt export` itself
 
     @property
     def lora_component(self) -> str:
@@ -80,13 +81,21 @@ NETWORKS: NetworkTable = NetworkTable(
         Network("vae_encoder", "source"),
         # ControlNet: the UNet that takes the ControlNets' down/mid residuals as inputs, exported beside the plain
         # UNet when the first ControlNet is attached (export/controlnet.py), and the ControlNets themselves
-        Network("unet_controlnet", "cfg", lora=True, lora_keys="unet"),
+        Network("unet_controlnet", "cfg", lora=True, lora_keys="unet", attached=True),
         Network("controlnet", "control"),
+        # a tiny VAE (diffusers AutoencoderTiny: TAESD), attached by export/tiny_vae.py: UNet latents <-> pixels
+        Network("vae_decoder_tiny", "images", attached=True),
+        Network("vae_encoder_tiny", "source", attached=True),
+        # step caching (DeepCache), attached by export/step_cache.py: the UNet that also returns the deep feature
+        # at the cache branch, and the shallow UNet that takes it; both read the UNet's own weights file
+        Network("unet_cache", "cfg", attached=True),
+        Network("unet_shallow", "cfg", attached=True),
     )
 )
 # the networks an export may hold under their own name, in the order it writes them; attached ControlNets
 # follow as "controlnet.<name>" (is_known_network)
 COMPONENTS = tuple(name for name in NETWORKS if name != "controlnet")
+EXPORTED = tuple(name for name in COMPONENTS if not NETWORKS[name].attached)  # what `sdtrt export` may write
 TEXT_ENCODERS = {n.name: n.tokenizer for n in NETWORKS.values() if n.tokenizer}  # network -> tokenizer folder
 LORA_NETWORKS = tuple(n.name for n in NETWORKS.values() if n.lora)
 

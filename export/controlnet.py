@@ -14,30 +14,26 @@ The ControlNet is exported at conditioning scale 1 and without guess mode: the r
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import re
-import shutil
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sdtrt.engine.errors import ExportError, SdtrtError
-from sdtrt.engine.fsutil import LOCK_NAME, scratch_dir
-from sdtrt.engine.manifest import Component, ComponentFile, Manifest, file_records, load_manifest
+from sdtrt.engine.errors import ExportError
+from sdtrt.engine.fsutil import scratch_dir
+from sdtrt.engine.manifest import ComponentFile, Manifest, file_records, load_manifest
 from sdtrt.engine.networks import CONTROLNET_PREFIX
 from sdtrt.engine.session import TensorSpec
-from sdtrt.export import exporter, single_file
+from sdtrt.export.attach import base_model, export_network, load_base_unet, move_in
 from sdtrt.export.chatter import held_back
 from sdtrt.export.controlnet_source import load_controlnet
 from sdtrt.export.networks import NetworkSpec, UNetNet
 from sdtrt.export.onnx_export import DEFAULT_OPSET
-from sdtrt.export.pickles import safetensors_only
 
 log = logging.getLogger(__name__)
 
@@ -223,27 +219,27 @@ def _attach(
     with scratch_dir(folder, ".controlnet") as staging:
         components = dict(manifest.components)
         if UNET_CONTROLNET not in components:
-            with _base_model(manifest, folder, base, allow_pickle) as source:
-                unet = _load_base_unet(source, allow_pickle)
+            with base_model(manifest, folder, base, allow_pickle) as source:
+                unet = load_base_unet(source, allow_pickle)
                 base_layout = residual_layout(dict(unet.config))
                 if base_layout != layout:
                     raise ExportError(_misfit(str(controlnet), folder, "residuals", layout, base_layout))
                 unet_spec = unet_controlnet_spec(manifest, layout)
                 extra = tuple(s.name for s in unet_spec.inputs[3:])
                 upcast = bool(unet.config.get("upcast_attention"))
-                components[UNET_CONTROLNET] = _export(
+                components[UNET_CONTROLNET] = export_network(
                     UNetNet(unet, extra), unet_spec, staging, precisions, opset, fused=ort_fused, upcast=upcast
                 )
         extra = tuple(s.name for s in spec.inputs[4:])
         upcast = bool(config.get("upcast_attention"))
-        components[spec.name] = _export(
+        components[spec.name] = export_network(
             ControlNetNet(model, extra), spec, staging, precisions, opset, fused=ort_fused, upcast=upcast
         )
         facts = {"source": record, "global_pool_conditions": pooled}
         updated = replace(manifest, components=components, controlnets={**manifest.controlnets, name: facts})
         written = file_records(staging, updated.read_files())  # the new networks' weight maps
         updated = replace(updated, checksums={**manifest.checksums, **written})
-        _move_in(staging, folder)
+        move_in(staging, folder, "the ControlNet's")
         updated.save(folder)
     log.info("attached ControlNet %s to %s", name, folder)
     return updated
@@ -290,79 +286,3 @@ def _name(source: str | os.PathLike[str]) -> str:
     """A ControlNet's default name: its folder's or file's name, or a hub id's last part, in NAME's letters."""
     stem = Path(source).stem if Path(source).is_file() else Path(str(source).rstrip("/")).name
     return re.sub(r"[^A-Za-z0-9_-]+", "-", stem).strip("-_")[:64] or "controlnet"
-
-
-@contextmanager
-def _base_model(
-    manifest: Manifest, folder: Path, base: str | os.PathLike[str] | None, allow_pickle: bool
-) -> Iterator[Path]:
-    """The diffusers folder of the model ``folder`` was exported from: ``base`` or the manifest's source."""
-    source = base if base is not None else manifest.source.get("path")
-    if not source:
-        raise ExportError(f"{folder} does not say which model it was exported from: pass the base model (--base)")
-    expected = manifest.source.get("sha256")
-    if Path(source).is_file():
-        resolved = single_file.converted_checkpoint(source, folder, allow_pickle=allow_pickle)
-    else:
-        model = exporter.resolve_model_folder(source)
-        resolved = _nothing_to_convert(model, {"sha256": exporter.source_hash(model)})
-    with resolved as (model, record):
-        if expected and record.get("sha256") != expected:
-            raise ExportError(
-                f"{source} is not the model {folder} was exported from (its content differs): the UNet that takes "
-                "ControlNet residuals must come from the same base; pass that model with --base"
-            )
-        yield model
-
-
-@contextmanager
-def _nothing_to_convert(model: Path, record: dict[str, str]) -> Iterator[tuple[Path, dict[str, str]]]:
-    yield model, record
-
-
-def _load_base_unet(source: Path, allow_pickle: bool) -> torch.nn.Module:
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel.from_pretrained(source / "unet", **safetensors_only(source / "unet", allow_pickle))
-
-
-def _export(
-    module: torch.nn.Module,
-    spec: NetworkSpec,
-    staging: Path,
-    precisions: Sequence[str],
-    opset: int,
-    *,
-    fused: bool,
-    upcast: bool,
-) -> Component:
-    """One network's ONNX files in ``staging``, as the base export writes them (exporter._export_network); with
-    ``fused``, ONNX Runtime's fused graphs too, as the base's UNet has them (``upcast``: its upcast_attention)."""
-    fused_files: dict[str, ComponentFile] = {}
-    fuse = functools.partial(exporter._export_fused, into=fused_files, upcast_attention=upcast) if fused else None
-    try:
-        files = exporter._export_network(module.eval(), spec, staging, precisions, opset, fuse)
-    except (SdtrtError, ModuleNotFoundError):
-        raise
-    except Exception as exc:  # torch, diffusers, onnx: a long message and a deep traceback (see --debug)
-        raise ExportError(f"exporting {spec.name} failed: {exporter._one_line(exc)}") from exc
-    log.info("exported %s (%s)", spec.name, ", ".join([*files, *(f"{p} ORT-fused" for p in fused_files)]))
-    return Component(files=files, ort_fused=fused_files)
-
-
-def _move_in(staging: Path, folder: Path) -> None:
-    """Move the files written in ``staging`` into ``folder``; on failure, take back the ones moved."""
-    moved: list[Path] = []
-    try:
-        for file in sorted(staging.iterdir()):
-            if file.name == LOCK_NAME:  # the scratch folder's own owner lock, not an export file
-                continue
-            target = folder / file.name
-            if target.exists():  # a ControlNet attached again under its name (overwrite)
-                target.unlink()
-            shutil.move(file, target)
-            moved.append(target)
-    except OSError as exc:
-        for target in moved:
-            target.unlink(missing_ok=True)
-        raise ExportError(f"cannot write the ControlNet's files into {folder}: {exc}") from exc

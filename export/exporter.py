@@ -36,7 +36,7 @@ from sdtrt.engine.manifest import (
     Manifest,
     file_records,
 )
-from sdtrt.engine.networks import COMPONENTS, TEXT_ENCODERS
+from sdtrt.engine.networks import EXPORTED, TEXT_ENCODERS
 from sdtrt.engine.version import VERSION
 from sdtrt.export import networks, ort_fusion, single_file
 from sdtrt.export.chatter import held_back
@@ -162,9 +162,9 @@ def export_model(
     ``*.bin`` without safetensors) are read only with ``allow_pickle`` (export/pickles.py). ``components``
     defaults to every network the model's family uses.
     """
-    bad = [p for p in precisions if p not in PRECISIONS] + [c for c in components or () if c not in COMPONENTS]
+    bad = [p for p in precisions if p not in PRECISIONS] + [c for c in components or () if c not in EXPORTED]
     if bad or not precisions or (components is not None and not components):
-        raise ExportError(f"unknown precision or component {bad} (precisions {PRECISIONS}, components {COMPONENTS})")
+        raise ExportError(f"unknown precision or component {bad} (precisions {PRECISIONS}, components {EXPORTED})")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset {opset} is not supported (use an ONNX opset from {MIN_OPSET} to {MAX_OPSET})")
     out_dir = Path(out_dir)

@@ -326,3 +326,35 @@ def build_tiny_controlnet(
     with atomic_dir(out_dir, overwrite=overwrite) as staging:
         controlnet.save_pretrained(staging, safe_serialization=True)
     return Path(out_dir)
+
+
+def build_tiny_taesd(
+    out_dir: str | os.PathLike[str],
+    seed: int = 0,
+    overwrite: bool = False,
+    taesd_size: bool = False,
+    latent_channels: int = 4,
+) -> Path:
+    """A random-weight diffusers AutoencoderTiny for 8x, 4-channel latents, as a folder (safetensors).
+
+    By default a small one (16 channels, one block per level) for tests; ``taesd_size`` gives TAESD's own
+    config (what madebyollin/taesd and taesdxl have: it costs what TAESD costs) for benchmarks.
+    """
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    size = (
+        {}
+        if taesd_size
+        else {
+            "encoder_block_out_channels": (16,) * 4,
+            "decoder_block_out_channels": (16,) * 4,
+            "num_encoder_blocks": (1,) * 4,
+            "num_decoder_blocks": (1,) * 4,
+        }
+    )
+    vae = AutoencoderTiny(latent_channels=latent_channels, **size)
+    with atomic_dir(out_dir, overwrite=overwrite) as staging:
+        vae.save_pretrained(staging, safe_serialization=True)
+    return Path(out_dir)

@@ -25,6 +25,8 @@ from sdtrt.runtime.request import Limits
 from sdtrt.runtime.runner import NetworkRunner
 from sdtrt.runtime.schedulers import Scheduler, make_scheduler
 from sdtrt.runtime.sessions import Networks
+from sdtrt.runtime.step_cache import begin_step_cache
+from sdtrt.runtime.vae import TINY_DECODER, TINY_ENCODER
 
 if TYPE_CHECKING:
     from sdtrt.runtime.plan import Plan  # the plan imports the tasks, which import this module
@@ -145,10 +147,13 @@ class Generation:
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         """(N, 3, H, W) in [-1, 1] -> scaled latents (N, C, H/8, W/8), sampled from the VAE's posterior."""
         t0 = time.perf_counter()
-        moments = self.runner.run("vae_encoder", image=pixels)  # (N, 2C, h, w): mean and log-variance
-        mean, logvar = np.split(moments, 2, axis=1)
-        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
-        latents = (mean + std * self.normal(mean.shape)) * np.float32(self.manifest.vae_scaling_factor)
+        if self.request.vae == "tiny":  # the UNet's latents, exactly: no posterior to sample (as diffusers)
+            latents = self.runner.run(TINY_ENCODER, image=pixels)
+        else:
+            moments = self.runner.run("vae_encoder", image=pixels)  # (N, 2C, h, w): mean and log-variance
+            mean, logvar = np.split(moments, 2, axis=1)
+            std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
+            latents = (mean + std * self.normal(mean.shape)) * np.float32(self.manifest.vae_scaling_factor)
         self.add_time("vae_encode", time.perf_counter() - t0)
         return latents.astype(np.float32)
 
@@ -180,6 +185,8 @@ class Generation:
             height, width = (f * n for n in latents.shape[2:])
             control.begin(self.runner, len(sched.timesteps) - start, len(latents), self.cfg, height, width)
             control_seconds = control.seconds
+        r = self.request
+        cache = begin_step_cache(self.runner, stop - start, r.cache_interval, r.cache_schedule)  # None: off
         for i in range(start, stop):
             model_input = np.concatenate([latents, latents]) if self.cfg else latents
             model_input = sched.scale_model_input(model_input, i)  # (2B or B, C, h, w) float32
@@ -189,7 +196,10 @@ class Generation:
                 model_input = np.concatenate([model_input, condition], axis=1)
             u0 = time.perf_counter()
             unet = "unet_controlnet" if residuals else "unet"  # the UNet that takes ControlNet residuals
-            noise_pred = self.runner.run(unet, sample=model_input, timestep=timestep, **feeds, **residuals)
+            if cache is not None:  # DeepCache: the whole UNet on full steps, its shallow part between
+                noise_pred = cache.run(i - start, {"sample": model_input, "timestep": timestep, **feeds})
+            else:
+                noise_pred = self.runner.run(unet, sample=model_input, timestep=timestep, **feeds, **residuals)
             unet_seconds += time.perf_counter() - u0
             if self.cfg:
                 uncond_pred, text_pred = np.split(noise_pred, 2)
@@ -211,7 +221,10 @@ class Generation:
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """(B, C, h, w) latents -> (B, 3, H, W) float32 image in [-1, 1]."""
         t0 = time.perf_counter()
-        image = self.runner.run("vae_decoder", latent=latents / np.float32(self.manifest.vae_scaling_factor))
+        if self.request.vae == "tiny":  # it takes the UNet's latents (export/tiny_vae.py)
+            image = self.runner.run(TINY_DECODER, latents=latents)
+        else:
+            image = self.runner.run("vae_decoder", latent=latents / np.float32(self.manifest.vae_scaling_factor))
         self.add_time("vae_decode", time.perf_counter() - t0)
         return image
 

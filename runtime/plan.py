@@ -20,7 +20,9 @@ from sdtrt.runtime.conditioning import Conditioner
 from sdtrt.runtime.control import CONTROL_OPTIONS, Control, check_control
 from sdtrt.runtime.request import REQUEST_OPTIONS, Limits, Request
 from sdtrt.runtime.sessions import Networks
+from sdtrt.runtime.step_cache import check_cache_options
 from sdtrt.runtime.tasks import TASKS, Task, get_task
+from sdtrt.runtime.vae import check_vae
 
 CALL_OPTIONS = ("progress", "rng", "runner")  # what Pipeline.run takes beside the request and the task's own
 
@@ -73,10 +75,13 @@ def make_plan(
     record, checked, arguments, control_options = precheck(task, request, inputs, limits)
     control_tasks = [name for name, t in TASKS.items() if t.controlnets]
     control = check_control(record.name, control_options, sessions, control_tasks)
+    manifest = sessions.artifact.manifest
+    check_vae(checked.vae, manifest, sessions.artifact.folder)
+    check_cache_options(checked.cache_interval, checked.cache_branch, manifest, sessions, control is not None)
     # diffusers' rule: guidance 1 (or less) is the plain conditional model; LCM-distilled UNets take the
     # guidance scale as an input instead (timestep_cond) and never double the batch
     cfg = checked.guidance_scale > 1.0 and not conditioner.guidance_embedded
-    key = batch_key(record, checked, arguments, cfg, sessions.artifact.manifest) if control is None else None
+    key = batch_key(record, checked, arguments, cfg, manifest) if control is None else None
     return Plan(record, checked, arguments, control, cfg, key)
 
 

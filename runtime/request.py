@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sdtrt.engine.errors import InvalidInputError
+from sdtrt.runtime.step_cache import check_cache_request
+from sdtrt.runtime.vae import VAES
 
 if TYPE_CHECKING:
     from sdtrt.runtime.tasks import Task
@@ -89,6 +91,10 @@ class Request:
     seed: int | None = None  # default: a fresh one, reported in the result
     num_images: int = 1  # per prompt
     scheduler: str | None = None  # a name in sdtrt.runtime.schedulers.SCHEDULERS; default: the model's own
+    vae: str = "full"  # "tiny": decode (and encode) with the export's tiny VAE (runtime/vae.py)
+    cache_interval: int = 1  # step caching (runtime/step_cache.py): the whole UNet every N-th step; 1: off
+    cache_branch: int | None = None  # DeepCache's skip branch; default: the one the export's graphs are for
+    cache_schedule: str = "uniform"  # or "nonuniform": DeepCache's non-uniform placement of the full steps
 
     @property
     def prompts(self) -> list[str]:
@@ -121,6 +127,8 @@ class Request:
             width=_plain(self.width),
             seed=_plain(self.seed),
             num_images=_plain(self.num_images),
+            cache_interval=_plain(self.cache_interval),
+            cache_branch=_plain(self.cache_branch),
         )
         request._check()
         if not record.sized and (self.height is not None or self.width is not None):
@@ -145,6 +153,9 @@ class Request:
             raise InvalidInputError(f"num_images must be an integer >= 1, got {images!r}")
         if self.scheduler is not None and not isinstance(self.scheduler, str):
             raise InvalidInputError(f"scheduler must be a scheduler's name, got {self.scheduler!r}")
+        check_cache_request(self.cache_interval, self.cache_branch, self.cache_schedule, steps)
+        if self.vae not in VAES:
+            raise InvalidInputError(f"vae must be one of {', '.join(map(repr, VAES))}, got {self.vae!r}")
         if self.seed is not None and (not is_integer(self.seed) or not 0 <= self.seed < 2**64):
             raise InvalidInputError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):

@@ -31,7 +31,7 @@ ALLOW_PICKLE_HELP = (
 
 def _parser() -> argparse.ArgumentParser:
     from sdtrt.engine.manifest import PRECISIONS
-    from sdtrt.engine.networks import COMPONENTS
+    from sdtrt.engine.networks import COMPONENTS, EXPORTED
 
     common = argparse.ArgumentParser(add_help=False)  # SUPPRESS: -q/-v/--debug count before or after the command
     for flags, text in (
@@ -69,11 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--components",
         nargs="+",
-        choices=[c for c in COMPONENTS if c != "unet_controlnet"],  # that one comes with add-controlnet
+        choices=EXPORTED,  # the attached networks come with their own commands (add-controlnet, add-tiny-vae)
         default=None,
         help="networks (default: all the model uses)",
     )
     export.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    export.add_argument("--step-cache", action="store_true", help="also the step-cache graphs (add-step-cache)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing artifact folder")
     export.add_argument(
         "--ort-fused",
@@ -111,6 +112,19 @@ def _parser() -> argparse.ArgumentParser:
     attach.add_argument("--base", default=None, help="the model FOLDER was exported from (default: as recorded)")
     attach.add_argument("--overwrite", action="store_true", help="replace a ControlNet attached under this name")
     attach.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
+
+    summary = "attach a tiny VAE (a diffusers AutoencoderTiny: TAESD for SD 1.x/2.x, TAESDXL for SDXL) to an export"
+    more = "Then: sdtrt generate FOLDER PROMPT --tiny-vae (a ~10x faster decode)."
+    tiny_vae = command("add-tiny-vae", commands.add_tiny_vae, summary, "folder", more=more)
+    tiny_vae.add_argument("tiny_vae", metavar="TINY_VAE", help="a diffusers AutoencoderTiny folder (.safetensors)")
+    tiny_vae.add_argument("--overwrite", action="store_true", help="replace the tiny VAE attached before")
+
+    summary = "attach the step-cache graphs (DeepCache: a UNet that returns its deep feature, a shallow UNet)"
+    more = "Then: sdtrt generate FOLDER PROMPT --cache-interval 3. Reads the UNet's weights file, adds no copy."
+    step_cache = command("add-step-cache", commands.add_step_cache, summary, "folder", more=more)
+    step_cache.add_argument("--branch", type=int, default=0, help="DeepCache's skip branch (default 0)")
+    step_cache.add_argument("--base", default=None, help="the model FOLDER was exported from (default: as recorded)")
+    step_cache.add_argument("--overwrite", action="store_true", help="replace the step-cache graphs attached before")
 
     more = "With fp16 variants (or --engines) also the TensorRT profile that `sdtrt build` builds by default."
     info = command("info", commands.info, "describe an artifact folder: model, files and sizes", "folder", more=more)

@@ -27,6 +27,10 @@ def export(args: argparse.Namespace) -> None:
         allow_pickle=args.allow_pickle,
         ort_fused=args.ort_fused,
     )
+    if args.step_cache:
+        from sdtrt.export.step_cache import attach_step_cache
+
+        attach_step_cache(args.out, base=args.model, opset=args.opset)
     print(f"exported {args.model} to {args.out}")
 
 
@@ -39,6 +43,20 @@ def run_task(args: argparse.Namespace) -> None:
     generate_images(
         task.name, args.folder, args.prompt, args.out, args.quiet, args.backend, args.lora, args.precision, **options
     )
+
+
+def add_tiny_vae(args: argparse.Namespace) -> None:
+    from sdtrt.export.tiny_vae import attach_tiny_vae
+
+    attach_tiny_vae(args.folder, args.tiny_vae, overwrite=args.overwrite)
+    print(f"attached the tiny VAE {args.tiny_vae} to {args.folder}")
+
+
+def add_step_cache(args: argparse.Namespace) -> None:
+    from sdtrt.export.step_cache import attach_step_cache
+
+    attach_step_cache(args.folder, branch=args.branch, base=args.base, overwrite=args.overwrite)
+    print(f"attached the step-cache graphs (branch {args.branch}) to {args.folder}")
 
 
 def add_controlnet(args: argparse.Namespace) -> None:

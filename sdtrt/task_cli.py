@@ -88,6 +88,27 @@ def _add_shared_options(parser: argparse.ArgumentParser, steps: int, guidance: f
     )
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt (default: 1)")
     parser.add_argument(
+        "--tiny-vae",
+        dest="vae",
+        action="store_const",
+        const="tiny",
+        default="full",
+        help="decode (and encode) with the export's tiny VAE from sdtrt add-tiny-vae (default: full)",
+    )
+    cache = parser.add_argument_group("step caching (DeepCache; sdtrt add-step-cache)")
+    cache.add_argument(
+        "--cache-interval", type=int, default=1, metavar="N", help="the whole UNet every N-th step, 1: off (default: 1)"
+    )
+    cache.add_argument(
+        "--cache-branch", type=int, default=None, metavar="N", help="the skip branch (default: the export's graphs')"
+    )
+    cache.add_argument(
+        "--cache-schedule",
+        choices=("uniform", "nonuniform"),
+        default="uniform",
+        help="where the full steps fall (default: uniform)",
+    )
+    parser.add_argument(
         "--backend",
         choices=BACKEND_NAMES,
         default="auto",

@@ -250,6 +250,26 @@ CASES: list[tuple[str, Call, str]] = [
         r"^scheduler 'lcm' needs an LCM-distilled model, whose UNet takes the guidance scale as its timestep_cond "
         r"input; this model's UNet has none: pick another scheduler$",
     ),
+    # 7. per-image levers: step caching and the tiny VAE (tests/test_step_cache.py, tests/test_tiny_vae.py)
+    (
+        "cache_interval 0",
+        lambda p: p.sd.txt2img(PROMPT, **FAST, cache_interval=0),
+        r"^cache_interval must be an integer from 1 \(no caching\) to num_inference_steps \(1\), got 0$",
+    ),
+    ("cache_interval -3", lambda p: p.sd.txt2img(PROMPT, **FAST, cache_interval=-3), r"^cache_interval must be"),
+    ("cache_interval 2**64", lambda p: p.sd.txt2img(PROMPT, **FAST, cache_interval=2**64), r"got 1844674\d+$"),
+    ("cache_interval '3'", lambda p: p.sd.txt2img(PROMPT, **FAST, cache_interval="3"), r"^cache_interval must be"),
+    (
+        "cache_interval without the graphs",
+        lambda p: p.sd.txt2img(PROMPT, num_inference_steps=2, cache_interval=2),
+        r"^cache_interval 2 needs the step-cache graphs, which .* has none of: attach them with `sdtrt add-step-cache ",
+    ),
+    ("vae 'TINY'", lambda p: p.sd.txt2img(PROMPT, **FAST, vae="TINY"), r"^vae must be one of 'full', 'tiny', got 'TIN"),
+    (
+        "tiny vae without one",
+        lambda p: p.sd.txt2img(PROMPT, **FAST, vae="tiny"),
+        r"^vae='tiny' needs a tiny VAE, which .* has none of: attach one with `sdtrt add-tiny-vae ",
+    ),
     (
         "a lone surrogate in the prompt",
         lambda p: p.sd.txt2img("a \ud800 cat", **FAST),
@@ -340,6 +360,18 @@ CLI_CASES = [  # name, argv after the export folder (IMAGE: the named image), ex
         ("generate", os.fsdecode(b"a \xff cat"), *GENERATE),
         2,
         r"^sdtrt: error: a prompt is not valid text: it holds '\\udcff' at character 2",
+    ),
+    (
+        "--cache-interval 0",
+        ("generate", "a cat", *GENERATE, "--cache-interval", "0"),
+        2,
+        r"^sdtrt: error: cache_interval must be an integer from 1 \(no caching\) to num_inference_steps \(1\), got 0$",
+    ),
+    (
+        "--tiny-vae without one",
+        ("generate", "a cat", *GENERATE, "--tiny-vae"),
+        2,
+        r"^sdtrt: error: vae='tiny' needs a tiny VAE, which .* has none of: attach one with `sdtrt add-tiny-vae ",
     ),
     (
         "RGBA PNG",

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch_noise import TorchNoise
 
 from sdtrt.engine.errors import ExportError
 from sdtrt.engine.manifest import load_manifest
@@ -21,16 +22,6 @@ LATENT_TOLERANCE = 1e-5  # max |ours - diffusers| / max |diffusers| (the issue's
 IMAGE_LATENT_TOLERANCE = 5e-5  # img2img / inpaint: the VAE encoder too, as tests/test_image_pipelines.py
 PIXEL_TOLERANCE = 1  # levels of 255
 PIXELS_OFF_BY_ONE = 1e-3
-
-
-class TorchNoise:
-    """A NumPy-Generator look-alike that replays torch.randn draws from a seeded torch.Generator."""
-
-    def __init__(self, seed: int) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def standard_normal(self, size, dtype) -> np.ndarray:
-        return torch.randn(size, generator=self.generator, dtype=torch.float32).numpy()
 
 
 def control_image(kind: int, height: int = 128, width: int = 128) -> Image.Image:

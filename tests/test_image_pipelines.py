@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch_noise import TorchNoise
 
 from sdtrt.engine.errors import InvalidInputError
 from sdtrt.runtime import canvas
@@ -27,16 +28,6 @@ NEGATIVE = "blurry"
 LATENT_TOLERANCE = 5e-5  # max |ours - diffusers| / max |diffusers|
 PIXEL_TOLERANCE = 1  # levels of 255
 PIXELS_OFF_BY_ONE = 1e-3
-
-
-class TorchNoise:
-    """A NumPy-Generator look-alike that replays torch.randn draws from a seeded torch.Generator."""
-
-    def __init__(self, seed: int) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def standard_normal(self, size, dtype) -> np.ndarray:
-        return torch.randn(size, generator=self.generator, dtype=torch.float32).numpy()
 
 
 def _test_image(height: int = 256, width: int = 256) -> Image.Image:

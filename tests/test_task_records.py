@@ -26,7 +26,12 @@ from sdtrt.runtime.tasks.txt2img import Txt2ImgOptions, txt2img
 PROMPT = "a red circle"
 FAST = {"num_inference_steps": 2, "height": 64, "width": 64, "seed": 3}
 # the CLI's flag for each shared option, where its name differs
-CLI_FLAGS = {"negative_prompt": "negative", "num_inference_steps": "steps", "guidance_scale": "guidance"}
+CLI_FLAGS = {
+    "negative_prompt": "negative",
+    "num_inference_steps": "steps",
+    "guidance_scale": "guidance",
+    "vae": "tiny_vae",
+}
 
 
 def _help(argv: list[str]) -> str:
@@ -49,7 +54,7 @@ def _same(value: Any, text: str | None) -> bool:
     """Whether a default and the text the CLI shows for it say the same."""
     if value is None:
         return text is not None  # a None default is described in words ("the model's native size")
-    if isinstance(value, bool):
+    if isinstance(value, (bool, str)):
         return text == str(value)
     return text is not None and float(text) == float(value)
 

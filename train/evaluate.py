@@ -25,6 +25,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -117,10 +118,12 @@ def semantic_accuracy(
     guidance: float = DEMO_GUIDANCE,
     seed: int = 123,
     precision: str | None = None,
+    **options: Any,
 ) -> dict[str, float]:
     """Shares of ``count`` random captions whose picture has the asked shape colour, background, both, kind, place.
 
-    "position" is the share of the captions that name a place; ``precision``: the backend's arithmetic.
+    "position" is the share of the captions that name a place; ``precision``: the backend's arithmetic. ``options``
+    go to every txt2img call (e.g. ``cache_interval=3``, ``vae="tiny"``: the per-image levers' quality gate).
     """
     rng = np.random.default_rng(seed)
     hits = dict.fromkeys(SCORES, 0)
@@ -130,7 +133,7 @@ def semantic_accuracy(
             scene = shapes.sample_scene(rng)
             caption = shapes.sample_caption(scene, rng)
             image = np.asarray(
-                pipe.txt2img(caption, num_inference_steps=steps, guidance_scale=guidance, seed=i).images[0]
+                pipe.txt2img(caption, num_inference_steps=steps, guidance_scale=guidance, seed=i, **options).images[0]
             )
             colour, background = shapes.dominant_colours(image)
             hits["shape_colour"] += colour == scene.colour
@@ -180,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--backend", default="ort-cpu")
     parser.add_argument("--precision", default=None, help="the backend's arithmetic (openvino: bf16, fp32, int8)")
+    parser.add_argument("--cache-interval", type=int, default=1, help="score with step caching (add-step-cache)")
+    parser.add_argument("--tiny-vae", action="store_true", help="score decoding with the export's tiny VAE")
     parser.add_argument("--controlnet", type=Path, help="score this ControlNet folder (diffusers, torch) instead")
     parser.add_argument("--base", type=Path, default=Path("export/assets/tiny-sd"), help="its demo model folder")
     parser.add_argument("--attached", metavar="NAME", help="score the ControlNet attached to the export as NAME")
@@ -204,7 +209,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.export and args.attached:
         shares = map_accuracy_on_runtime(args.export, args.attached, args.count, args.backend, precision=args.precision)
     elif args.export:
-        shares = semantic_accuracy(args.export, args.count, args.backend, precision=args.precision)
+        vae = "tiny" if args.tiny_vae else "full"
+        shares = semantic_accuracy(
+            args.export, args.count, args.backend, precision=args.precision, cache_interval=args.cache_interval, vae=vae
+        )
     else:
         parser.error("give an export folder or --controlnet FOLDER")
     unit = "maps" if args.controlnet or args.attached else "captions"

@@ -108,6 +108,8 @@ class A1111Body(BaseModel):
     batch_size: int = Field(default=1, ge=1)
     n_iter: int = Field(default=1, ge=1, le=1, description="batch count: 1 (ask for batch_size images instead)")
     override_settings: dict[str, Any] = Field(default_factory=dict)
+    cache_interval: int = Field(default=1, ge=1, description="sdtrt's: step caching, the whole UNet every N-th step")
+    vae: str = Field(default="full", description="sdtrt's: \"tiny\", the export's tiny VAE")
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
 
     def to_request(self) -> Request:
@@ -121,6 +123,8 @@ class A1111Body(BaseModel):
             seed=None if self.seed == -1 else self.seed,
             num_images=self.batch_size,
             scheduler=self.scheduler_name(),
+            vae=self.vae,
+            cache_interval=self.cache_interval,
         )
 
     def scheduler_name(self) -> str | None:

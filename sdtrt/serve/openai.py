@@ -1,9 +1,9 @@
 """OpenAI's image API: ``POST /v1/images/generations`` (prompt, n, size, response_format b64_json).
 
 ``model`` is a served model's name (left out: the only one served); ``seed``, ``negative_prompt``,
-``steps``, ``guidance_scale`` and ``loras`` (configured adapter name -> scale; the OpenAI client's
-``extra_body``) are sdtrt's additions. Fields OpenAI defines that do not apply here
-(quality, style, user) are accepted and ignored; others are refused by name.
+``steps``, ``guidance_scale``, ``loras`` (configured adapter name -> scale), ``vae`` and ``cache_interval`` (the
+per-image levers) are sdtrt's additions, which the OpenAI client sends as ``extra_body``. Fields OpenAI defines
+that do not apply here (quality, style, user) are accepted and ignored; others are refused by name.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ class ImagesGenerationsBody(BaseModel):
     steps: int | None = None
     guidance_scale: float | None = None
     loras: dict[str, float] = Field(default_factory=dict, description="configured adapter name -> scale (extra_body)")
+    vae: str = Field(default="full", description='"tiny": the export\'s tiny VAE (extra_body)')
+    cache_interval: int = Field(default=1, description="step caching: the whole UNet every N-th step (extra_body)")
 
 
 @router.post("/generations")
@@ -61,6 +63,8 @@ async def generations(body: ImagesGenerationsBody, http: HttpRequest) -> dict:
         width=width,
         seed=body.seed,
         num_images=body.n,
+        vae=body.vae,
+        cache_interval=body.cache_interval,
     )
     job = server.submit("txt2img", request, model=body.model, loras=body.loras)
     result = await server.wait(job, http)

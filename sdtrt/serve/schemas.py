@@ -38,6 +38,10 @@ class GenerationBody(Body):
     seed: int | None = Field(default=None, ge=0, lt=2**64)
     num_images: int = 1
     scheduler: str | None = None
+    vae: str = Field(default="full", description='"tiny": the export\'s tiny VAE (sdtrt add-tiny-vae)')
+    cache_interval: int = Field(default=1, description="step caching: the whole UNet every N-th step, 1: off")
+    cache_branch: int | None = Field(default=None, description="step caching's skip branch (default: the graphs')")
+    cache_schedule: str = Field(default="uniform", description='where the full steps fall: "uniform", "nonuniform"')
     model: str | None = Field(default=None, description="a served model's name; may be left out when one is served")
     loras: dict[str, float] = Field(default_factory=dict, description="configured adapter name -> scale")
 
@@ -51,6 +55,10 @@ class GenerationBody(Body):
             seed=self.seed,
             num_images=self.num_images,
             scheduler=self.scheduler,
+            vae=self.vae,
+            cache_interval=self.cache_interval,
+            cache_branch=self.cache_branch,
+            cache_schedule=self.cache_schedule,
             height=getattr(self, "height", None),
             width=getattr(self, "width", None),
         )

@@ -1,0 +1,276 @@
+"""Step caching (DeepCache): attaching its graphs to an export, and cached txt2img / img2img against the DeepCache
+package's own DeepCacheSDHelper patching diffusers' pipeline, with the same interval and branch."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch_noise import TorchNoise
+
+from sdtrt.cli import main
+from sdtrt.engine.errors import ExportError, InvalidInputError
+from sdtrt.engine.manifest import load_manifest
+from sdtrt.engine.profiles import component_dims, dynamic_profile
+from sdtrt.runtime.pipeline import Pipeline
+from sdtrt.runtime.step_cache import full_steps
+
+PROMPT = "a red circle on a blue background"
+NEGATIVE = "blurry"
+LATENT_TOLERANCE = 1e-5  # as the plain txt2img parity test (tests/test_pipeline.py)
+IMAGE_LATENT_TOLERANCE = 5e-5  # img2img: the VAE encoder too, as tests/test_image_pipelines.py
+DIFFUSERS_SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "lms": "LMSDiscreteScheduler"}
+
+
+@pytest.fixture(scope="session")
+def cache_export(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SD 1.x export (fp32 + fp16) with the step-cache graphs of branch 0."""
+    from sdtrt.export.step_cache import attach_step_cache
+
+    out = tmp_path_factory.mktemp("exports") / "tiny-sd1-step-cache"
+    shutil.copytree(tiny_export, out)
+    attach_step_cache(out)
+    return out
+
+
+def _deepcache_latents(pipeline_class: str, model: Path, scheduler: str, interval: int, branch: int, **call):
+    """diffusers' final latents with DeepCacheSDHelper patching its UNet (interval 1: the helper off)."""
+    import diffusers
+    from DeepCache import DeepCacheSDHelper
+
+    pipe = getattr(diffusers, pipeline_class).from_pretrained(model, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = getattr(diffusers, DIFFUSERS_SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=interval, cache_branch_id=branch)
+    helper.enable()
+    try:
+        return pipe(PROMPT, output_type="latent", **call).images.numpy()
+    finally:
+        helper.disable()
+
+
+def _relative_error(ours: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.abs(ours - expected).max() / np.abs(expected).max())
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+
+
+def test_the_graphs_share_the_unets_weights(cache_export: Path, tiny_export: Path) -> None:
+    """The two graphs add their structure, not weights: every weight of the UNet's data file they use, they read
+    from it; what they hold inline is the small constants the UNet's graph holds inline too."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    manifest = load_manifest(cache_export)
+    assert manifest.step_cache == {"branch": 0}
+    for precision, base in manifest.components["unet"].files.items():
+        unet = onnx.load(str(cache_export / base.path), load_external_data=False)
+        unet_inline = sum(len(t.raw_data) for t in unet.graph.initializer if not uses_external_data(t))
+        for name in ("unet_cache", "unet_shallow"):
+            file = manifest.components[name].files[precision]
+            assert file.data_size is None  # no weights file of its own
+            graph = onnx.load(str(cache_export / file.path), load_external_data=False).graph
+            external = [t for t in graph.initializer if uses_external_data(t)]
+            assert external and {e.value for t in external for e in t.external_data if e.key == "location"} == {
+                base.data_path
+            }
+            assert sum(len(t.raw_data) for t in graph.initializer if not uses_external_data(t)) <= unet_inline
+    grown = sum(p.stat().st_size for p in cache_export.iterdir() if p.is_file())
+    grown -= sum(p.stat().st_size for p in tiny_export.iterdir() if p.is_file())
+    graphs = sum((tiny_export / f.path).stat().st_size for f in manifest.components["unet"].files.values())
+    assert grown < 1.5 * graphs  # the full graph's structure once more, and the shallow one's
+    cache = manifest.components["unet_cache"].files["fp32"]
+    shallow = manifest.components["unet_shallow"].files["fp32"]
+    assert [s.name for s in cache.outputs] == ["noise_pred", "feature"]
+    assert shallow.inputs[-1] == cache.outputs[-1]
+    dims = component_dims(manifest, "unet_shallow", dynamic_profile(manifest))
+    assert dims["batch"] == component_dims(manifest, "unet", dynamic_profile(manifest))["batch"]
+
+
+def test_deepcache_split_of_the_tiny_unet(tiny_model_dir: Path) -> None:
+    """Branch 0 keeps the last up block's first layer (DeepCache: the layers past the branch); branch 1 the
+    first up block's output; DeepCache numbers 3 branches per up block, so this UNet has 0 to 5."""
+    from diffusers import UNet2DConditionModel
+
+    from sdtrt.export.step_cache import split
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
+    _, feature = split(unet, 0)
+    assert feature.module is unet.up_blocks[1].attentions[0]
+    _, feature = split(unet, 1)
+    assert feature.module is unet.up_blocks[0]
+    with pytest.raises(ExportError, match="from 0 to 5"):
+        split(unet, 6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parity with DeepCache's helper
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
+def test_cached_txt2img_matches_deepcache(
+    cache_export: Path, tiny_model_dir: Path, cpu_backend: dict, scheduler: str
+) -> None:
+    latents = np.random.default_rng(7).standard_normal((1, 4, 16, 16), dtype=np.float32)
+    options = {"negative_prompt": NEGATIVE, "num_inference_steps": 8, "guidance_scale": 7.5}
+    expected = _deepcache_latents(
+        "StableDiffusionPipeline",
+        tiny_model_dir,
+        scheduler,
+        3,
+        0,
+        latents=torch.from_numpy(latents),
+        height=128,
+        width=128,
+        **options,
+    )
+    with Pipeline.load(cache_export, **cpu_backend) as pipe:
+        size = {"height": 128, "width": 128}
+        ours = pipe.txt2img(PROMPT, latents=latents, scheduler=scheduler, cache_interval=3, **size, **options)
+        plain = pipe.txt2img(PROMPT, latents=latents, scheduler=scheduler, **size, **options)
+    assert _relative_error(ours.latents, expected) < LATENT_TOLERANCE
+    assert _relative_error(plain.latents, expected) > 1e-3  # caching changed the result, as DeepCache's does
+
+
+def test_cached_img2img_matches_deepcache(cache_export: Path, tiny_model_dir: Path) -> None:
+    from PIL import Image
+
+    y, x = np.mgrid[0:128, 0:128] / 128
+    source = Image.fromarray((np.stack([x, y, 1 - x], axis=-1) * 255).astype(np.uint8))
+    options = {"num_inference_steps": 10, "guidance_scale": 7.5, "strength": 0.7}
+    expected = _deepcache_latents(
+        "StableDiffusionImg2ImgPipeline",
+        tiny_model_dir,
+        "ddim",
+        2,
+        0,
+        image=source,
+        generator=torch.Generator().manual_seed(3),
+        **options,
+    )
+    with Pipeline.load(cache_export, backend="ort-cpu") as pipe:
+        ours = pipe.img2img(PROMPT, source, rng=TorchNoise(3), scheduler="ddim", cache_interval=2, **options)
+    assert _relative_error(ours.latents, expected) < IMAGE_LATENT_TOLERANCE
+
+
+def test_cached_sdxl_matches_deepcache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from sdtrt.export.exporter import export_model
+    from sdtrt.export.step_cache import attach_step_cache
+    from sdtrt.export.tiny import build_tiny_sdxl
+
+    root = tmp_path_factory.mktemp("sdxl-step-cache")
+    model = build_tiny_sdxl(root / "sdxl")
+    export_model(model, root / "export", progress=False)
+    attach_step_cache(root / "export")
+    latents = np.random.default_rng(4).standard_normal((1, 4, 16, 16), dtype=np.float32)
+    options = {"num_inference_steps": 7, "guidance_scale": 5.0, "height": 128, "width": 128}
+    expected = _deepcache_latents(
+        "StableDiffusionXLPipeline", model, "euler", 3, 0, latents=torch.from_numpy(latents), **options
+    )
+    with Pipeline.load(root / "export", backend="ort-cpu") as pipe:
+        ours = pipe.txt2img(PROMPT, latents=latents, scheduler="euler", cache_interval=3, **options)
+    assert _relative_error(ours.latents, expected) < LATENT_TOLERANCE
+
+
+def test_cached_inpaint_runs_the_nine_channel_unet(tiny_inpaint_export: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from sdtrt.export.step_cache import attach_step_cache
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_inpaint_export, export)
+    attach_step_cache(export)
+    image = Image.fromarray(np.full((128, 128, 3), 90, np.uint8))
+    mask = np.zeros((128, 128), np.uint8)
+    mask[32:96, 32:96] = 255
+    options = {"num_inference_steps": 6, "seed": 2}
+    with Pipeline.load(export, backend="ort-cpu") as pipe:
+        plain = pipe.inpaint(PROMPT, image, Image.fromarray(mask), **options)
+        cached = pipe.inpaint(PROMPT, image, Image.fromarray(mask), cache_interval=3, **options)
+    assert np.isfinite(cached.latents).all()
+    assert 1e-4 < _relative_error(cached.latents, plain.latents) < 1.0
+
+
+def test_without_guidance_and_with_the_nonuniform_schedule(cache_export: Path) -> None:
+    latents = np.random.default_rng(1).standard_normal((2, 4, 16, 16), dtype=np.float32)
+    options = {"num_inference_steps": 6, "guidance_scale": 1.0, "latents": latents, "prompt": [PROMPT, NEGATIVE]}
+    options |= {"height": 128, "width": 128}
+    with Pipeline.load(cache_export, backend="ort-cpu") as pipe:
+        uncached = pipe.txt2img(**options)
+        cached = pipe.txt2img(**options, cache_interval=6)
+        spread = pipe.txt2img(**options, cache_interval=3, cache_schedule="nonuniform")
+    assert np.isfinite(cached.latents).all() and np.isfinite(spread.latents).all()
+    assert 1e-4 < _relative_error(cached.latents, uncached.latents) < 1.0
+
+
+def test_full_steps() -> None:
+    assert sorted(full_steps(10, 3, "uniform")) == [0, 3, 6, 9]
+    assert sorted(full_steps(5, 1, "uniform")) == [0, 1, 2, 3, 4]
+    spread = sorted(full_steps(50, 5, "nonuniform"))
+    assert len(spread) == 10 and spread[0] == 0
+    gaps = np.diff(spread)
+    assert gaps.min() < 5 < gaps.max()  # denser around the centre than the uniform schedule
+
+
+def test_cli_cache_interval(cache_export: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cached.png"
+    argv = ["generate", str(cache_export), PROMPT, "--steps", "4", "--height", "128", "--width", "128"]
+    assert main([*argv, "--cache-interval", "2", "-o", str(out), "-q", "--backend", "ort-cpu"]) == 0
+    assert out.is_file()
+
+
+def test_export_step_cache_flag(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "export"
+    argv = ["export", str(tiny_model_dir), "--out", str(out), "--step-cache", "--components", "text_encoder", "unet"]
+    assert main([*argv, "--quiet"]) == 0
+    manifest = load_manifest(out)
+    assert manifest.step_cache == {"branch": 0}
+    assert sorted(manifest.components) == ["text_encoder", "unet", "unet_cache", "unet_shallow"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad inputs: one line each, before any network runs
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"cache_interval": 0}, "cache_interval must be an integer from 1 .* to num_inference_steps"),
+        ({"cache_interval": -2}, "cache_interval must be an integer from 1"),
+        ({"cache_interval": 10**9}, "cache_interval must be an integer from 1"),
+        ({"cache_interval": 2.0}, "cache_interval must be an integer from 1"),
+        ({"cache_branch": -1}, "cache_branch must be an integer >= 0"),
+        ({"cache_schedule": "random"}, "cache_schedule must be one of 'uniform', 'nonuniform'"),
+        ({"cache_interval": 2, "cache_branch": 3}, "are for branch 0; attach them for branch 3"),
+    ],
+)
+def test_bad_cache_options(cache_export: Path, options: dict, message: str) -> None:
+    with Pipeline.load(cache_export, backend="ort-cpu") as pipe, pytest.raises(InvalidInputError, match=message):
+        pipe.txt2img(PROMPT, num_inference_steps=4, **options)
+
+
+def test_cache_options_on_an_export_without_the_graphs(tiny_export: Path, tmp_path: Path, capsys) -> None:
+    message = "has none of: attach them with `sdtrt add-step-cache"
+    with Pipeline.load(tiny_export, backend="ort-cpu") as pipe, pytest.raises(InvalidInputError, match=message):
+        pipe.txt2img(PROMPT, num_inference_steps=4, cache_interval=2)
+    argv = ["generate", str(tiny_export), PROMPT, "--steps", "4", "--cache-interval", "2", "-q"]
+    assert main([*argv, "-o", str(tmp_path / "no.png")]) == 2
+    assert "add-step-cache" in capsys.readouterr().err
+    assert not (tmp_path / "no.png").exists()
+
+
+def test_attach_refuses_a_branch_the_unet_has_not(tiny_export: Path, tmp_path: Path) -> None:
+    from sdtrt.export.step_cache import attach_step_cache
+
+    out = tmp_path / "export"
+    shutil.copytree(tiny_export, out)
+    before = {p.name: p.stat().st_size for p in out.iterdir()}
+    with pytest.raises(ExportError, match="cache branch must be an integer from 0 to 5"):
+        attach_step_cache(out, branch=9)
+    assert {p.name: p.stat().st_size for p in out.iterdir()} == before
