@@ -88,8 +88,9 @@ def make_plan(
 def batch_key(task: Task, request: Request, arguments: Any, cfg: bool, manifest: Manifest) -> tuple | None:
     """What requests must share to run as one UNet batch in step: the task, the UNet's input size (the size asked
     for, the input images' sizes), steps, scheduler, CFG on/off and the options the record names; None where the
-    task is not batched or a Python-only option (latents, a two-stage split) is set."""
-    if not task.batchable:
+    task is not batched, a Python-only option (latents, a two-stage split) is set, or steps are cached (a cached
+    request runs its own graphs, never the plain UNet the batch shares: it would hold the others' rendezvous)."""
+    if not task.batchable or request.cache_interval > 1:
         return None
     own = {argument.name: getattr(arguments, argument.name) for argument in task.arguments}
     for argument in task.arguments:

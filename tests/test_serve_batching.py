@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -147,3 +148,14 @@ def test_batch_keys_part_requests_that_differ_where_it_matters(pipe: Pipeline) -
     assert pipe.plan("upscale", request, {"image": _image(1)}).batch_key is None  # tiles: never batched
     lcm_like = Request("a red circle", num_inference_steps=STEPS, guidance_scale=1.0)
     assert pipe.plan("txt2img", lcm_like).batch_key != pipe.plan("txt2img", request).batch_key  # CFG off vs on
+
+
+def test_cached_steps_run_alone(pipe: Pipeline) -> None:
+    """A request with step caching never calls the plain UNet that a batch shares: it is not batched."""
+    from sdtrt.runtime.plan import batch_key
+    from sdtrt.runtime.tasks import TASKS
+
+    task, plain = TASKS["txt2img"], pipe.plan("txt2img", Request("a red circle", num_inference_steps=STEPS))
+    cached = dataclasses.replace(plain.request, cache_interval=2)
+    assert batch_key(task, plain.request, plain.arguments, plain.cfg, pipe.manifest) == plain.batch_key is not None
+    assert batch_key(task, cached, plain.arguments, plain.cfg, pipe.manifest) is None
