@@ -53,7 +53,7 @@ def test_quantize_records_the_irs_in_the_manifest_and_verify_reads_them(tiny_int
     assert unet.inputs == manifest.component_file("unet", "fp32").inputs
     assert unet.weights is None  # no LoRA weight map: its weights are int8
     result = verify_export(tiny_int8_export)
-    assert result.ok and result.files == 16  # the export's 12 and two IRs of two files each
+    assert result.ok and result.files == 24  # the export's 20 (tokenizers, weight maps) and two IRs of two files each
     # smaller on disk: int8 weights
     assert unet.data_size < 0.5 * (tiny_int8_export / "unet.onnx.data").stat().st_size
 
