@@ -143,7 +143,8 @@ def openvino_cache_dir(folder: Path) -> Path | None:
                 f"SDTRT_OPENVINO_CACHE={env}: {why}; name a writable folder, or set it to '' to compile without a cache"
             )
         return Path(env)
-    return folder / "openvino" if folder_problem(folder / "openvino") is None else None
+    cache = folder / "openvino"  # made by the first compile: until then, the folder it goes in is probed
+    return cache if folder_problem(cache if cache.is_dir() else folder) is None else None
 
 
 def _openvino_compute() -> str:

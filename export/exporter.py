@@ -18,17 +18,8 @@ from typing import TYPE_CHECKING
 from tqdm.auto import tqdm
 
 from sdtrt.engine.errors import ExportError, SdtrtError
-from sdtrt.engine.fsutil import (
-    LOCK_NAME,
-    atomic_dir,
-    onnx_digest,
-    onnx_files,
-    replace_refusal,
-    sha256_file,
-    sha256_tree,
-)
+from sdtrt.engine.fsutil import atomic_dir, onnx_digest, onnx_files, replace_refusal, sha256_file, sha256_tree
 from sdtrt.engine.manifest import (
-    MANIFEST_NAME,
     PRECISIONS,
     TOKENIZER_FILES,
     Component,
@@ -47,6 +38,7 @@ from sdtrt.export.onnx_export import (
     convert_fp16,
     export_fp32,
 )
+from sdtrt.export.ownership import export_refusal
 from sdtrt.export.pickles import safetensors_only
 from sdtrt.export.weight_map import map_path
 
@@ -64,12 +56,6 @@ SD_PIPELINES = {
 SDXL_PIPELINES = {"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"}
 UPSCALER_PIPELINE = "StableDiffusionUpscalePipeline"
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-# what an earlier export may hold: the files it wrote, its tokenizers, and the engines' caches (trt/, openvino/)
-# (and the owner lock an earlier add-controlnet left behind)
-EXPORT_ENTRIES = re.compile(
-    r"manifest\.json|.+\.onnx|.+\.onnx\.data|.+\.weights\.json|tokenizer(_2)?|trt|openvino|" + re.escape(LOCK_NAME)
-)
-MANIFEST_KEYS = {"format_version", "family", "components"}  # in every sdtrt manifest, whatever its version
 # the model folders an export reads (their contents make up the source hash)
 SOURCE_PARTS = (
     "model_index.json",
@@ -192,27 +178,6 @@ def export_model(
             ort_fused=ort_fused,
             allow_pickle=allow_pickle,
         )
-
-
-def export_refusal(folder: Path) -> str | None:
-    """Why ``--overwrite`` may not replace the non-empty ``folder``, or None for an earlier sdtrt export.
-
-    Only sdtrt's own files may go: a folder without an sdtrt manifest.json, or an export beside which the user
-    keeps files of their own, is left as it is.
-    """
-    try:
-        manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return f"it is not empty and not an sdtrt export (no {MANIFEST_NAME})"
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return f"its {MANIFEST_NAME} is not an sdtrt manifest ({type(exc).__name__})"
-    if not isinstance(manifest, dict) or not manifest.keys() >= MANIFEST_KEYS:
-        return f"its {MANIFEST_NAME} is not an sdtrt manifest"
-    foreign = sorted(entry.name for entry in folder.iterdir() if not EXPORT_ENTRIES.fullmatch(entry.name))
-    if foreign:
-        listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        return f"it is an sdtrt export but also holds files sdtrt did not write ({listed}); move them out first"
-    return None
 
 
 def _export_folder(

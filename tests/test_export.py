@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -245,3 +246,24 @@ def test_the_vae_is_loaded_once(tiny_model_dir: Path, tmp_path: Path, monkeypatc
     exporter.export_model(tiny_model_dir, out, components=("vae_decoder", "vae_encoder"), progress=False)
     assert len(loads) == 1
     assert set(load_manifest(out).components) == {"vae_decoder", "vae_encoder"}
+
+
+def test_the_libraries_chatter_is_shown_after_success_and_held_back_on_failure(
+    capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    import warnings
+
+    from sdtrt.export.chatter import held_back
+
+    with held_back():
+        logging.getLogger("diffusers.models.modeling_utils").warning("some weights were not used")
+        warnings.warn("an odd option", UserWarning, stacklevel=1)
+    assert "some weights were not used" in capsys.readouterr().err  # diffusers' own handler, after the work
+    caplog.set_level(logging.DEBUG, logger="sdtrt.export.chatter")
+    with pytest.raises(ValueError), held_back():
+        logging.getLogger("transformers.modeling_utils").warning("pages of warnings")
+        warnings.warn("another odd option", UserWarning, stacklevel=1)
+        raise ValueError("not a ControlNet")
+    assert "pages of warnings" not in capsys.readouterr().err
+    assert "held back from transformers.modeling_utils: pages of warnings" in caplog.text  # sdtrt -v shows it
+    assert "held back: UserWarning: another odd option" in caplog.text
