@@ -129,8 +129,8 @@ class OrtCpuSession:
         # makes it one line), not also as a log line on stderr
         options.log_severity_level = 4
         replace_initializers(options, weights)
-        if self._graph is not None:
-            options.add_session_config_entry(EXTERNAL_FOLDER, str(Path(self._path).parent))
+        if self._graph is not None:  # the weights lie beside the file itself (a linked file's: beside its target)
+            options.add_session_config_entry(EXTERNAL_FOLDER, str(Path(self._path).resolve().parent))
         model = self._path if self._graph is None else self._graph
         return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
 
