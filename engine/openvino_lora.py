@@ -50,16 +50,17 @@ def branch_sites(model, weight_map: WeightMap) -> dict[str, object]:
     return sites
 
 
-def add_branches(model, weight_map: WeightMap) -> frozenset[str]:
+def add_branches(model, weight_map: WeightMap, rank: int | None = None) -> frozenset[str]:
     """Give ``model`` a low-rank branch beside every weight of ``weight_map`` it can (branch_sites); the
-    initializer names of those weights (their factors are the inputs DOWN + name and UP + name)."""
+    initializer names of those weights (their factors are the inputs DOWN + name and UP + name), of dynamic
+    rank, or of this fixed ``rank`` (factors zero-padded to it: a static model)."""
     from openvino import opset13 as ops
 
     sites, parameters = branch_sites(model, weight_map), []
     for name, layer in sites.items():
         out_features, in_features = weight_map.weights[name].param_shape[:2]
-        down = ops.parameter([-1, in_features], np.float32, name=DOWN + name)
-        up = ops.parameter([out_features, -1], np.float32, name=UP + name)
+        down = ops.parameter([rank or -1, in_features], np.float32, name=DOWN + name)
+        up = ops.parameter([out_features, rank or -1], np.float32, name=UP + name)
         x, anchor = layer.input_value(0), _with_bias(layer)  # after the bias: the layer and its bias still fuse
         consumers = list(anchor.output(0).get_target_inputs())
         if layer.get_type_name() == "MatMul":
