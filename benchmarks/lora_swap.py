@@ -37,6 +37,7 @@ UNET_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "att
 UNET_TARGETS += ("attn2.to_v", "attn2.to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 COLUMNS = ("load A", "swap A → B", "rescale B", "unload", "set_lora_scale alone")
+STEP_KINDS = ("plain graph", "rank 0", "rank 16", "static 16, rank 0", "static 16, rank 16")
 FIRST = "first load"  # round 1's load A: ONNX Runtime opens the branched plain graph then, once (engine/ort_lora.py)
 
 
@@ -129,6 +130,9 @@ def unet_steps(export: Path, backend: str, precision: str | None, steps: int) ->
         if getattr(unbranched, "name", "").endswith(".ort.onnx"):  # ONNX Runtime's fused graph: also its plain one
             sessions["plain graph"] = (_unbranched_session(artifact, "unet", fused=False), None)
         sessions |= {"rank 0": (branched, {}), "rank 16": (branched, rank16)}
+        if backend == "openvino":  # the candidate with static branches: rank 16, zero-padded
+            static = _static_session(artifact, "unet", precision, weight_map, 16)
+            sessions |= {"static 16, rank 0": (static, {}), "static 16, rank 16": (static, rank16)}
         times: dict[str, list[float]] = {name: [] for name in sessions}
         for _ in range(2):  # warm-up: compile
             for session, factors in sessions.values():
@@ -140,10 +144,27 @@ def unet_steps(export: Path, backend: str, precision: str | None, steps: int) ->
                 if factors is not None:
                     session.set_factors(factors)
                 times[name].append(_timed(lambda s=session: s.run(feeds)))
-        for session, factors in sessions.values():
-            if factors is None:
-                session.close()
+        for session, _ in sessions.values():
+            session.close()
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _static_session(artifact, network: str, compute: str, weight_map, rank: int):
+    """An OpenVINO session whose branches have a fixed rank (the adapters' factors zero-padded to it)."""
+    from sdtrt.engine.backends import openvino_cache_dir
+    from sdtrt.engine.openvino_session import OpenVinoSession
+
+    file = artifact.manifest.component_file(network, artifact.precision(network))
+    return OpenVinoSession(
+        artifact.folder / file.path,
+        file.inputs,
+        file.outputs,
+        precision=compute,
+        cache_dir=openvino_cache_dir(artifact.folder),
+        weight_map=weight_map,
+        digest=file.sha256,
+        lora_rank=rank,
+    )
 
 
 def _unbranched_session(artifact, network: str, fused: bool | None):
@@ -220,15 +241,14 @@ def markdown_table(rows: list[dict[str, Any]], stamp: dict[str, str]) -> str:
         "UNet step, batch 2 at 256² (seconds before; the others as a ratio to it): before = the session the backend "
         "ran without a LoRA before branches (ort-cpu: ONNX Runtime's fused graph), plain graph = ort-cpu's unfused "
         "graph without branches (what a LoRA ran on before), rank 0 = branched without an adapter, rank 16 = an "
-        "adapter of rank 16 on every attention projection",
+        "adapter of rank 16 on every attention projection; static 16 = OpenVINO with branches of a fixed rank 16 (the "
+        "candidate with no dynamic shapes: factors zero-padded)",
         "",
-        "| backend | before | plain graph | rank 0 | rank 16 |",
-        "| --- | --- | --- | --- | --- |",
+        "| backend | before | " + " | ".join(STEP_KINDS) + " |",
+        "| --- " * (len(STEP_KINDS) + 2) + "|",
     ]
     for row in rows:
         steps = row["unet_step_s"]
-        ratios = [
-            f"{steps[k] / steps['before']:.3f}×" if k in steps else "–" for k in ("plain graph", "rank 0", "rank 16")
-        ]
+        ratios = [f"{steps[k] / steps['before']:.3f}×" if k in steps else "–" for k in STEP_KINDS]
         lines.append(f"| {row['backend']} | {steps['before']:.3f} s | " + " | ".join(ratios) + " |")
     return "\n".join(lines) + "\n"

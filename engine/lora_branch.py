@@ -31,17 +31,20 @@ def low_rank(param_shape: tuple[int, ...]) -> bool:
 
 
 def factor_feeds(
-    branched: frozenset[str], weight_map: WeightMap, factors: Mapping[str, tuple[np.ndarray, np.ndarray]]
+    branched: frozenset[str],
+    weight_map: WeightMap,
+    factors: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    rank: int | None = None,
 ) -> dict[str, np.ndarray]:
     """The branch inputs for ``factors`` (initializer -> (down (rank, in), up (out, rank)), float32): rank 0
-    for every branched weight they do not name."""
+    for every branched weight they do not name; with a fixed ``rank`` (a static branch), zero-padded to it."""
     feeds = {}
     for name in branched:
-        if name in factors:
-            down, up = factors[name]
-        else:
-            out_features, in_features = weight_map.weights[name].param_shape[:2]
-            down, up = np.zeros((0, in_features), np.float32), np.zeros((out_features, 0), np.float32)
+        out_features, in_features = weight_map.weights[name].param_shape[:2]
+        down, up = factors.get(name, (np.zeros((0, in_features), np.float32), np.zeros((out_features, 0), np.float32)))
+        if rank is not None and down.shape[0] < rank:
+            down = np.concatenate([down, np.zeros((rank - down.shape[0], in_features), np.float32)])
+            up = np.concatenate([up, np.zeros((out_features, rank - up.shape[1]), np.float32)], axis=1)
         feeds[DOWN + name], feeds[UP + name] = down, up
     return feeds
 
@@ -51,8 +54,10 @@ def check_factors(
     weight_map: WeightMap | None,
     factors: Mapping[str, tuple[np.ndarray, np.ndarray]],
     owner: str,
+    max_rank: int | None = None,
 ) -> None:
-    """One clear error unless every factor pair names a branched weight with (rank, in) and (out, rank) float32."""
+    """One clear error unless every factor pair names a branched weight with (rank, in) and (out, rank) float32,
+    the rank (the adapters' ranks summed) at most ``max_rank`` where the branches are static."""
     if unknown := sorted(set(factors) - branched):
         raise InvalidInputError(f"{owner}: {', '.join(unknown[:3])} take no low-rank branch here")
     for name, (down, up) in factors.items():
@@ -66,4 +71,9 @@ def check_factors(
             raise InvalidInputError(
                 f"{owner}: the factors of {name!r} must be float32 (rank, {in_features}) and ({out_features}, rank), "
                 f"got {down.dtype} {down.shape} and {up.dtype} {up.shape}"
+            )
+        if max_rank is not None and rank > max_rank:
+            raise InvalidInputError(
+                f"{owner}: the adapters' ranks on {weight_map.weights[name].param} add up to {rank}, above this "
+                f"session's maximum of {max_rank}"
             )

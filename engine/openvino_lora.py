@@ -16,6 +16,9 @@ from sdtrt.engine.weights import WeightMap
 log = logging.getLogger(__name__)
 
 
+BIAS_WRAPPERS = ("Convert", "Reshape", "Unsqueeze")  # between a bias constant and its Add
+
+
 def named_weights(model) -> dict[str, object]:
     """The model's nodes that yield each initializer's value, by the initializer's name: the constant itself
     (read from ONNX), or the Convert that decompresses it (read from the fp16 IR: the constant is then
@@ -47,24 +50,26 @@ def branch_sites(model, weight_map: WeightMap) -> dict[str, object]:
     return sites
 
 
-def add_branches(model, weight_map: WeightMap) -> frozenset[str]:
+def add_branches(model, weight_map: WeightMap, rank: int | None = None) -> frozenset[str]:
     """Give ``model`` a low-rank branch beside every weight of ``weight_map`` it can (branch_sites); the
-    initializer names of those weights (their factors are the inputs DOWN + name and UP + name)."""
+    initializer names of those weights (their factors are the inputs DOWN + name and UP + name), of dynamic
+    rank, or of this fixed ``rank`` (factors zero-padded to it: a static model)."""
     from openvino import opset13 as ops
 
     sites, parameters = branch_sites(model, weight_map), []
     for name, layer in sites.items():
         out_features, in_features = weight_map.weights[name].param_shape[:2]
-        down = ops.parameter([-1, in_features], np.float32, name=DOWN + name)
-        up = ops.parameter([out_features, -1], np.float32, name=UP + name)
-        x, consumers = layer.input_value(0), list(layer.output(0).get_target_inputs())
+        down = ops.parameter([rank or -1, in_features], np.float32, name=DOWN + name)
+        up = ops.parameter([out_features, rank or -1], np.float32, name=UP + name)
+        x, anchor = layer.input_value(0), _with_bias(layer)  # after the bias: the layer and its bias still fuse
+        consumers = list(anchor.output(0).get_target_inputs())
         if layer.get_type_name() == "MatMul":
             delta = ops.matmul(ops.matmul(x, down, False, True), up, False, True)  # x @ down.T @ up.T
         else:  # 1x1 convolution: up @ (down @ x) over the channels of (N, in, H*W)
             flat = ops.reshape(x, ops.constant(np.array([0, 0, -1], np.int64)), special_zero=True)
             product = ops.matmul(up, ops.matmul(down, flat, False, False), False, False)  # (N, out, H*W)
-            delta = ops.reshape(product, ops.shape_of(layer.output(0)), special_zero=False)
-        total = ops.add(layer.output(0), delta)
+            delta = ops.reshape(product, ops.shape_of(anchor.output(0)), special_zero=False)
+        total = ops.add(anchor.output(0), delta)
         for consumer in consumers:
             consumer.replace_source_output(total.output(0))
         for parameter in (down, up):
@@ -74,6 +79,19 @@ def add_branches(model, weight_map: WeightMap) -> frozenset[str]:
     model.validate_nodes_and_infer_types()
     log.debug("low-rank branches beside %d of %d mapped weights", len(sites), len(weight_map.weights))
     return frozenset(sites)
+
+
+def _with_bias(layer):
+    """The Add of a constant bias that is the layer's one consumer but for shape reads (ONNX's Linear: MatMul, then
+    Add; OpenVINO reads a Conv's bias as an Add of a reshaped constant), else the layer itself."""
+    targets = [t for t in layer.output(0).get_target_inputs() if t.get_node().get_type_name() != "ShapeOf"]
+    if len(targets) == 1 and (add := targets[0].get_node()).get_type_name() == "Add":
+        other = add.input_value(1 - targets[0].get_index()).get_node()
+        while other.get_type_name() in BIAS_WRAPPERS:
+            other = other.input_value(0).get_node()
+        if other.get_type_name() == "Constant":
+            return add
+    return layer
 
 
 def _pointwise(layer) -> bool:

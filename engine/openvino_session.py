@@ -95,6 +95,7 @@ class OpenVinoSession:
         cache_dir: str | os.PathLike[str] | None = None,
         weight_map: WeightMap | None = None,
         digest: str | None = None,
+        lora_rank: int | None = None,
     ) -> None:
         if precision not in (*OPENVINO_PRECISIONS, INT8):
             raise InvalidInputError(
@@ -128,7 +129,8 @@ class OpenVinoSession:
         self.outputs = _port_specs(self._unread.outputs, outputs)
         # the weights whose LoRA is a branch fed at run time (rank 0 until set_factors says otherwise)
         self.branched = frozenset() if weight_map is None else frozenset(branch_sites(self._unread, weight_map))
-        self._factors = {} if weight_map is None else factor_feeds(self.branched, weight_map, {})
+        self.lora_rank = lora_rank  # None: branches of dynamic rank; else static, the adapters' ranks padded to it
+        self._factors = {} if weight_map is None else factor_feeds(self.branched, weight_map, {}, lora_rank)
         log.debug("opened %s on OpenVINO %s (%s)", self.name, ov.__version__, precision)
 
     def _read(self):
@@ -173,7 +175,7 @@ class OpenVinoSession:
         model = self._read()
         if self._weights:
             _replace_constants(model, self._weights)
-        if self.branched and add_branches(model, self._weight_map) != self.branched:
+        if self.branched and add_branches(model, self._weight_map, self.lora_rank) != self.branched:
             raise BackendUnavailableError(
                 f"{self.name}: {self._source} differs from the ONNX file: delete {self._source.parent}"
             )
@@ -205,8 +207,8 @@ class OpenVinoSession:
     def set_factors(self, factors: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
         """Feed these LoRA factors (initializer -> (down (rank, in), up (out, rank)) float32, scales folded into
         ``up``) to the branches from now on, rank 0 to every other branch: no recompile."""
-        check_factors(self.branched, self._weight_map, factors, self.name)
-        feeds = factor_feeds(self.branched, self._weight_map, factors)
+        check_factors(self.branched, self._weight_map, factors, self.name, self.lora_rank)
+        feeds = factor_feeds(self.branched, self._weight_map, factors, self.lora_rank)
         with self._lock:
             self._factors = feeds
 

@@ -109,3 +109,28 @@ def test_branch_matches_the_unbranched_graph_and_the_folded_weights(
             branched.set_factors(bad)
         assert "\n" not in str(error.value)
     np.testing.assert_array_equal(branched.run(feeds)["noise_pred"], base)  # refused factors changed nothing
+
+
+def test_static_rank_branches_pad_the_factors_and_refuse_a_higher_rank(tiny_export: Path, branch_loras: dict) -> None:
+    """The measured candidate with branches of a fixed rank (OpenVinoSession lora_rank): factors zero-padded to it
+    answer what the dynamic branches answer; adapters whose ranks add up beyond it are one clear error."""
+    from sdtrt.engine.manifest import load_manifest
+    from sdtrt.engine.openvino_session import OpenVinoSession
+
+    path, weight_map = tiny_export / "unet.onnx", load_weight_map(tiny_export / "unet.weights.json")
+    file = load_manifest(tiny_export).component_file("unet", "fp32")
+    dynamic, static = (
+        OpenVinoSession(path, file.inputs, file.outputs, weight_map=weight_map, lora_rank=r) for r in (None, 6)
+    )
+    maps = {network: load_weight_map(tiny_export / f"{network}.weights.json") for network in ("unet", "text_encoder")}
+    adapters = [(read_lora(branch_loras[key], maps), 0.7) for key in "ab"]  # rank 4 each
+    feeds = _feeds()
+    np.testing.assert_array_equal(static.run(feeds)["noise_pred"], dynamic.run(feeds)["noise_pred"])
+    one = low_rank_factors(weight_map, "unet", adapters[:1], static.branched)
+    for session in (dynamic, static):
+        session.set_factors(one)
+    expected = dynamic.run(feeds)["noise_pred"]
+    assert np.abs(static.run(feeds)["noise_pred"] - expected).max() <= 1e-5 * np.abs(expected).max()
+    with pytest.raises(InvalidInputError, match=r"add up to 8, above this session's maximum of 6") as error:
+        static.set_factors(low_rank_factors(weight_map, "unet", adapters, static.branched))
+    assert "\n" not in str(error.value)
