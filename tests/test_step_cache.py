@@ -274,3 +274,19 @@ def test_attach_refuses_a_branch_the_unet_has_not(tiny_export: Path, tmp_path: P
     with pytest.raises(ExportError, match="cache branch must be an integer from 0 to 5"):
         attach_step_cache(out, branch=9)
     assert {p.name: p.stat().st_size for p in out.iterdir()} == before
+
+
+def test_controlnets_and_lora_with_caching_are_one_clear_error(cache_export: Path) -> None:
+    from types import SimpleNamespace
+
+    from sdtrt.runtime.step_cache import check_cache_options
+
+    manifest = load_manifest(cache_export)
+    plain = SimpleNamespace(artifact=SimpleNamespace(folder=cache_export), loras={})
+    check_cache_options(3, None, manifest, plain, controlled=False)  # what the parity tests run
+    with pytest.raises(InvalidInputError, match="does not take ControlNets yet"):
+        check_cache_options(3, None, manifest, plain, controlled=True)
+    adapted = SimpleNamespace(artifact=plain.artifact, loras={"style": 0.8})
+    with pytest.raises(InvalidInputError, match="does not take LoRA adapters yet"):
+        check_cache_options(3, None, manifest, adapted, controlled=False)
+    check_cache_options(1, None, manifest, adapted, controlled=True)  # caching off: nothing to refuse
