@@ -153,7 +153,7 @@ class Request:
             raise InvalidInputError(f"num_images must be an integer >= 1, got {images!r}")
         if self.scheduler is not None and not isinstance(self.scheduler, str):
             raise InvalidInputError(f"scheduler must be a scheduler's name, got {self.scheduler!r}")
-        check_cache_request(self.cache_interval, self.cache_branch, self.cache_schedule, steps)
+        check_cache_request(self.cache_interval, self.cache_branch, self.cache_schedule)
         if self.vae not in VAES:
             raise InvalidInputError(f"vae must be one of {', '.join(map(repr, VAES))}, got {self.vae!r}")
         if self.seed is not None and (not is_integer(self.seed) or not 0 <= self.seed < 2**64):

@@ -27,16 +27,18 @@ if TYPE_CHECKING:  # runtime/sessions.py imports runtime/request.py, which check
 
 CACHE, SHALLOW, FEATURE = "unet_cache", "unet_shallow", "feature"
 SCHEDULES = ("uniform", "nonuniform")
+MAX_INTERVAL = 1000  # as many as a schedule's steps may be (a model's training timesteps)
 # DeepCache's non-uniform schedule: full steps at centre + sign(x) |x|^power for x evenly spaced, the power
 # lowered from POWER until they are distinct; the centre at CENTRE of the run (its 15 of 50 steps)
 POWER, CENTRE = 1.4, 0.3
 
 
-def check_cache_request(interval: Any, branch: Any, schedule: Any, steps: int) -> None:
-    """One InvalidInputError line for cache options no export could run (Request's own check)."""
-    if not _integer(interval) or not 1 <= interval <= steps:
+def check_cache_request(interval: Any, branch: Any, schedule: Any) -> None:
+    """One InvalidInputError line for cache options no export could run (Request's own check). An interval above
+    a run's steps runs the whole UNet on its first step only."""
+    if not _integer(interval) or not 1 <= interval <= MAX_INTERVAL:
         raise InvalidInputError(
-            f"cache_interval must be an integer from 1 (no caching) to num_inference_steps ({steps}), got {interval!r}"
+            f"cache_interval must be an integer from 1 (no caching) to {MAX_INTERVAL}, got {interval!r}"
         )
     if branch is not None and (not _integer(branch) or branch < 0):
         raise InvalidInputError(f"cache_branch must be an integer >= 0 (DeepCache's skip branch), got {branch!r}")

@@ -203,7 +203,7 @@ def test_without_guidance_and_with_the_nonuniform_schedule(cache_export: Path) -
     options |= {"height": 128, "width": 128}
     with Pipeline.load(cache_export, backend="ort-cpu") as pipe:
         uncached = pipe.txt2img(**options)
-        cached = pipe.txt2img(**options, cache_interval=6)
+        cached = pipe.txt2img(**options, cache_interval=10)  # above the steps: the first one only is full
         spread = pipe.txt2img(**options, cache_interval=3, cache_schedule="nonuniform")
     assert np.isfinite(cached.latents).all() and np.isfinite(spread.latents).all()
     assert 1e-4 < _relative_error(cached.latents, uncached.latents) < 1.0
@@ -241,7 +241,7 @@ def test_export_step_cache_flag(tiny_model_dir: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"cache_interval": 0}, "cache_interval must be an integer from 1 .* to num_inference_steps"),
+        ({"cache_interval": 0}, "cache_interval must be an integer from 1 .* to 1000, got 0"),
         ({"cache_interval": -2}, "cache_interval must be an integer from 1"),
         ({"cache_interval": 10**9}, "cache_interval must be an integer from 1"),
         ({"cache_interval": 2.0}, "cache_interval must be an integer from 1"),
@@ -274,3 +274,19 @@ def test_attach_refuses_a_branch_the_unet_has_not(tiny_export: Path, tmp_path: P
     with pytest.raises(ExportError, match="cache branch must be an integer from 0 to 5"):
         attach_step_cache(out, branch=9)
     assert {p.name: p.stat().st_size for p in out.iterdir()} == before
+
+
+def test_controlnets_and_lora_with_caching_are_one_clear_error(cache_export: Path) -> None:
+    from types import SimpleNamespace
+
+    from sdtrt.runtime.step_cache import check_cache_options
+
+    manifest = load_manifest(cache_export)
+    plain = SimpleNamespace(artifact=SimpleNamespace(folder=cache_export), loras={})
+    check_cache_options(3, None, manifest, plain, controlled=False)  # what the parity tests run
+    with pytest.raises(InvalidInputError, match="does not take ControlNets yet"):
+        check_cache_options(3, None, manifest, plain, controlled=True)
+    adapted = SimpleNamespace(artifact=plain.artifact, loras={"style": 0.8})
+    with pytest.raises(InvalidInputError, match="does not take LoRA adapters yet"):
+        check_cache_options(3, None, manifest, adapted, controlled=False)
+    check_cache_options(1, None, manifest, adapted, controlled=True)  # caching off: nothing to refuse
