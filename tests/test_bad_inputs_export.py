@@ -205,9 +205,12 @@ ROWS = [
 ]
 
 
-def _contents(root: Path) -> dict[str, bytes | None]:
-    """Every path below ``root`` and its bytes (None: a folder)."""
-    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+def _contents(root: Path) -> dict[str, bytes | int | None]:
+    """Every path below ``root`` and its bytes (None: a folder; a named pipe or device: its mode, never read)."""
+    return {
+        str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() if p.is_file() else p.lstat().st_mode
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def _plain_modes(scratch: Path) -> tuple[int, int]:
