@@ -20,7 +20,7 @@ from benchmarks.presets import PRESETS, config_digest, ensure_preset
 from sdtrt.engine.errors import ManifestError
 from sdtrt.engine.fsutil import write_json_atomic
 from sdtrt.engine.manifest import load_manifest
-from sdtrt.engine.networks import TEXT_ENCODERS
+from sdtrt.engine.network_facts import TEXT_ENCODERS
 
 log = logging.getLogger(__name__)
 

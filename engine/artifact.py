@@ -25,7 +25,7 @@ from sdtrt.engine.backends import (
 )
 from sdtrt.engine.errors import InvalidInputError, ManifestError
 from sdtrt.engine.manifest import ComponentFile, Manifest, load_manifest
-from sdtrt.engine.networks import LORA_NETWORKS
+from sdtrt.engine.network_facts import LORA_NETWORKS
 from sdtrt.engine.session import Session, TensorSpec
 from sdtrt.engine.weights import WeightMap, load_weight_map
 

@@ -7,7 +7,7 @@ bf16 where the CPU has it), "ort-cpu". "auto" takes the first whose needs are me
 it imports and a GPU is present (plans that do not exist yet are built on first load), else ONNX
 Runtime CUDA when its provider is there and a GPU is present, else OpenVINO when it is installed,
 else ONNX Runtime on the CPU. The choice and the reason are logged. The GPU backends run the fp16
-export; a network with an fp32 fallback (engine/networks.py) has its fp16 output checked and
+export; a network with an fp32 fallback (engine/network_facts.py) has its fp16 output checked and
 recomputed at fp32 when it overflowed. Each backend also names the graph it runs: TensorRT and
 OpenVINO the plain export (they fuse on their own); ONNX Runtime its fused graphs where the export has
 them (``sdtrt export --ort-fused``), else the plain ones, with a note in the log.
@@ -33,7 +33,7 @@ from sdtrt.engine.errors import (
 from sdtrt.engine.fallback import Fp32Fallback
 from sdtrt.engine.fsutil import folder_problem
 from sdtrt.engine.manifest import ComponentFile, Manifest
-from sdtrt.engine.networks import NETWORKS
+from sdtrt.engine.network_facts import NETWORK_FACTS
 from sdtrt.engine.ort_session import OrtCpuSession
 from sdtrt.engine.probe import Probe, probe
 from sdtrt.engine.profiles import ProfileSpec
@@ -313,7 +313,7 @@ def open_session(choice: BackendChoice, target: SessionTarget) -> Session:
     """
     backend = BACKENDS[choice.kind]
     session = _open_checked(backend, choice, target)
-    if target.precision == "fp16" and NETWORKS[target.component].fp32_fallback:
+    if target.precision == "fp16" and NETWORK_FACTS[target.component].fp32_fallback:
         open_fp32 = None
         if "fp32" in target.manifest.components[target.component].files:
             profile = getattr(session, "profile", None)  # TensorRT: the fp16 plan's own profile

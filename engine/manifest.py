@@ -16,7 +16,7 @@ from typing import Any
 
 from sdtrt.engine.errors import ManifestError
 from sdtrt.engine.fsutil import data_file_name, sha256_file, write_json_atomic
-from sdtrt.engine.networks import COMPONENTS, CONTROLNET_PREFIX, is_known_network
+from sdtrt.engine.network_facts import COMPONENTS, CONTROLNET_PREFIX, is_known_network
 from sdtrt.engine.session import TensorSpec
 
 FORMAT_VERSION = 1
@@ -357,7 +357,7 @@ def read_manifest(folder: str | os.PathLike[str]) -> Manifest:
     if manifest.family not in FAMILIES:
         raise ManifestError(f"{path}: model family {manifest.family!r} is not supported (known: {FAMILIES})")
     unknown = sorted(name for name in manifest.components if not is_known_network(name))
-    if unknown:  # each network's batch rule, LoRA and fallback facts come from engine/networks.py
+    if unknown:  # each network's batch rule, LoRA and fallback facts come from engine/network_facts.py
         known = ", ".join((*COMPONENTS, f"{CONTROLNET_PREFIX}NAME"))
         raise ManifestError(f"{path}: unknown networks {unknown} (known: {known})")
     if missing := sorted(set(manifest.controlnets) - {n.removeprefix(CONTROLNET_PREFIX) for n in manifest.components}):

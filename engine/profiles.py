@@ -2,7 +2,7 @@
 
 A ProfileSpec is what a user asks ``sdtrt build`` for, in image terms (pixel sizes, images per
 batch, classifier-free guidance on or off). Each network turns it into its own ranges of dynamic
-dimensions, by its batch rule (engine/networks.py): the UNet runs the conditional and unconditional
+dimensions, by its batch rule (engine/network_facts.py): the UNet runs the conditional and unconditional
 halves of a CFG step as one batch, so its batch doubles; the text encoders see the prompts, then the
 negative prompts; the VAE sees one latent per image. This module is the one source of profiles: the
 manifest names each input's dynamic dimensions, never their ranges. Plans built for a profile are
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from sdtrt.engine.errors import InvalidInputError, ManifestError
 from sdtrt.engine.manifest import Manifest
-from sdtrt.engine.networks import NETWORKS, Range, native_side_range
+from sdtrt.engine.network_facts import NETWORK_FACTS, Range, native_side_range
 from sdtrt.engine.session import TensorSpec
 
 DEFAULT_BATCH = (1, 4)  # images per request in the default dynamic profile (the UNet sees twice this with CFG)
@@ -185,7 +185,7 @@ def component_dims(manifest: Manifest, component: str, spec: ProfileSpec) -> dic
     """(min, opt, max) of each dynamic dimension of ``component``'s inputs under ``spec``."""
     f = manifest.vae_scale_factor
     images = {
-        "batch": NETWORKS[component].batch_range(spec.batch, spec.cfg, spec.static),
+        "batch": NETWORK_FACTS[component].batch_range(spec.batch, spec.cfg, spec.static),
         "height": spec.height,
         "width": spec.width,
         "latent_height": tuple(px // f for px in spec.height),
@@ -226,7 +226,7 @@ def suggest_profile(manifest: Manifest, component: str, dims: Mapping[str, int],
     height = dims["latent_height"] * f if "latent_height" in dims else dims.get("height", built.height[1])
     width = dims["latent_width"] * f if "latent_width" in dims else dims.get("width", built.width[1])
     batch, cfg = dims.get("batch", built.batch[1]), built.cfg
-    rule = NETWORKS[component].batch  # the inverse of Network.batch_range
+    rule = NETWORK_FACTS[component].batch  # the inverse of Network.batch_range
     if rule in ("cfg", "control"):  # a ControlNet in guess mode runs B: that too fits the CFG profile
         cfg = cfg and batch % 2 == 0  # an odd UNet batch is a run without guidance
         batch = batch // 2 if cfg else batch

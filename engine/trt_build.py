@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from sdtrt.engine.errors import BackendUnavailableError, InvalidInputError, SdtrtError
 from sdtrt.engine.fsutil import write_bytes_atomic
 from sdtrt.engine.manifest import PRECISIONS, Manifest, load_manifest
-from sdtrt.engine.networks import NETWORKS, export_order
+from sdtrt.engine.network_facts import NETWORK_FACTS, export_order
 from sdtrt.engine.profiles import ProfileSpec, ShapeRange, component_dims, dynamic_profile, input_shapes
 from sdtrt.engine.trt_plans import (
     TIMING_CACHE,
@@ -73,7 +73,7 @@ def build_engines(
     names = components or export_order(manifest.components)  # attached ControlNets too
     jobs = [(c, precision) for c in names]
     if precision == "fp16":  # the fp32 twins the NaN fallback runs (engine/backends.py: Fp32Fallback)
-        twins = [c for c in names if NETWORKS[c].fp32_fallback and c in manifest.components]
+        twins = [c for c in names if NETWORK_FACTS[c].fp32_fallback and c in manifest.components]
         jobs += [(c, "fp32") for c in twins if "fp32" in manifest.components[c].files]
     log.info("building %s for %s: %s", profile.describe(), runtime.describe(), ", ".join(f"{c} {p}" for c, p in jobs))
     paths = []

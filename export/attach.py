@@ -20,8 +20,8 @@ from sdtrt.engine.errors import ExportError, SdtrtError
 from sdtrt.engine.fsutil import LOCK_NAME
 from sdtrt.engine.manifest import Component, ComponentFile, Manifest
 from sdtrt.export import exporter, single_file
-from sdtrt.export.networks import NetworkSpec
 from sdtrt.export.pickles import safetensors_only
+from sdtrt.export.wrappers import NetworkSpec
 
 log = logging.getLogger(__name__)
 

@@ -27,13 +27,13 @@ import torch
 from sdtrt.engine.errors import ExportError
 from sdtrt.engine.fsutil import scratch_dir
 from sdtrt.engine.manifest import ComponentFile, Manifest, file_records, load_manifest
-from sdtrt.engine.networks import CONTROLNET_PREFIX
+from sdtrt.engine.network_facts import CONTROLNET_PREFIX
 from sdtrt.engine.session import TensorSpec
 from sdtrt.export.attach import base_model, export_network, load_base_unet, move_in
 from sdtrt.export.chatter import held_back
 from sdtrt.export.controlnet_source import load_controlnet
-from sdtrt.export.networks import NetworkSpec, UNetNet
 from sdtrt.export.onnx_export import DEFAULT_OPSET
+from sdtrt.export.wrappers import NetworkSpec, UNetNet
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ from sdtrt.engine.manifest import (
     Manifest,
     file_records,
 )
-from sdtrt.engine.networks import EXPORTED, TEXT_ENCODERS
+from sdtrt.engine.network_facts import EXPORTED, TEXT_ENCODERS
 from sdtrt.engine.version import VERSION
-from sdtrt.export import networks, ort_fusion, single_file
+from sdtrt.export import ort_fusion, single_file, wrappers
 from sdtrt.export.chatter import held_back
 from sdtrt.export.onnx_export import (
     DEFAULT_OPSET,
@@ -211,7 +211,7 @@ def _export_folder(
 
     vae_scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
     text_encoders = tuple(
-        networks.TextEncoderGeometry(
+        wrappers.TextEncoderGeometry(
             name=name,
             hidden_size=int(config["hidden_size"]),
             # SDXL reads the penultimate layer of both encoders, and the second one's pooled projection
@@ -221,7 +221,7 @@ def _export_folder(
         )
         for name, config in text_configs.items()
     )
-    geometry = networks.Geometry(
+    geometry = wrappers.Geometry(
         text_max_length=int(text_configs[encoder_names[0]]["max_position_embeddings"]),
         text_encoders=text_encoders,
         latent_channels=int(vae_config.get("latent_channels", 4)),
@@ -233,13 +233,13 @@ def _export_folder(
         time_ids=(5 if model_index.get("requires_aesthetics_score") else 6) if family == "sdxl" else 0,
         time_cond_size=unet_config.get("time_cond_proj_dim"),
     )
-    unet_spec = networks.unet_spec(geometry)
+    unet_spec = wrappers.unet_spec(geometry)
     encoders = {t.name: t for t in text_encoders}
-    specs = {t.name: networks.text_encoder_spec(geometry, t) for t in text_encoders}
+    specs = {t.name: wrappers.text_encoder_spec(geometry, t) for t in text_encoders}
     specs |= {
         "unet": unet_spec,
-        "vae_decoder": networks.vae_decoder_spec(geometry),
-        "vae_encoder": networks.vae_encoder_spec(geometry),
+        "vae_decoder": wrappers.vae_decoder_spec(geometry),
+        "vae_encoder": wrappers.vae_encoder_spec(geometry),
     }
 
     # safetensors only unless pickles are allowed: checked for every part before anything loads
@@ -253,13 +253,13 @@ def _export_folder(
         if name in text_configs:
             encoder_class = getattr(transformers, model_index[name][1])  # CLIPTextModel(WithProjection)
             encoder = encoder_class.from_pretrained(source / name, **weights[name])
-            return networks.TextEncoderNet(encoder, encoders[name])
+            return wrappers.TextEncoderNet(encoder, encoders[name])
         if name == "unet":
             extra = tuple(s.name for s in unet_spec.inputs[3:])
             unet = diffusers.UNet2DConditionModel.from_pretrained(source / "unet", **weights["unet"])
-            return networks.UNetNet(unet, extra)
+            return wrappers.UNetNet(unet, extra)
         vae = load_vae()
-        return networks.VaeDecoderNet(vae) if name == "vae_decoder" else networks.VaeEncoderNet(vae)
+        return wrappers.VaeDecoderNet(vae) if name == "vae_decoder" else wrappers.VaeEncoderNet(vae)
 
     if components is None:
         components = [*encoder_names, "unet", "vae_decoder"] + ([] if family == "upscaler" else ["vae_encoder"])
@@ -316,11 +316,11 @@ def _export_folder(
 
 def _export_network(
     module: torch.nn.Module,
-    spec: networks.NetworkSpec,
+    spec: wrappers.NetworkSpec,
     staging: Path,
     precisions: Sequence[str],
     opset: int,
-    fuse: Callable[[Path, networks.NetworkSpec, Path, Sequence[str]], None] | None = None,
+    fuse: Callable[[Path, wrappers.NetworkSpec, Path, Sequence[str]], None] | None = None,
 ) -> dict[str, ComponentFile]:
     """Write one network's ONNX files at ``precisions`` into ``staging``; returns them by precision.
 
@@ -346,7 +346,7 @@ def _export_network(
 
 def _export_fused(
     fp32_path: Path,
-    spec: networks.NetworkSpec,
+    spec: wrappers.NetworkSpec,
     staging: Path,
     precisions: Sequence[str],
     *,
@@ -387,7 +387,7 @@ def source_hash(source: Path) -> str:
     return digest.hexdigest()
 
 
-def _component_file(path: Path, spec: networks.NetworkSpec, precision: str) -> ComponentFile:
+def _component_file(path: Path, spec: wrappers.NetworkSpec, precision: str) -> ComponentFile:
     inputs, outputs = spec.io_specs(precision)
     weights = map_path(path)  # networks LoRA changes have one (export/weight_map.py)
     sizes = [file.stat().st_size for file in onnx_files(path)]  # the .onnx, then its external data if any

@@ -13,10 +13,10 @@ import torch
 from onnx.external_data_helper import convert_model_to_external_data, set_external_data, uses_external_data
 
 from sdtrt.engine.fsutil import give_ordinary_permissions
-from sdtrt.engine.networks import LORA_NETWORKS
+from sdtrt.engine.network_facts import LORA_NETWORKS
 from sdtrt.engine.weights import load_weight_map
-from sdtrt.export.networks import NetworkSpec
 from sdtrt.export.weight_map import map_path, match_weights, relocate_weight_map, write_weight_map
+from sdtrt.export.wrappers import NetworkSpec
 
 log = logging.getLogger(__name__)
 

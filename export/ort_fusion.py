@@ -58,14 +58,14 @@ import onnx
 from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
 from sdtrt.engine.errors import ExportError
-from sdtrt.engine.networks import NETWORKS, is_known_network
-from sdtrt.export.networks import NetworkSpec
+from sdtrt.engine.network_facts import NETWORK_FACTS, is_known_network
 from sdtrt.export.onnx_export import save_onnx
+from sdtrt.export.wrappers import NetworkSpec
 
 log = logging.getLogger(__name__)
 
 TARGETS = ("gpu", "cpu")
-# network (its NETWORKS record: "controlnet" for every attached ControlNet) -> ORT's optimizer model type;
+# network (its NETWORK_FACTS record: "controlnet" for every attached ControlNet) -> ORT's optimizer model type;
 # a ControlNet and the UNet that takes its residuals are UNet graphs to the optimizer
 UNETS = ("unet", "unet_controlnet", "controlnet")
 MODEL_TYPES = {**dict.fromkeys(UNETS, "unet"), "vae_decoder": "vae", "vae_encoder": "vae"}
@@ -168,7 +168,7 @@ def fuse(
 
 def fused_kind(name: str) -> str | None:
     """The MODEL_TYPES key of network ``name`` ("controlnet" for "controlnet.<name>"); None where nothing fuses."""
-    kind = NETWORKS[name].name if is_known_network(name) else name
+    kind = NETWORK_FACTS[name].name if is_known_network(name) else name
     return kind if kind in MODEL_TYPES else None
 
 

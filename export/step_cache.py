@@ -42,8 +42,8 @@ from sdtrt.engine.session import TensorSpec
 from sdtrt.export import exporter
 from sdtrt.export.attach import base_model, export_network, load_base_unet, move_in
 from sdtrt.export.controlnet import KEEP_FP32, scaled_dims
-from sdtrt.export.networks import NetworkSpec, UNetNet
 from sdtrt.export.onnx_export import DEFAULT_OPSET, save_onnx
+from sdtrt.export.wrappers import NetworkSpec, UNetNet
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from sdtrt.engine.manifest import Manifest, load_manifest
 from sdtrt.engine.session import TensorSpec
 from sdtrt.export import exporter
 from sdtrt.export.attach import export_network, move_in
-from sdtrt.export.networks import NetworkSpec
 from sdtrt.export.onnx_export import DEFAULT_OPSET
+from sdtrt.export.wrappers import NetworkSpec
 
 log = logging.getLogger(__name__)
 

@@ -72,7 +72,7 @@ class Matches:
 def match_weights(module: torch.nn.Module, model: onnx.ModelProto, inputs: tuple[torch.Tensor, ...]) -> Matches:
     """Tie the weight of every Linear and Conv of ``module`` to the initializers of ``model`` holding it.
 
-    ``module`` is the exported wrapper (networks.UNetNet, TextEncoderNet) with the diffusers or
+    ``module`` is the exported wrapper (wrappers.UNetNet, TextEncoderNet) with the diffusers or
     transformers model as its one child; parameter names are that model's. ``model`` still holds
     its initializers' values (call before saving them to external data). ``inputs`` are the traced
     example inputs: a weight no initializer holds is run through autograd once to tell a weight the

@@ -130,7 +130,7 @@ def run_batch(
     size of each gathered UNet call. With one call it runs on the caller's thread. Each result is the one
     ``pipe.execute`` gives for that plan alone, up to the UNet's arithmetic at another batch size.
     """
-    rendezvous = Rendezvous(pipe.networks, len(calls), pad_to)
+    rendezvous = Rendezvous(pipe.sessions, len(calls), pad_to)
 
     def one(member: int) -> GenerationResult | Exception:
         call = calls[member]

@@ -26,12 +26,12 @@ import numpy as np
 from PIL import Image
 
 from sdtrt.engine.errors import InvalidInputError
-from sdtrt.engine.networks import CONTROLNET_PREFIX
+from sdtrt.engine.network_facts import CONTROLNET_PREFIX
 from sdtrt.engine.session import TensorSpec
 from sdtrt.runtime import image as image_ops
 from sdtrt.runtime.request import is_real
 from sdtrt.runtime.runner import NetworkRunner
-from sdtrt.runtime.sessions import Networks
+from sdtrt.runtime.sessions import Sessions
 
 CONTROL_OPTIONS = (
     "controlnet",
@@ -66,13 +66,13 @@ class ControlUnit:
 class Control:
     """The checked ControlNet options of one request, and the residuals they add at each step of a denoising run."""
 
-    def __init__(self, networks: Networks, units: Sequence[ControlUnit], guess_mode: bool) -> None:
-        self.networks = networks
+    def __init__(self, sessions: Sessions, units: Sequence[ControlUnit], guess_mode: bool) -> None:
+        self.sessions = sessions
         self.units = tuple(units)
         self.guess_mode = guess_mode
-        controlnets = networks.artifact.manifest.controlnets
+        controlnets = sessions.artifact.manifest.controlnets
         self.pooled = {u.name: bool(controlnets[u.name].get("global_pool_conditions")) for u in units}
-        self.residuals_in = residual_inputs(networks.inputs(UNET_CONTROLNET))  # what unet_controlnet takes
+        self.residuals_in = residual_inputs(sessions.inputs(UNET_CONTROLNET))  # what unet_controlnet takes
         self.seconds = 0.0  # spent running the ControlNets
         self._run: tuple[NetworkRunner, int, bool, list[np.ndarray]] | None = None  # runner, steps, cfg, images
 
@@ -103,7 +103,7 @@ class Control:
             scale = unit.scale * unit.keep(index, steps)
             if scale == 0.0:  # diffusers adds this network's residuals times 0
                 continue
-            inputs = self.networks.inputs(unit.network)
+            inputs = self.sessions.inputs(unit.network)
             conditioning = {name: value[half:] for name, value in feeds.items() if name in inputs}
             outputs = runner.run_all(
                 unit.network, sample=model_input[half:], timestep=timestep[half:], controlnet_cond=image, **conditioning
@@ -172,7 +172,7 @@ DEFAULT_SCALES: dict[tuple[str, str | None], float] = {
 }
 
 
-def check_control(task: str, given: dict[str, Any], networks: Networks, control_tasks: Sequence[str]) -> Control | None:
+def check_control(task: str, given: dict[str, Any], sessions: Sessions, control_tasks: Sequence[str]) -> Control | None:
     """The ControlNet options ``given`` to ``task`` (one of ``control_tasks`` takes them), checked; None when
     there are none. One clear error for
     anything wrong: a task without ControlNets, an unknown name, the wrong count of images, an unreadable one,
@@ -181,7 +181,7 @@ def check_control(task: str, given: dict[str, Any], networks: Networks, control_
         return None
     if task not in control_tasks:
         raise InvalidInputError(f"{task} takes no ControlNet ({', '.join(given)}): {', '.join(control_tasks)} do")
-    artifact = networks.artifact
+    artifact = sessions.artifact
     attached = list(artifact.manifest.controlnets)
     if not attached:
         raise InvalidInputError(
@@ -210,11 +210,11 @@ def check_control(task: str, given: dict[str, Any], networks: Networks, control_
     if not isinstance(guess_mode, bool):
         raise InvalidInputError(f"guess_mode must be True or False, got {guess_mode!r}")
     for name in names:
-        _check_fits(networks, name)
+        _check_fits(sessions, name)
     loaded = [image_ops.load_rgb(image, f"control image for {name}") for name, image in zip(names, images, strict=True)]
     units = [ControlUnit(*unit) for unit in zip(names, loaded, scales, starts, ends, strict=True)]
     pooled = artifact.manifest.controlnets[names[0]].get("global_pool_conditions", False)
-    return Control(networks, units, guess_mode or bool(pooled))  # diffusers: the first network's pooling decides
+    return Control(sessions, units, guess_mode or bool(pooled))  # diffusers: the first network's pooling decides
 
 
 def _names(value: Any, attached: list[str]) -> list[str]:
@@ -237,12 +237,12 @@ def _per_net(option: str, value: Any, count: int) -> list[float]:
     return [float(v) for v in values]
 
 
-def _check_fits(networks: Networks, name: str) -> None:
+def _check_fits(sessions: Sessions, name: str) -> None:
     """One error when ControlNet ``name``'s residuals or text width do not match what unet_controlnet takes."""
-    artifact = networks.artifact
+    artifact = sessions.artifact
     if UNET_CONTROLNET not in artifact:
         raise artifact.manifest.damaged(artifact.folder, f"{artifact.folder} has ControlNets but no {UNET_CONTROLNET}")
-    unet = networks.inputs(UNET_CONTROLNET)
+    unet = sessions.inputs(UNET_CONTROLNET)
     file = artifact.file(CONTROLNET_PREFIX + name)
     inputs = {spec.name: spec for spec in file.inputs}
     theirs = [(s.name, s.shape[1]) for s in file.outputs]

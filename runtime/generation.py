@@ -24,7 +24,7 @@ from sdtrt.runtime.conditioning import Conditioner
 from sdtrt.runtime.request import Limits
 from sdtrt.runtime.runner import NetworkRunner
 from sdtrt.runtime.schedulers import Scheduler, make_scheduler
-from sdtrt.runtime.sessions import Networks
+from sdtrt.runtime.sessions import Sessions
 from sdtrt.runtime.step_cache import begin_step_cache
 from sdtrt.runtime.vae import TINY_DECODER, TINY_ENCODER
 
@@ -56,7 +56,7 @@ class Generation:
 
     def __init__(
         self,
-        sessions: Networks,
+        sessions: Sessions,
         conditioner: Conditioner,
         plan: Plan,
         rng: NormalSource | None,

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from sdtrt.engine.errors import InvalidInputError
-from sdtrt.engine.networks import LORA_NETWORKS
+from sdtrt.engine.network_facts import LORA_NETWORKS
 from sdtrt.engine.weights import MappedWeight, WeightMap
 
 log = logging.getLogger(__name__)

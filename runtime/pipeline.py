@@ -1,7 +1,7 @@
 """Stable Diffusion pipelines over an sdtrt artifact folder: txt2img, img2img, inpaint, outpaint, upscale.
 
 The façade users hold. Behind it: the engine's Artifact (manifest, backend, sessions), the
-runtime's Networks (sessions + LoRA), a Conditioner (prompts -> UNet conditioning) and, per call,
+runtime's Sessions (sessions + LoRA), a Conditioner (prompts -> UNet conditioning) and, per call,
 a Generation (request, noise, loop, VAE, result) that a task function drives.
 
 Every task takes the options of a Request as keyword arguments (documented there: negative_prompt,
@@ -29,7 +29,7 @@ from sdtrt.runtime.generation import Generation, GenerationResult, NormalSource,
 from sdtrt.runtime.plan import Plan, make_plan
 from sdtrt.runtime.request import Limits, Request
 from sdtrt.runtime.runner import NetworkRunner
-from sdtrt.runtime.sessions import Networks
+from sdtrt.runtime.sessions import Sessions
 from sdtrt.runtime.task_methods import task_method
 from sdtrt.runtime.tasks import TASKS, Task, model_limits
 from sdtrt.runtime.tokenizer import CLIPTokenizer
@@ -44,7 +44,7 @@ class Pipeline:
 
     def __init__(self, artifact: Artifact, limits: Limits | None = None) -> None:
         self.artifact = artifact
-        self.networks = Networks(artifact)
+        self.sessions = Sessions(artifact)
         manifest = artifact.manifest
         self.limits = model_limits(manifest) if limits is None else limits
         tokenizers = {name: CLIPTokenizer.from_dir(artifact.folder / tok) for name, tok in manifest.tokenizers.items()}
@@ -84,7 +84,7 @@ class Pipeline:
             artifact.close()
             raise
         for network in (*pipe.artifact.manifest.tokenizers, "unet", "vae_decoder"):  # what every task runs
-            pipe.networks.session(network)
+            pipe.sessions.session(network)
         return pipe
 
     @property
@@ -102,10 +102,10 @@ class Pipeline:
 
     def session(self, network: str) -> Session:
         """The session of ``network`` (opened on first use, with the loaded LoRA adapters' weights)."""
-        return self.networks.session(network)
+        return self.sessions.session(network)
 
     def close(self) -> None:
-        self.networks.close()
+        self.sessions.close()
 
     def __enter__(self) -> Pipeline:
         return self
@@ -126,20 +126,20 @@ class Pipeline:
         TensorRT plans are refitted in place. A file that does not fit this model is one error and
         changes nothing.
         """
-        return self.networks.load_lora(path, name, scale)
+        return self.sessions.load_lora(path, name, scale)
 
     def set_lora_scale(self, name: str, scale: float) -> None:
         """Change the scale of the loaded adapter ``name`` (0 turns it off without unloading it)."""
-        self.networks.set_lora_scale(name, scale)
+        self.sessions.set_lora_scale(name, scale)
 
     def unload_lora(self, name: str | None = None) -> None:
         """Remove the adapter ``name``, or all of them (None): what is left runs on the base weights plus the rest."""
-        self.networks.unload_lora(name)
+        self.sessions.unload_lora(name)
 
     @property
     def loras(self) -> dict[str, float]:
         """The loaded adapters and their scales, in loading order."""
-        return self.networks.loras
+        return self.sessions.loras
 
     # ----------------------------------------------------------------------------------------------
     # The tasks: txt2img, img2img, inpaint, outpaint, upscale (runtime/tasks) and any task registered there
@@ -148,7 +148,7 @@ class Pipeline:
         """``request`` for ``task`` with the task's own ``inputs`` (image, mask, strength, ... and ControlNet
         options), checked once against this model: defaults filled in, CFG on or off, the batch key."""
         return make_plan(
-            task, request, inputs or {}, limits=self.limits, sessions=self.networks, conditioner=self.conditioner
+            task, request, inputs or {}, limits=self.limits, sessions=self.sessions, conditioner=self.conditioner
         )
 
     def run(
@@ -180,7 +180,7 @@ class Pipeline:
         the networks (runtime/runner.py; default: this pipeline's sessions), e.g. a server's batching.
         """
         try:
-            generation = Generation(self.networks, self.conditioner, plan, rng, progress, self.limits, runner)
+            generation = Generation(self.sessions, self.conditioner, plan, rng, progress, self.limits, runner)
             return plan.task.run(generation, plan.arguments)
         except Exception as exc:
             if isinstance(exc, SdtrtError) or (detail := _allocation_failure(exc)) is None:

@@ -19,7 +19,7 @@ from sdtrt.engine.manifest import Manifest
 from sdtrt.runtime.conditioning import Conditioner
 from sdtrt.runtime.control import CONTROL_OPTIONS, Control, check_control
 from sdtrt.runtime.request import REQUEST_OPTIONS, Limits, Request
-from sdtrt.runtime.sessions import Networks
+from sdtrt.runtime.sessions import Sessions
 from sdtrt.runtime.step_cache import check_cache_options
 from sdtrt.runtime.tasks import TASKS, Task, get_task
 from sdtrt.runtime.vae import check_vae
@@ -68,7 +68,7 @@ def make_plan(
     inputs: Mapping[str, Any],
     *,
     limits: Limits,
-    sessions: Networks,
+    sessions: Sessions,
     conditioner: Conditioner,
 ) -> Plan:
     """``request`` for ``task`` with the task's own ``inputs``, checked against the model behind ``sessions``."""

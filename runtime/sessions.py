@@ -17,7 +17,7 @@ import numpy as np
 from sdtrt.engine.artifact import Artifact
 from sdtrt.engine.errors import InvalidInputError
 from sdtrt.engine.manifest import rebuild_command
-from sdtrt.engine.networks import NETWORKS
+from sdtrt.engine.network_facts import NETWORK_FACTS
 from sdtrt.engine.session import Session, TensorSpec
 from sdtrt.runtime.lora import LoraAdapter, read_lora
 from sdtrt.runtime.lora_apply import adapt
@@ -26,7 +26,7 @@ from sdtrt.runtime.request import is_real
 log = logging.getLogger(__name__)
 
 
-class Networks:
+class Sessions:
     """Sessions of an Artifact opened on first use, float32 in and out, LoRA adapters applied."""
 
     def __init__(self, artifact: Artifact) -> None:
@@ -39,7 +39,7 @@ class Networks:
         session = self.artifact.session(network)
         weight_map = self.artifact.weight_map(network)
         if not opened and self._loras and weight_map is not None:
-            adapt(session, weight_map, NETWORKS[network].lora_component, list(self._loras.values())).give(session)
+            adapt(session, weight_map, NETWORK_FACTS[network].lora_component, list(self._loras.values())).give(session)
         return session
 
     def inputs(self, network: str) -> dict[str, TensorSpec]:
@@ -110,7 +110,7 @@ class Networks:
         (a session whose weights stay the base ones does nothing)."""
         adapters = list(loras.values())
         adapted = {  # all of them first: weights that do not compose change no session
-            network: adapt(self.artifact.session(network), weight_map, NETWORKS[network].lora_component, adapters)
+            network: adapt(self.artifact.session(network), weight_map, NETWORK_FACTS[network].lora_component, adapters)
             for network, weight_map in self.artifact.weight_maps().items()  # unet_controlnet: unet's component
             if self.artifact.is_open(network)
         }

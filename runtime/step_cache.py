@@ -23,7 +23,7 @@ from sdtrt.engine.manifest import Manifest
 
 if TYPE_CHECKING:  # runtime/sessions.py imports runtime/request.py, which checks the options here
     from sdtrt.runtime.runner import NetworkRunner
-    from sdtrt.runtime.sessions import Networks
+    from sdtrt.runtime.sessions import Sessions
 
 CACHE, SHALLOW, FEATURE = "unet_cache", "unet_shallow", "feature"
 SCHEDULES = ("uniform", "nonuniform")
@@ -51,12 +51,12 @@ def _integer(value: object) -> bool:
 
 
 def check_cache_options(
-    interval: int, branch: int | None, manifest: Manifest, networks: Networks, controlled: bool
+    interval: int, branch: int | None, manifest: Manifest, sessions: Sessions, controlled: bool
 ) -> None:
     """One InvalidInputError line when a request's (checked) cache options cannot run on this export."""
     if interval == 1:
         return
-    folder = networks.artifact.folder
+    folder = sessions.artifact.folder
     if manifest.step_cache is None or SHALLOW not in manifest.components:
         raise InvalidInputError(
             f"cache_interval {interval} needs the step-cache graphs, which {folder} has none of: attach them with "
@@ -70,7 +70,7 @@ def check_cache_options(
         )
     if controlled:
         raise InvalidInputError("step caching does not take ControlNets yet: use cache_interval 1 with a control image")
-    if networks.loras:
+    if sessions.loras:
         raise InvalidInputError(
             "step caching does not take LoRA adapters yet (its graphs have no weight maps): unload them, or use "
             "cache_interval 1"

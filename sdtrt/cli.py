@@ -31,7 +31,7 @@ ALLOW_PICKLE_HELP = (
 
 def _parser() -> argparse.ArgumentParser:
     from sdtrt.engine.manifest import PRECISIONS
-    from sdtrt.engine.networks import COMPONENTS, EXPORTED
+    from sdtrt.engine.network_facts import COMPONENTS, EXPORTED
 
     common = argparse.ArgumentParser(add_help=False)  # SUPPRESS: -q/-v/--debug count before or after the command
     for flags, text in (

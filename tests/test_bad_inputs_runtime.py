@@ -501,7 +501,7 @@ def test_allocation_failure_is_one_error(pipes: Pipes, monkeypatch: pytest.Monke
     def run(*args: object, **kwargs: object) -> None:
         raise failure
 
-    monkeypatch.setattr(pipes.sd.networks, "run_all", run)
+    monkeypatch.setattr(pipes.sd.sessions, "run_all", run)
     with pytest.raises(SdtrtError, match=r"^txt2img ran out of memory on ort-cpu \(.+\): ask for fewer") as error:
         pipes.sd.txt2img(PROMPT, **FAST)
     assert "\n" not in str(error.value)
@@ -512,7 +512,7 @@ def test_other_errors_stay_what_they_are(pipes: Pipes, monkeypatch: pytest.Monke
     def run(*args: object, **kwargs: object) -> None:
         raise RuntimeError("something else broke")
 
-    monkeypatch.setattr(pipes.sd.networks, "run_all", run)
+    monkeypatch.setattr(pipes.sd.sessions, "run_all", run)
     with pytest.raises(RuntimeError, match="something else broke"):
         pipes.sd.txt2img(PROMPT, **FAST)
 

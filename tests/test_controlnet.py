@@ -425,13 +425,13 @@ def test_bad_control_options_are_one_clear_error_before_any_network(
     controlnet_export: Path, options: dict, message: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from sdtrt.engine.errors import InvalidInputError
-    from sdtrt.runtime.sessions import Networks
+    from sdtrt.runtime.sessions import Sessions
 
     def no_network(*args, **kwargs):
         raise AssertionError("a network ran")
 
     with Pipeline.load(controlnet_export, backend="ort-cpu") as pipe:
-        monkeypatch.setattr(Networks, "run_all", no_network)
+        monkeypatch.setattr(Sessions, "run_all", no_network)
         with pytest.raises(InvalidInputError, match=message) as caught:
             pipe.txt2img(PROMPT, num_inference_steps=2, **options)
         assert "\n" not in str(caught.value)

@@ -16,7 +16,7 @@ from sdtrt.engine.errors import ExportError
 from sdtrt.engine.fsutil import onnx_digest
 from sdtrt.engine.manifest import load_manifest
 from sdtrt.engine.profiles import component_dims, dynamic_profile, input_shapes
-from sdtrt.export import exporter, networks
+from sdtrt.export import exporter, wrappers
 
 # Tolerances, as max |onnx - torch| / max |torch|: fp32 is the same math in another order; fp16
 # carries ~3 decimal digits through a few dozen layers.
@@ -30,13 +30,13 @@ def torch_nets(tiny_model_dir: Path) -> dict[str, torch.nn.Module]:
 
     vae = AutoencoderKL.from_pretrained(tiny_model_dir / "vae").eval()
     return {
-        "text_encoder": networks.TextEncoderNet(
+        "text_encoder": wrappers.TextEncoderNet(
             CLIPTextModel.from_pretrained(tiny_model_dir / "text_encoder"),
-            networks.TextEncoderGeometry("text_encoder", hidden_size=32, hidden_layer="last", vocab_size=49408),
+            wrappers.TextEncoderGeometry("text_encoder", hidden_size=32, hidden_layer="last", vocab_size=49408),
         ),
-        "unet": networks.UNetNet(UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")),
-        "vae_decoder": networks.VaeDecoderNet(vae),
-        "vae_encoder": networks.VaeEncoderNet(vae),
+        "unet": wrappers.UNetNet(UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")),
+        "vae_decoder": wrappers.VaeDecoderNet(vae),
+        "vae_encoder": wrappers.VaeEncoderNet(vae),
     }
 
 
@@ -152,12 +152,12 @@ def test_a_failure_inside_torch_is_one_line(
 
 
 def test_trace_inputs_come_from_the_config() -> None:
-    encoder = networks.TextEncoderGeometry("text_encoder", hidden_size=32, hidden_layer="last", vocab_size=64)
-    geometry = networks.Geometry(77, (encoder,), 4, 4, 8, 128, unet_in_channels=7, unet_class_labels=5)
+    encoder = wrappers.TextEncoderGeometry("text_encoder", hidden_size=32, hidden_layer="last", vocab_size=64)
+    geometry = wrappers.Geometry(77, (encoder,), 4, 4, 8, 128, unet_in_channels=7, unet_class_labels=5)
     generator = torch.Generator().manual_seed(0)
-    (ids,) = networks.text_encoder_spec(geometry, encoder).example_inputs(generator)
+    (ids,) = wrappers.text_encoder_spec(geometry, encoder).example_inputs(generator)
     assert ids.shape == (2, 77) and 0 <= int(ids.min()) <= int(ids.max()) < 64
-    noise_level = networks.unet_spec(geometry).example_inputs(generator)[-1]
+    noise_level = wrappers.unet_spec(geometry).example_inputs(generator)[-1]
     assert noise_level.dtype == torch.int32 and int(noise_level.max()) < 5
 
 

@@ -201,7 +201,7 @@ def test_weight_map_tells_equal_weights_apart_and_reports_what_it_cannot_map(tmp
             self.dead(y)  # computed, never used: the export drops it
             return y + torch.nn.functional.linear(y, 2 * self.scaled.weight)  # 2 * W: folded into a new constant
 
-    class Wrapper(torch.nn.Module):  # as networks.UNetNet: the model is the one child
+    class Wrapper(torch.nn.Module):  # as wrappers.UNetNet: the model is the one child
         def __init__(self) -> None:
             super().__init__()
             self.net = Inner()

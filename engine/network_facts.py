@@ -71,7 +71,7 @@ def is_controlnet(name: str) -> bool:
     return name.startswith(CONTROLNET_PREFIX) and len(name) > len(CONTROLNET_PREFIX)
 
 
-NETWORKS: NetworkTable = NetworkTable(
+NETWORK_FACTS: NetworkTable = NetworkTable(
     (network.name, network)
     for network in (
         Network("text_encoder", "prompts", lora=True, tokenizer="tokenizer"),
@@ -94,10 +94,10 @@ NETWORKS: NetworkTable = NetworkTable(
 )
 # the networks an export may hold under their own name, in the order it writes them; attached ControlNets
 # follow as "controlnet.<name>" (is_known_network)
-COMPONENTS = tuple(name for name in NETWORKS if name != "controlnet")
-EXPORTED = tuple(name for name in COMPONENTS if not NETWORKS[name].attached)  # what `sdtrt export` may write
-TEXT_ENCODERS = {n.name: n.tokenizer for n in NETWORKS.values() if n.tokenizer}  # network -> tokenizer folder
-LORA_NETWORKS = tuple(n.name for n in NETWORKS.values() if n.lora)
+COMPONENTS = tuple(name for name in NETWORK_FACTS if name != "controlnet")
+EXPORTED = tuple(name for name in COMPONENTS if not NETWORK_FACTS[name].attached)  # what `sdtrt export` may write
+TEXT_ENCODERS = {n.name: n.tokenizer for n in NETWORK_FACTS.values() if n.tokenizer}  # network -> tokenizer folder
+LORA_NETWORKS = tuple(n.name for n in NETWORK_FACTS.values() if n.lora)
 
 
 def is_known_network(name: str) -> bool:
