@@ -115,8 +115,9 @@ def quantize_export(
                 relative = str(onnx.with_name(f"{onnx.stem}{IR_INFIX}{digest[:12]}.xml"))
                 final = folder / relative
                 for staged_file, target in ((staged.with_suffix(".bin"), final.with_suffix(".bin")), (staged, final)):
+                    if not target.exists():  # else the same IR, recorded already: the old manifest keeps it
+                        moved.append(target)
                     os.replace(staged_file, target)  # the .bin first: an .xml names a complete IR
-                    moved.append(target)
                 seconds = time.perf_counter() - start
                 report = {"mode": mode, "nncf": nncf.__version__, "openvino": ov.__version__.split("-")[0]}
                 report |= {"samples": min(len(samples.get(network, ())), MAX_SAMPLES), "seconds": round(seconds, 1)}

@@ -21,7 +21,6 @@ from sdtrt.engine.artifact import Artifact
 from sdtrt.engine.backends import choose_backend
 from sdtrt.engine.errors import InvalidInputError
 from sdtrt.engine.manifest import Manifest
-from sdtrt.engine.session import Session, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -54,36 +53,21 @@ def read_prompts(path: str | os.PathLike[str]) -> list[str]:
     return prompts
 
 
-class _Recorder:
-    """A session that keeps a copy of every input it runs on, then runs them."""
+class _RecordingRunner:
+    """A NetworkRunner (runtime/runner.py) that keeps a copy of the inputs of ``networks``, then runs them."""
 
-    def __init__(self, session: Session, samples: list[dict[str, np.ndarray]]) -> None:
-        self.session, self.samples = session, samples
-        self.inputs: dict[str, TensorSpec] = session.inputs
-        self.outputs: dict[str, TensorSpec] = session.outputs
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.samples.append({name: np.array(value) for name, value in feeds.items()})
-        return self.session.run(feeds)
-
-    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
-        self.session.set_weights(weights)
-
-    def close(self) -> None:
-        self.session.close()
-
-
-class _RecordingArtifact(Artifact):
-    """An Artifact whose ``networks`` sessions record their inputs into ``samples``."""
-
-    def __init__(self, folder: Path, manifest: Manifest, networks: Sequence[str]) -> None:
-        super().__init__(folder, manifest, choose_backend("openvino"))
+    def __init__(self, sessions: Any, networks: Sequence[str]) -> None:
+        self.sessions = sessions  # the pipeline's own runner
         self.samples: dict[str, list[dict[str, np.ndarray]]] = {network: [] for network in networks}
 
-    def session(self, network: str) -> Session:
-        if network in self.samples and not self.is_open(network):
-            self._sessions[network] = _Recorder(super().session(network), self.samples[network])
-        return super().session(network)
+    def run_all(self, network: str, **feeds: np.ndarray) -> dict[str, np.ndarray]:
+        if network in self.samples:  # float32 as the loop made them: the CPU's fp32 graphs take them as they are
+            self.samples[network].append({name: np.array(value) for name, value in feeds.items()})
+        return self.sessions.run_all(network, **feeds)
+
+    def run(self, network: str, **feeds: np.ndarray) -> np.ndarray:
+        (output,) = self.run_all(network, **feeds).values()
+        return output
 
 
 def record_calibration(
@@ -96,12 +80,12 @@ def record_calibration(
     """The inputs ``networks`` ran on while the runtime drew each prompt (seed = its index) with ``options``."""
     from sdtrt.runtime.pipeline import Pipeline
 
-    artifact = _RecordingArtifact(folder, manifest, networks)
-    with Pipeline(artifact) as pipe:
+    with Pipeline(Artifact(folder, manifest, choose_backend("openvino"))) as pipe:
+        recorder = _RecordingRunner(pipe.sessions, networks)
         for seed, prompt in enumerate(prompts):
-            pipe.txt2img(prompt, seed=seed, decode=False, **options)
+            pipe.txt2img(prompt, seed=seed, decode=False, runner=recorder, **options)
             log.info("calibration %d/%d: %s", seed + 1, len(prompts), prompt)
-    return artifact.samples
+    return recorder.samples
 
 
 def quantize(
