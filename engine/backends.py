@@ -177,8 +177,9 @@ class Backend:
         if requested is None:
             return self.default_compute() if self.default_compute else allowed[0]
         if requested not in allowed:
+            choices = allowed[0] if len(allowed) == 1 else f"{', '.join(allowed[:-1])} or {allowed[-1]}"
             raise InvalidInputError(
-                f"backend {self.name} runs at {' or '.join(allowed)}, not {requested!r}"
+                f"backend {self.name} runs at {choices}, not {requested!r}"
                 + ("" if requested not in ("bf16", "int8") else f" ({requested} is the openvino backend's)")
             )
         return requested
