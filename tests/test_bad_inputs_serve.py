@@ -158,7 +158,18 @@ def test_a_wrong_method_is_405_with_allow(server: ServerProcess, method: str, pa
     _alive(server)
 
 
-LONG = json.dumps({"prompt": "x", "num_inference_steps": 150, **SMALL}).encode()
+LONG = json.dumps({"prompt": "x", "num_inference_steps": 150, "height": 128, "width": 128}).encode()
+
+
+def _until_sampling(server: ServerProcess) -> None:
+    """Return once a job has taken its first denoising step (polled; a 30 s bound)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        state = httpx.get(f"{server.url}/sdapi/v1/progress?skip_current_image=true", timeout=10).json()["state"]
+        if state.get("sampling_step", 0) >= 1:
+            return
+        time.sleep(0.01)
+    raise AssertionError("the long request never started its steps")
 
 
 @pytest.mark.parametrize(("when", "sent"), [("mid-body", b'{"prompt": '), ("mid-generation", LONG)])
@@ -168,7 +179,10 @@ def test_a_client_that_leaves_mid_request_is_logged_as_a_cancellation(
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
         head = f"POST /v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(LONG)}"
         raw.sendall(head.encode() + b"\r\n\r\n" + sent)
-        time.sleep(1.0)  # mid-generation: its steps have begun
+        if when == "mid-generation":  # leave once its steps have begun (a quiet machine draws it in a second)
+            _until_sampling(server)
+        else:
+            time.sleep(1.0)
     time.sleep(2.0)  # the job stops at its next step
     for _ in range(3):  # requests that allocate: the cycle collector frees what the abandoned request left
         httpx.post(f"{server.url}/v1/txt2img", json={"prompt": "x", "num_inference_steps": 1, **SMALL}, timeout=60)
