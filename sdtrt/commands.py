@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sdtrt.demo import run_demo
 from sdtrt.engine.errors import InvalidInputError, SdtrtError
 from sdtrt.generate import generate_images
 from sdtrt.task_cli import task_options
+
+if TYPE_CHECKING:
+    from sdtrt.engine.manifest import ComponentFile
 
 
 def export(args: argparse.Namespace) -> None:
@@ -81,11 +86,12 @@ def info(args: argparse.Namespace) -> None:
     tokenizers = ", ".join(f"{tok}/" for tok in m.tokenizers.values())
     print(f"scheduler: {m.scheduler.get('_class_name')}   tokenizers: {tokenizers} ({m.text_max_length} tokens)")
     for name, component in m.components.items():
-        listed = [*component.files.items(), *((f"{p} ORT-fused", f) for p, f in component.ort_fused.items())]
-        files = ", ".join(
-            f"{p}: {f.path} ({sum(x.stat().st_size for x in folder.glob(f.path + '*')) / 2**20:.1f} MiB)"
-            for p, f in listed
-        )
+        listed = [
+            *component.files.items(),
+            *((f"{p} ORT-fused", f) for p, f in component.ort_fused.items()),
+            *((f"{p} OpenVINO IR", f) for p, f in component.openvino.items()),  # sdtrt quantize --int8
+        ]
+        files = ", ".join(f"{p}: {f.path} ({_mib(folder, f)})" for p, f in listed)
         print(f"  {name}: {files}")
     fp16 = any("fp16" in component.files for component in m.components.values())
     if not (fp16 or args.engines):
@@ -96,6 +102,12 @@ def info(args: argparse.Namespace) -> None:
     for name in m.components:
         dims = ", ".join(f"{dim} {lo}/{opt}/{hi}" for dim, (lo, opt, hi) in component_dims(m, name, spec).items())
         print(f"  {name}: min/opt/max {dims}")
+
+
+def _mib(folder: Path, file: ComponentFile) -> str:
+    """The size on disk of an export's file and its weights (.onnx.data; an IR's .bin), in MiB."""
+    paths = {folder / file.path, *folder.glob(file.path + "*"), (folder / file.path).with_suffix(".bin")}
+    return f"{sum(p.stat().st_size for p in paths if p.is_file()) / 2**20:.1f} MiB"
 
 
 def verify(args: argparse.Namespace) -> int | None:

@@ -7,6 +7,7 @@ The demo model's gate (train.evaluate's scores at int8 within 5 points of bf16) 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -155,3 +156,14 @@ def test_the_demo_model_keeps_its_scores_at_int8(demo_export: Path, tmp_path: Pa
         scores[precision] = {**{name: captions[name] for name in ("colours", "kind", "position")}, "maps": maps["all"]}
     for name, bf16 in scores["bf16"].items():
         assert scores["int8"][name] >= bf16 - DEMO_MAX_DROP, (name, scores)
+
+
+def test_info_lists_the_int8_irs(tiny_int8_export: Path, capsys: pytest.CaptureFixture) -> None:
+    from sdtrt.cli import main
+
+    assert main(["info", str(tiny_int8_export)]) == 0
+    lines: dict[str, str] = {}  # each network's first line: its files (the TensorRT profile's lines come after)
+    for line in capsys.readouterr().out.splitlines():
+        lines.setdefault(line.split(":")[0].strip(), line)
+    assert "int8 OpenVINO IR: unet.int8-" in lines["unet"] and "int8 OpenVINO IR" not in lines["vae_decoder"]
+    assert re.search(r"int8 OpenVINO IR: \S+\.xml \((\d+\.\d) MiB\)", lines["unet"])
