@@ -228,9 +228,13 @@ def test_concurrent_compatible_requests_share_a_unet_batch_and_match_running_alo
 
     async def all_at_once() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60) as c:
-            busy = {"prompt": "keeps the worker busy", "num_inference_steps": 100, "height": 128, "width": 128}
+            busy = {"prompt": "keeps the worker busy", "num_inference_steps": 150, "height": 128, "width": 128}
             first = asyncio.ensure_future(c.post("/v1/txt2img", json=busy))
-            await asyncio.sleep(0.5)  # the four below queue up behind it and then run together
+            for _ in range(3000):  # once it runs its steps, the four below queue up behind it and then run together
+                state = (await c.get("/sdapi/v1/progress?skip_current_image=true")).json()["state"]
+                if state.get("sampling_step", 0) >= 1:
+                    break
+                await asyncio.sleep(0.01)
             answers = await asyncio.gather(
                 *(c.post("/v1/txt2img", json={**r, "num_inference_steps": 8}) for r in requests)
             )
