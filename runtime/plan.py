@@ -44,9 +44,11 @@ class Plan:
         return len(self.request.prompts) * self.request.num_images
 
 
-def precheck(task: str | Task, request: Request, inputs: Mapping[str, Any], limits: Limits | None = None) -> Any:
+def precheck(
+    task: str | Task, request: Request, inputs: Mapping[str, Any], limits: Limits | None = None
+) -> tuple[Task, Request, Any, dict[str, Any]]:
     """What can be checked without a model: the task, the request (its defaults filled in) and the task's own
-    arguments. Returns (record, checked request, the task's arguments, the ControlNet options given)."""
+    arguments. Returns the record, the checked request, the task's arguments and the ControlNet options given."""
     record = get_task(task) if isinstance(task, str) else task
     if not isinstance(request, Request):
         raise InvalidInputError(f"run takes a Request (sdtrt.runtime.request), got {type(request).__name__}")
