@@ -11,9 +11,11 @@ OpenVINO's model cache (``cache_dir``) makes a second start load the compiled mo
 compiling it again (base weights only: a LoRA's weights are compiled afresh).
 
 LoRA: a model with a weight map is compiled with a low-rank branch beside each Linear and 1x1
-convolution weight (engine/openvino_lora.py): set_factors feeds the adapters' factors to the same
-compiled models, nothing recompiles. The other mapped weights (kxk convolutions) are constants of
-their own, named after their initializers; set_weights replaces those in the models compiled next.
+convolution weight (engine/openvino_lora.py) from the first set_factors on (once, then kept: until an
+adapter is handed over, the model compiles without branches and runs at the base model's speed);
+set_factors feeds the adapters' factors to the same compiled models, nothing recompiles. The other
+mapped weights (kxk convolutions) are constants of their own, named after their initializers; set_weights
+replaces those in the models compiled next.
 int8 ("int8"): a network `sdtrt quantize --int8` made an int8 IR of (export/quantize.py) compiles from
 that IR, what it leaves in float at default_compute(); a network without one runs its ONNX file at
 default_compute(). An int8 IR has no weight map: its weights are quantized (LoRA is refused upstream).
@@ -127,10 +129,10 @@ class OpenVinoSession:
         self._unread = self._core.read_model(str(self._onnx))
         self.inputs = _port_specs(self._unread.inputs, inputs)
         self.outputs = _port_specs(self._unread.outputs, outputs)
-        # the weights whose LoRA is a branch fed at run time (rank 0 until set_factors says otherwise)
+        # the weights whose LoRA is a branch fed at run time, compiled in by the first set_factors
         self.branched = frozenset() if weight_map is None else frozenset(branch_sites(self._unread, weight_map))
         self.lora_rank = lora_rank  # None: branches of dynamic rank; else static, the adapters' ranks padded to it
-        self._factors = {} if weight_map is None else factor_feeds(self.branched, weight_map, {}, lora_rank)
+        self._factors: dict[str, np.ndarray] = {}  # the branches' inputs: none until the first set_factors adds them
         log.debug("opened %s on OpenVINO %s (%s)", self.name, ov.__version__, precision)
 
     def _read(self):
@@ -175,7 +177,7 @@ class OpenVinoSession:
         model = self._read()
         if self._weights:
             _replace_constants(model, self._weights)
-        if self.branched and add_branches(model, self._weight_map, self.lora_rank) != self.branched:
+        if self._factors and add_branches(model, self._weight_map, self.lora_rank) != self.branched:
             raise BackendUnavailableError(
                 f"{self.name}: {self._source} differs from the ONNX file: delete {self._source.parent}"
             )
@@ -206,10 +208,16 @@ class OpenVinoSession:
 
     def set_factors(self, factors: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
         """Feed these LoRA factors (initializer -> (down (rank, in), up (out, rank)) float32, scales folded into
-        ``up``) to the branches from now on, rank 0 to every other branch: no recompile."""
+        ``up``) to the branches from now on, rank 0 to every other branch: no recompile, but for the first call,
+        which compiles the branches in (on next use)."""
         check_factors(self.branched, self._weight_map, factors, self.name, self.lora_rank)
+        if not self.branched:
+            return
         feeds = factor_feeds(self.branched, self._weight_map, factors, self.lora_rank)
         with self._lock:
+            if not self._factors:
+                self._compiled.clear()  # compiled without branches: recompiled with them on next use
+                log.debug("%s: low-rank branches beside %d weights from now on", self.name, len(self.branched))
             self._factors = feeds
 
     def close(self) -> None:

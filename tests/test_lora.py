@@ -21,6 +21,7 @@ from sdtrt.engine.errors import InvalidInputError
 from sdtrt.engine.manifest import load_manifest
 from sdtrt.engine.ort_cuda import OrtCudaSession
 from sdtrt.engine.ort_session import OrtCpuSession
+from sdtrt.engine.session import LowRankSession
 from sdtrt.engine.weights import WeightMap, load_weight_map
 from sdtrt.export import tiny
 from sdtrt.export.exporter import export_model
@@ -259,10 +260,15 @@ def test_two_adapters_with_scales_match_diffusers(
 
 def test_swapping_adapters_leaves_no_residue(tiny_export: Path, loras: dict[str, Path], lora_backend: dict) -> None:
     with Pipeline.load(tiny_export, **lora_backend) as pipe:
-        base = _ours(pipe)
+        never_adapted = _ours(pipe)
         pipe.load_lora(loras["b"])
         only_b = _ours(pipe)
         pipe.unload_lora()
+        base = _ours(pipe)  # OpenVINO: the branches compiled in by the first load, at rank 0
+        if lora_backend["precision"] == "bf16":  # they break fusions: bf16 rounds elsewhere (tests/test_lora_switch.py)
+            assert _relative(base, never_adapted) < BF16_LORA_TOLERANCE
+        else:
+            np.testing.assert_array_equal(base, never_adapted)
         pipe.load_lora(loras["a"])  # A -> B -> none
         with_a = _ours(pipe)
         pipe.unload_lora("a")
@@ -278,7 +284,10 @@ def test_swapping_adapters_leaves_no_residue(tiny_export: Path, loras: dict[str,
         maps = _maps(tiny_export)
         feeds = {"input_ids": np.full((1, 77), 49407, np.int32)}
         with open_artifact(tiny_export, **lora_backend) as fresh_artifact:  # the same backend, never adapted
-            fresh = fresh_artifact.session("text_encoder").run(feeds)
+            fresh_session = fresh_artifact.session("text_encoder")
+            if isinstance(fresh_session, LowRankSession):
+                fresh_session.set_factors({})  # its branches too, at rank 0
+            fresh = fresh_session.run(feeds)
         np.testing.assert_array_equal(pipe.session("text_encoder").run(feeds)["hidden_states"], fresh["hidden_states"])
     adapter = read_lora(loras["a"], maps)
     weights = compose(maps["unet"], "unet", [(adapter, 1.0)])

@@ -1,7 +1,8 @@
 """Switching LoRA adapters without recompiling (engine/lora_branch.py): the CPU sessions run a low-rank branch
-beside each Linear and 1x1 convolution weight and take the adapters' factors as inputs. Loading, swapping,
-rescaling and unloading keep the same compiled models and sessions; at rank 0 the branched graph answers
-the unbranched one bit for bit; the branch agrees with the folded weights. Parity with diffusers through the
+beside each Linear and 1x1 convolution weight and take the adapters' factors as inputs. After the first load
+(which compiles OpenVINO's branches in once), swapping, rescaling and unloading keep the same compiled models and
+sessions; until then OpenVINO compiles no branches; at rank 0 the branched graph answers the unbranched one bit for
+bit; the branch agrees with the folded weights. Parity with diffusers through the
 branches is tests/test_lora.py's (every CPU backend x precision)."""
 
 from __future__ import annotations
@@ -43,11 +44,12 @@ def _compiled(session) -> object:
 def test_switching_adapters_recompiles_nothing(tiny_export: Path, branch_loras: dict, lora_backend: dict) -> None:
     with Pipeline.load(tiny_export, **lora_backend) as pipe:
         base = pipe.txt2img(**GENERATION).latents
+        pipe.load_lora(branch_loras["a"])  # the first load: OpenVINO compiles the branches in, once
+        with_a = pipe.txt2img(**GENERATION).latents
         sessions = {network: pipe.session(network) for network in ("text_encoder", "unet")}
         compiled = {network: _compiled(session) for network, session in sessions.items()}
-        pipe.load_lora(branch_loras["a"])
-        with_a = pipe.txt2img(**GENERATION).latents
         pipe.unload_lora("a")
+        unloaded_a = pipe.txt2img(**GENERATION).latents
         pipe.load_lora(branch_loras["b"], scale=0.5)
         pipe.set_lora_scale("b", 1.5)
         with_b = pipe.txt2img(**GENERATION).latents
@@ -56,7 +58,37 @@ def test_switching_adapters_recompiles_nothing(tiny_export: Path, branch_loras: 
         assert {network: _compiled(session) for network, session in sessions.items()} == compiled
         assert all(pipe.session(network) is session for network, session in sessions.items())
     assert not np.array_equal(with_a, base) and not np.array_equal(with_b, with_a)
-    np.testing.assert_array_equal(unloaded, base)
+    np.testing.assert_array_equal(unloaded, unloaded_a)  # no residue of any adapter
+    if lora_backend["precision"] == "bf16":  # the branches (at rank 0) break fusions: bf16 rounds elsewhere
+        assert np.abs(unloaded - base).max() <= 5e-2 * np.abs(base).max()  # measured 2.5e-2
+    else:
+        np.testing.assert_array_equal(unloaded, base)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_openvino_compiles_branches_in_at_the_first_adapter(
+    tiny_export: Path, branch_loras: dict, precision: str
+) -> None:
+    """No adapter, no branch: the UNet and text encoder run the base model as compiled before LoRA existed; the first
+    adapter (even at scale 0, as the server loads them) compiles the branches in, and they stay."""
+    pytest.importorskip("openvino")
+    with Pipeline.load(tiny_export, backend="openvino", precision=precision) as pipe:
+        pipe.txt2img(**GENERATION)
+        sessions = [pipe.session(network) for network in ("text_encoder", "unet")]
+        assert [_branch_inputs(session) for session in sessions] == [0, 0]
+        pipe.load_lora(branch_loras["a"], scale=0.0)
+        pipe.txt2img(**GENERATION)
+        expected = [2 * len(session.branched) for session in sessions]
+        assert all(expected) and [_branch_inputs(session) for session in sessions] == expected
+        pipe.unload_lora()
+        pipe.txt2img(**GENERATION)
+        assert [_branch_inputs(session) for session in sessions] == expected
+
+
+def _branch_inputs(session) -> int:
+    """How many low-rank factor inputs the session's compiled model takes."""
+    (request,) = session._compiled.values()
+    return sum(port.get_any_name().startswith(("lora_down:", "lora_up:")) for port in request.model_inputs)
 
 
 def _feeds() -> dict[str, np.ndarray]:
@@ -86,6 +118,8 @@ def test_branch_matches_the_unbranched_graph_and_the_folded_weights(
     assert branched.branched and not plain.branched
     feeds = _feeds()
     base = plain.run(feeds)["noise_pred"]
+    np.testing.assert_array_equal(branched.run(feeds)["noise_pred"], base)  # before any factors
+    branched.set_factors({})  # the branches in, every one at rank 0
     np.testing.assert_array_equal(branched.run(feeds)["noise_pred"], base)  # rank 0: exact zeros added
     maps = {network: load_weight_map(tiny_export / f"{network}.weights.json") for network in ("unet", "text_encoder")}
     adapter = read_lora(branch_loras["a"], maps)
