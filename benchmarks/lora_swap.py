@@ -54,8 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def write_kohya(path: Path, weight_maps: dict, rank: int, seed: int, targets: dict[str, tuple[str, ...]]) -> Path:
-    """A random kohya LoRA file of ``rank`` on the modules of ``weight_maps`` whose names end with ``targets``."""
+def write_kohya(
+    path: Path, weight_maps: dict, rank: int, seed: int, targets: dict[str, tuple[str, ...]], std: float = 0.02
+) -> Path:
+    """A random kohya LoRA file of ``rank`` on the modules of ``weight_maps`` whose names end with ``targets``, its
+    factors normal with standard deviation ``std``."""
     from safetensors.numpy import save_file
 
     rng, prefixes, tensors = np.random.default_rng(seed), {"unet": "lora_unet_", "text_encoder": "lora_te_"}, {}
@@ -64,10 +67,12 @@ def write_kohya(path: Path, weight_maps: dict, rank: int, seed: int, targets: di
             module = param.removesuffix(".weight")
             if not module.endswith(suffixes):
                 continue
-            out_features, in_features = weight.param_shape[:2]
-            key = prefixes[component] + module.replace(".", "_")
-            tensors[f"{key}.lora_down.weight"] = (rng.standard_normal((rank, in_features)) * 0.02).astype(np.float32)
-            tensors[f"{key}.lora_up.weight"] = (rng.standard_normal((out_features, rank)) * 0.02).astype(np.float32)
+            shape = weight.param_shape  # (out, in) for a Linear, (out, in, kh, kw) for a Conv
+            key, pointwise = prefixes[component] + module.replace(".", "_"), (1,) * (len(shape) - 2)
+            tensors[f"{key}.lora_down.weight"] = (rng.standard_normal((rank, *shape[1:])) * std).astype(np.float32)
+            tensors[f"{key}.lora_up.weight"] = (rng.standard_normal((shape[0], rank, *pointwise)) * std).astype(
+                np.float32
+            )
             tensors[f"{key}.alpha"] = np.array(float(rank), np.float32)
     save_file(tensors, str(path))
     return path

@@ -87,9 +87,10 @@ NETWORK_FACTS: NetworkTable = NetworkTable(
         Network("vae_decoder_tiny", "images", attached=True),
         Network("vae_encoder_tiny", "source", attached=True),
         # step caching (DeepCache), attached by export/step_cache.py: the UNet that also returns the deep feature
-        # at the cache branch, and the shallow UNet that takes it; both read the UNet's own weights file
-        Network("unet_cache", "cfg", attached=True),
-        Network("unet_shallow", "cfg", attached=True),
+        # at the cache branch, and the shallow UNet that takes it; both read the UNet's own weights file, and LoRA
+        # changes them as it changes the UNet (their weight maps point into that file)
+        Network("unet_cache", "cfg", lora=True, lora_keys="unet", attached=True),
+        Network("unet_shallow", "cfg", lora=True, lora_keys="unet", attached=True),
     )
 )
 # the networks an export may hold under their own name, in the order it writes them; attached ControlNets

@@ -16,7 +16,8 @@ which returns the feature input. The runtime runs them in DeepCache's schedule (
 
 Neither graph stores the UNet's weights again: their initializers that hold the same bytes as one in the UNet's
 external-data file point into that file (share_weights), so the export grows by the graphs' structure and any
-weights of their own (none for a UNet: every weight is the UNet's).
+weights of their own (none for a UNet: every weight is the UNet's). Their weight maps (LoRA's, as the UNet's) point
+into that file too; the shallow graph's lists the deep layers' weights as unused.
 """
 
 from __future__ import annotations
@@ -39,10 +40,12 @@ from sdtrt.engine.errors import ExportError
 from sdtrt.engine.fsutil import scratch_dir
 from sdtrt.engine.manifest import Component, Manifest, load_manifest
 from sdtrt.engine.session import TensorSpec
+from sdtrt.engine.weights import load_weight_map
 from sdtrt.export import exporter
 from sdtrt.export.attach import base_model, export_network, load_base_unet, move_in
 from sdtrt.export.controlnet import KEEP_FP32, scaled_dims
 from sdtrt.export.onnx_export import DEFAULT_OPSET, save_onnx
+from sdtrt.export.weight_map import map_path, relocate_weight_map
 from sdtrt.export.wrappers import NetworkSpec, UNetNet
 
 log = logging.getLogger(__name__)
@@ -131,11 +134,11 @@ class CacheUNetNet(UNetNet):
 
     def __init__(self, unet: torch.nn.Module, extra_inputs: tuple[str, ...], feature: Unit) -> None:
         super().__init__(unet, extra_inputs)
-        self.feature = feature.module
+        self.feature = feature  # a Unit, not a module: the UNet stays the wrapper's one child (its weight map's)
         self._seen: list[torch.Tensor] = []
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        hook = self.feature.register_forward_hook(lambda _m, _a, output: self._seen.append(_first(output)))
+        hook = self.feature.module.register_forward_hook(lambda _m, _a, output: self._seen.append(_first(output)))
         try:
             noise_pred = super().forward(*inputs)
         finally:
@@ -266,7 +269,8 @@ def attach_step_cache(
 def share_weights(path: Path, base: Path) -> int:
     """Point every initializer of the ONNX file ``path`` that holds the same bytes as an external-data initializer
     of ``base`` at ``base``'s data file (relative: the two files end up in one folder), and write ``path`` again
-    with only the rest; returns the bytes shared."""
+    with only the rest, and its weight map (LoRA's) pointing where its weights now lie; returns the bytes
+    shared."""
     shared = _external_tensors(base)
     model = onnx.load(str(path), load_external_data=True)
     saved = 0
@@ -284,6 +288,8 @@ def share_weights(path: Path, base: Path) -> int:
     own_data = path.with_name(path.name + ".data")
     own_data.unlink(missing_ok=True)
     save_onnx(model, path)
+    if (weights := map_path(path)).exists():
+        relocate_weight_map(load_weight_map(weights), model, path, data_name=base.name + ".data")
     log.info("%s: %.1f MiB of weights read from %s", path.name, saved / 2**20, base.name)
     return saved
 

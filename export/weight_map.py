@@ -149,9 +149,10 @@ def _unused(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], weights: 
     return sorted(name for name, grad in zip(weights, found, strict=True) if grad is None)
 
 
-def _located(model: onnx.ModelProto, onnx_path: Path, mapped: dict[str, Match]) -> dict[str, MappedWeight]:
+def _located(
+    model: onnx.ModelProto, onnx_path: Path, mapped: dict[str, Match], data_name: str
+) -> dict[str, MappedWeight]:
     """Where each mapped initializer of ``model``, just saved with external data, lies in the data file."""
-    data_name = onnx_path.name + ".data"
     weights = {}
     for init in model.graph.initializer:
         if init.name not in mapped:
@@ -173,11 +174,15 @@ def _located(model: onnx.ModelProto, onnx_path: Path, mapped: dict[str, Match]) 
     return weights
 
 
-def write_weight_map(onnx_path: Path, model: onnx.ModelProto, matches: Matches) -> WeightMap:
-    """Write the map of ``model``, just saved to ``onnx_path`` with external data, beside it."""
+def write_weight_map(
+    onnx_path: Path, model: onnx.ModelProto, matches: Matches, data_name: str | None = None
+) -> WeightMap:
+    """Write the map of ``model``, just saved to ``onnx_path`` with external data (in ``data_name``, a file
+    beside it: by default its own, ``<file>.data``), beside it."""
+    data_name = data_name or onnx_path.name + ".data"
     weight_map = WeightMap(
-        data_path=onnx_path.with_name(onnx_path.name + ".data"),
-        weights=_located(model, onnx_path, matches.mapped),
+        data_path=onnx_path.with_name(data_name),
+        weights=_located(model, onnx_path, matches.mapped, data_name),
         unmapped=dict(sorted(matches.unmapped.items())),
         unused=tuple(sorted(matches.unused)),
     )
@@ -186,16 +191,29 @@ def write_weight_map(onnx_path: Path, model: onnx.ModelProto, matches: Matches) 
     return weight_map
 
 
-def relocate_weight_map(source: WeightMap, model: onnx.ModelProto, onnx_path: Path) -> WeightMap:
-    """The map ``source`` of the file ``model`` was converted from (to fp16), for ``model`` saved to ``onnx_path``.
+def relocate_weight_map(
+    source: WeightMap, model: onnx.ModelProto, onnx_path: Path, data_name: str | None = None
+) -> WeightMap:
+    """The map ``source`` of the file ``model`` was made from, for ``model`` saved to ``onnx_path`` with its mapped
+    weights in ``data_name`` (default: its own data file): after an fp16 conversion, or once its weights point
+    into another network's data file (export/step_cache.py share_weights).
 
-    The fp16 conversion keeps initializer names, so the matches carry over; offsets, dtypes and
-    shapes are the new file's. An initializer the conversion dropped makes its weight unmapped.
+    Both keep initializer names, so the matches carry over; offsets, dtypes and shapes are the new file's. An
+    initializer the conversion dropped, or that stays outside ``data_name``, makes its weight unmapped.
     """
-    present = {init.name for init in model.graph.initializer}
+    data_name = data_name or onnx_path.name + ".data"
+    inside = {init.name: _data_file(init) == data_name for init in model.graph.initializer}
     unmapped = dict(source.unmapped)
     for name, w in source.weights.items():
-        if name not in present:
-            unmapped[w.param] = f"its initializer {name} is not in {onnx_path.name}"
+        if not inside.get(name, False):
+            where = "is not in" if name not in inside else f"is not stored in {data_name}, beside"
+            unmapped[w.param] = f"its initializer {name} {where} {onnx_path.name}"
     mapped = {n: (w.param, w.transposed, w.param_shape) for n, w in source.weights.items() if w.param not in unmapped}
-    return write_weight_map(onnx_path, model, Matches(mapped, unmapped, list(source.unused)))
+    return write_weight_map(onnx_path, model, Matches(mapped, unmapped, list(source.unused)), data_name)
+
+
+def _data_file(init: onnx.TensorProto) -> str | None:
+    """The external data file an initializer lies in (None: inside the ONNX file)."""
+    if init.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    return {entry.key: entry.value for entry in init.external_data}.get("location")

@@ -387,7 +387,7 @@ def compose(
     active = [(adapter, adapter.layers.get(component, {}), scale) for adapter, scale in adapters if scale != 0]
     weights = {}
     for param in sorted({param for _, layers, _ in active for param in layers}):
-        for w in [w for w in weight_map.by_param[param] if w.name not in skip]:
+        for w in [w for w in _holding(weight_map, component, param) if w.name not in skip]:
             value = weight_map.base(w.name).astype(np.float32)  # a copy: the base stays untouched
             with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked below, once
                 for _, layers, scale in active:
@@ -399,3 +399,14 @@ def compose(
                 raise InvalidInputError(f"LoRA {names} makes {component} {param} overflow {w.dtype}: lower the scale")
             weights[w.name] = stored
     return weights
+
+
+def _holding(weight_map: WeightMap, component: str, param: str) -> list[MappedWeight]:
+    """The initializers of ``weight_map`` holding ``param``; none where the network does not use it (the shallow
+    UNet of step caching skips the deep layers); one clear error where it uses it but cannot change it."""
+    if param in weight_map.by_param:
+        return weight_map.by_param[param]
+    if param in weight_map.unused:
+        return []
+    why = weight_map.unmapped.get(param, "its weight map does not name it")
+    raise InvalidInputError(f"LoRA changes {component} {param}, which a network of this export cannot change ({why})")

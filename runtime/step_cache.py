@@ -70,9 +70,10 @@ def check_cache_options(
         )
     if controlled:
         raise InvalidInputError("step caching does not take ControlNets yet: use cache_interval 1 with a control image")
-    if sessions.loras:
+    if sessions.loras and any(sessions.artifact.weight_map(graph) is None for graph in (CACHE, SHALLOW)):
         raise InvalidInputError(
-            "step caching does not take LoRA adapters yet (its graphs have no weight maps): unload them, or use "
+            f"the step-cache graphs of {folder} have no weight maps, which LoRA needs (attached by an older sdtrt): "
+            f"attach them again with `sdtrt add-step-cache {shlex.quote(str(folder))} --overwrite`, or use "
             "cache_interval 1"
         )
 

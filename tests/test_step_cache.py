@@ -4,6 +4,7 @@ package's own DeepCacheSDHelper patching diffusers' pipeline, with the same inte
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,13 +37,18 @@ def cache_export(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return out
 
 
-def _deepcache_latents(pipeline_class: str, model: Path, scheduler: str, interval: int, branch: int, **call):
-    """diffusers' final latents with DeepCacheSDHelper patching its UNet (interval 1: the helper off)."""
+def _deepcache_latents(
+    pipeline_class: str, model: Path, scheduler: str, interval: int, branch: int, lora: Path | None = None, **call
+):
+    """diffusers' final latents with DeepCacheSDHelper patching its UNet (interval 1: the helper off), with
+    ``lora`` loaded by diffusers' own load_lora_weights."""
     import diffusers
     from DeepCache import DeepCacheSDHelper
 
     pipe = getattr(diffusers, pipeline_class).from_pretrained(model, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora))
     pipe.scheduler = getattr(diffusers, DIFFUSERS_SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
     helper = DeepCacheSDHelper(pipe=pipe)
     helper.set_params(cache_interval=interval, cache_branch_id=branch)
@@ -276,7 +282,7 @@ def test_attach_refuses_a_branch_the_unet_has_not(tiny_export: Path, tmp_path: P
     assert {p.name: p.stat().st_size for p in out.iterdir()} == before
 
 
-def test_controlnets_and_lora_with_caching_are_one_clear_error(cache_export: Path) -> None:
+def test_controlnets_with_caching_are_one_clear_error(cache_export: Path) -> None:
     from types import SimpleNamespace
 
     from sdtrt.runtime.step_cache import check_cache_options
@@ -286,7 +292,91 @@ def test_controlnets_and_lora_with_caching_are_one_clear_error(cache_export: Pat
     check_cache_options(3, None, manifest, plain, controlled=False)  # what the parity tests run
     with pytest.raises(InvalidInputError, match="does not take ControlNets yet"):
         check_cache_options(3, None, manifest, plain, controlled=True)
-    adapted = SimpleNamespace(artifact=plain.artifact, loras={"style": 0.8})
-    with pytest.raises(InvalidInputError, match="does not take LoRA adapters yet"):
-        check_cache_options(3, None, manifest, adapted, controlled=False)
-    check_cache_options(1, None, manifest, adapted, controlled=True)  # caching off: nothing to refuse
+    check_cache_options(1, None, manifest, plain, controlled=True)  # caching off: nothing to refuse
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA: the step-cache graphs have weight maps pointing into the UNet's data file
+
+
+@pytest.fixture(scope="module")
+def cache_lora(cache_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random kohya LoRA on the UNet's attention, feed-forward, 1x1 and 3x3 convolutions (folded)."""
+    from benchmarks.lora_swap import write_kohya
+    from sdtrt.engine.artifact import open_artifact
+
+    with open_artifact(cache_export, backend="ort-cpu") as artifact:
+        maps = artifact.weight_maps()
+    targets = {"unet": ("to_q", "to_v", "to_out.0", "proj_in", "conv1", "ff.net.2")}  # text encoders: test_lora.py
+    return write_kohya(tmp_path_factory.mktemp("cache-lora") / "style.safetensors", maps, 4, 3, targets, std=0.1)
+
+
+def test_the_graphs_weight_maps_point_into_the_unets_data(cache_export: Path) -> None:
+    from sdtrt.engine.weights import load_weight_map
+
+    manifest = load_manifest(cache_export)
+    for precision in ("fp32", "fp16"):
+        unet = load_weight_map(cache_export / manifest.components["unet"].files[precision].weights)
+        for graph in ("unet_cache", "unet_shallow"):
+            graph_map = load_weight_map(cache_export / manifest.components[graph].files[precision].weights)
+            assert graph_map.data_path == unet.data_path
+            assert not graph_map.unmapped
+            for name, weight in graph_map.weights.items():  # each one the UNet's own bytes, at the UNet's offset
+                (held,) = unet.by_param[weight.param]
+                assert (weight.offset, weight.length, weight.transposed) == (held.offset, held.length, held.transposed)
+                np.testing.assert_array_equal(graph_map.base(name), unet.base(held.name))
+            covered = {*graph_map.by_param, *graph_map.unused}
+            assert covered == {*unet.by_param, *unet.unused}, graph  # every UNet weight: used and mapped, or unused
+        assert not load_weight_map(
+            cache_export / manifest.components["unet_cache"].files[precision].weights
+        ).unused  # the cache graph runs the whole UNet
+        shallow = load_weight_map(cache_export / manifest.components["unet_shallow"].files[precision].weights)
+        assert any(p.startswith("mid_block.") for p in shallow.unused) and shallow.weights
+
+
+def test_cached_txt2img_with_lora_matches_deepcache(
+    cache_export: Path, tiny_model_dir: Path, cache_lora: Path, lora_backend: dict
+) -> None:
+    """LoRA on a cached run: the adapter changes the shallow graph's weights too, loaded before or after the
+    step-cache graphs open; against diffusers' load_lora_weights under DeepCacheSDHelper."""
+    latents = np.random.default_rng(7).standard_normal((1, 4, 16, 16), dtype=np.float32)
+    options = {"negative_prompt": NEGATIVE, "num_inference_steps": 8, "guidance_scale": 7.5, "height": 128}
+    options |= {"width": 128}
+    call = {"latents": torch.from_numpy(latents), **options}
+    expected = _deepcache_latents("StableDiffusionPipeline", tiny_model_dir, "ddim", 3, 0, cache_lora, **call)
+    base = _deepcache_latents("StableDiffusionPipeline", tiny_model_dir, "ddim", 3, 0, **call)
+    tolerance = 5e-2 if lora_backend["precision"] == "bf16" else LATENT_TOLERANCE  # as tests/test_lora.py
+    assert _relative_error(base, expected) > 4 * tolerance  # the LoRA matters far beyond the tolerance
+    with Pipeline.load(cache_export, **lora_backend) as pipe:
+        cached = {"scheduler": "ddim", "cache_interval": 3, **options}
+        before = pipe.txt2img(PROMPT, latents=latents, **cached).latents  # the step-cache graphs open unadapted
+        pipe.load_lora(cache_lora)
+        ours = pipe.txt2img(PROMPT, latents=latents, **cached).latents
+        pipe.unload_lora()
+        unloaded = pipe.txt2img(PROMPT, latents=latents, **cached).latents
+    assert _relative_error(before, base) < tolerance
+    assert _relative_error(ours, expected) < tolerance
+    assert _relative_error(unloaded, base) < tolerance
+
+
+def test_lora_with_graphs_attached_before_weight_maps_is_one_clear_error(
+    cache_export: Path, cache_lora: Path, tmp_path: Path
+) -> None:
+    """Step-cache graphs attached by an sdtrt without their weight maps would run a cached step without the LoRA:
+    refused, with the command that attaches them again."""
+    from sdtrt.engine.manifest import Component
+
+    old = tmp_path / "old"
+    shutil.copytree(cache_export, old)
+    manifest = load_manifest(old)
+    components = dict(manifest.components)
+    for graph in ("unet_cache", "unet_shallow"):
+        files = {p: replace(f, weights=None) for p, f in components[graph].files.items()}
+        components[graph] = Component(files=files)
+    replace(manifest, components=components).save(old)
+    with Pipeline.load(old, backend="ort-cpu") as pipe:
+        pipe.load_lora(cache_lora)
+        with pytest.raises(InvalidInputError, match="have no weight maps, which LoRA needs") as error:
+            pipe.txt2img(PROMPT, num_inference_steps=4, cache_interval=2, height=64, width=64)
+        assert "add-step-cache" in str(error.value) and "\n" not in str(error.value)
+        pipe.txt2img(PROMPT, num_inference_steps=2, height=64, width=64)  # uncached: the UNet's own map
