@@ -6,9 +6,10 @@ On the SD-1.5-shaped export (benchmarks/presets.py), two random rank-8 kohya LoR
 attention and the text encoder, 256² one-step generations. "Swap cost" is the call plus what the
 next generation takes beyond a warm one without it. All backends' pipelines stay open and take
 turns (interleaved), one round after another; medians of ``--rounds``. The UNet step rows compare,
-per backend and side by side, the session the backend ran before this change (no branches: the
-compiled weights alone) with the branched one at rank 0 (no adapter) and with a rank-16 adapter
-on every attention projection. Rows go to benchmarks/results/lora-swap.jsonl, the table to lora-swap.md.
+per backend and side by side, the session without branches (what runs until the first adapter
+loads: the compiled weights alone) with the branched one at rank 0 (no adapter, after one was
+unloaded) and with a rank-16 adapter on every attention projection. Rows go to
+benchmarks/results/lora-swap.jsonl, the table to lora-swap.md.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ UNET_TARGETS += ("attn2.to_v", "attn2.to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 COLUMNS = ("load A", "swap A → B", "rescale B", "unload", "set_lora_scale alone")
 STEP_KINDS = ("plain graph", "rank 0", "rank 16", "static 16, rank 0", "static 16, rank 16")
-FIRST = "first load"  # round 1's load A: ONNX Runtime opens the branched plain graph then, once (engine/ort_lora.py)
+FIRST = "first load"  # round 1's load A: the branches come in then, once (ONNX Runtime opens the branched plain graph,
+# OpenVINO compiles them in: engine/openvino_session.py)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -244,8 +246,8 @@ def markdown_table(rows: list[dict[str, Any]], stamp: dict[str, str]) -> str:
     lines += [
         "",
         "UNet step, batch 2 at 256² (seconds before; the others as a ratio to it): before = the session the backend "
-        "ran without a LoRA before branches (ort-cpu: ONNX Runtime's fused graph), plain graph = ort-cpu's unfused "
-        "graph without branches (what a LoRA ran on before), rank 0 = branched without an adapter, rank 16 = an "
+        "runs until the first adapter loads (ort-cpu: ONNX Runtime's fused graph), plain graph = ort-cpu's unfused "
+        "graph without branches, rank 0 = branched without an adapter (after an unload), rank 16 = an "
         "adapter of rank 16 on every attention projection; static 16 = OpenVINO with branches of a fixed rank 16 (the "
         "candidate with no dynamic shapes: factors zero-padded)",
         "",
