@@ -1,4 +1,5 @@
-"""LoRA adapters in NumPy: read a .safetensors file, tie its keys to the export's weights, compose new weights.
+"""LoRA adapters in NumPy: read a .safetensors file, tie its keys to the export's weights (runtime/lora_apply.py
+composes the new weights and hands them to the sessions).
 
 A LoRA adds a low-rank delta to the weight of a Linear or Conv module:
 
@@ -369,44 +370,3 @@ def _layer_scale(tensor: tuple[str, np.ndarray] | None, config: Mapping, module:
             alpha = float(value)
             break
     return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-
-
-def compose(
-    weight_map: WeightMap,
-    component: str,
-    adapters: Sequence[tuple[LoraAdapter, float]],
-    skip: frozenset[str] = frozenset(),
-) -> dict[str, np.ndarray]:
-    """The initializers of one component under ``adapters`` at their scales: base + sum(scale * delta),
-    but for those in ``skip`` (a session's low-rank branches take them: runtime/lora_apply.py).
-
-    Computed in float32 from the export's base values and stored at the initializer's dtype and
-    layout. Only adapted initializers are returned: an empty dict means the base weights. Weights
-    that overflow (to inf or NaN, at float32 or at the initializer's fp16) are one InvalidInputError.
-    """
-    active = [(adapter, adapter.layers.get(component, {}), scale) for adapter, scale in adapters if scale != 0]
-    weights = {}
-    for param in sorted({param for _, layers, _ in active for param in layers}):
-        for w in [w for w in _holding(weight_map, component, param) if w.name not in skip]:
-            value = weight_map.base(w.name).astype(np.float32)  # a copy: the base stays untouched
-            with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked below, once
-                for _, layers, scale in active:
-                    if param in layers:
-                        value += layers[param].delta(w, scale)
-                stored = value.astype(w.dtype, copy=False)
-            if not np.isfinite(stored).all():
-                names = ", ".join(f"{a.path.name} at {s:g}" for a, layers, s in active if param in layers)
-                raise InvalidInputError(f"LoRA {names} makes {component} {param} overflow {w.dtype}: lower the scale")
-            weights[w.name] = stored
-    return weights
-
-
-def _holding(weight_map: WeightMap, component: str, param: str) -> list[MappedWeight]:
-    """The initializers of ``weight_map`` holding ``param``; none where the network does not use it (the shallow
-    UNet of step caching skips the deep layers); one clear error where it uses it but cannot change it."""
-    if param in weight_map.by_param:
-        return weight_map.by_param[param]
-    if param in weight_map.unused:
-        return []
-    why = weight_map.unmapped.get(param, "its weight map does not name it")
-    raise InvalidInputError(f"LoRA changes {component} {param}, which a network of this export cannot change ({why})")

@@ -26,7 +26,8 @@ from sdtrt.engine.weights import WeightMap, load_weight_map
 from sdtrt.export import tiny
 from sdtrt.export.exporter import export_model
 from sdtrt.export.weight_map import match_weights
-from sdtrt.runtime.lora import _sgm_names, compose, read_lora, read_safetensors
+from sdtrt.runtime.lora import _sgm_names, read_lora, read_safetensors
+from sdtrt.runtime.lora_apply import compose
 from sdtrt.runtime.pipeline import Pipeline
 
 PROMPT = "a red circle on a blue background"

@@ -16,8 +16,8 @@ from benchmarks.lora_swap import write_kohya
 from sdtrt.engine.errors import InvalidInputError
 from sdtrt.engine.ort_session import OrtCpuSession
 from sdtrt.engine.weights import load_weight_map
-from sdtrt.runtime.lora import compose, read_lora
-from sdtrt.runtime.lora_apply import low_rank_factors
+from sdtrt.runtime.lora import read_lora
+from sdtrt.runtime.lora_apply import compose, low_rank_factors
 from sdtrt.runtime.pipeline import Pipeline
 
 TARGETS = {"unet": ("to_q", "to_k", "to_v", "to_out.0", "proj_in"), "text_encoder": ("q_proj", "v_proj")}
