@@ -19,18 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from sdtrt.engine.errors import InvalidInputError, SdtrtError
 from sdtrt.runtime.batching import BatchCall, run_batch
 from sdtrt.runtime.generation import GenerationResult
 from sdtrt.runtime.pipeline import Pipeline
 from sdtrt.runtime.plan import Plan
+from sdtrt.runtime.runner import NetworkRunner
 from sdtrt.serve import logs
 from sdtrt.serve.config import ServeConfig
 from sdtrt.serve.errors import ApiError
 from sdtrt.serve.metrics import Metrics
-from sdtrt.serve.preview import LatentPreview
+from sdtrt.serve.preview import JobPreview, LatentPreview, Preview, Previewer
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class Job:
     created: float = field(default_factory=time.monotonic)
     started: float | None = None
     steps: tuple[int, int] = (0, 0)  # (done, total) denoising steps
-    latest_sample: np.ndarray | None = None  # the UNet's latest sample input, for previews
+    preview: JobPreview = field(default_factory=JobPreview)  # what progress routes show of it (serve/preview.py)
     stop_reason: str | None = None  # "cancelled" (the client went away) or "deadline"
     future: Future = field(default_factory=Future)
 
@@ -88,7 +88,7 @@ class ModelWorker:
     def __init__(self, folder: Path, name: str, config: ServeConfig, metrics: Metrics) -> None:
         self.folder, self.name, self.config, self.metrics = folder, name, config, metrics
         self.pipeline: Pipeline | None = None
-        self.preview: LatentPreview | None = None
+        self.previews: Previewer | None = None  # set once the model is loaded
         self.ready = threading.Event()
         self.failure: str | None = None  # why the model could not be loaded
         self.running: list[Job] = []
@@ -188,8 +188,8 @@ class ModelWorker:
         for model, path in self.config.loras:
             if model == self.name:
                 pipe.load_lora(path, scale=0.0)
-        if self.config.warmup:
-            self.preview = self._warm_up(pipe)
+        linear = self._warm_up(pipe) if self.config.warmup else None
+        self.previews = Previewer(pipe.manifest, linear, self.metrics.preview_seconds.labels(self.name).observe)
         log.info("model %s ready on %s in %.1f s", self.name, pipe.backend.kind, time.perf_counter() - t0)
 
     def _warm_up(self, pipe: Pipeline) -> LatentPreview | None:
@@ -261,8 +261,9 @@ class ModelWorker:
         job.started = time.monotonic()
         self.metrics.stage_seconds.labels(self.name, "queue").observe(job.started - job.created)
 
-        def on_sample(sample: np.ndarray) -> None:
-            job.latest_sample = sample
+        def on_sample(sample: np.ndarray, runner: NetworkRunner) -> None:
+            if self.previews is not None:
+                self.previews.on_sample(job.preview, sample, job.steps[0], runner)
 
         return BatchCall(job.plan, job.progress, on_sample, context)
 
@@ -298,13 +299,15 @@ class ModelWorker:
             message = message.replace(path, f"model {self.name!r}")
         return message
 
-    def preview_image(self, job: Job) -> Image.Image | None:
-        """A cheap RGB picture of ``job``'s current latents, or None before its first step."""
-        sample = job.latest_sample
-        if sample is None or self.preview is None or self.pipeline is None:
-            return None
-        channels = self.pipeline.manifest.latent_channels
-        return self.preview.render(sample[0, :channels])
+    def preview(self, job: Job) -> Preview | None:
+        """The latest picture of ``job``'s current latents (serve/preview.py), or None before its first step; the job
+        counts as watched for a few seconds (its tiny VAE previews are decoded)."""
+        return None if self.previews is None else self.previews.show(job.preview)
+
+    def queued(self) -> list[Job]:
+        """The jobs waiting in the queue, oldest first."""
+        with self._cond:
+            return list(self._queue)
 
 
 def _resolve(job: Job, outcome: GenerationResult | ApiError) -> None:
