@@ -236,3 +236,11 @@ def test_a_failing_tiny_decode_never_fails_the_generation(
     assert state.failed and "the tiny VAE's preview failed" in caplog.text
     shown = previewer.show(state)
     assert shown is not None and shown.source == LINEAR and shown.step == 3
+
+
+def test_the_preview_benchmark_measures_watched_beside_unwatched(tiny_vae_export: Path) -> None:
+    from benchmarks.preview import measure
+
+    row = measure(tiny_vae_export, "ort-cpu", None, size=64, steps=2, rounds=1)
+    assert row["decodes"] == 2  # the watched run's two steps; the unwatched run decoded nothing
+    assert row["s_per_step_watched"] > 0 and row["s_per_step_unwatched"] > 0 and row["tiny_decode_s"] > 0
