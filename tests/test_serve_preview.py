@@ -244,3 +244,19 @@ def test_the_preview_benchmark_measures_watched_beside_unwatched(tiny_vae_export
     row = measure(tiny_vae_export, "ort-cpu", None, size=64, steps=2, rounds=1)
     assert row["decodes"] == 2  # the watched run's two steps; the unwatched run decoded nothing
     assert row["s_per_step_watched"] > 0 and row["s_per_step_unwatched"] > 0 and row["tiny_decode_s"] > 0
+
+
+def test_the_worker_opens_the_tiny_decoder_at_warm_up(tiny_vae_export: Path) -> None:
+    """So a watched job's first preview opens no session."""
+    from sdtrt.serve.config import ServeConfig
+    from sdtrt.serve.metrics import Metrics
+    from sdtrt.serve.worker import ModelWorker
+
+    worker = ModelWorker(tiny_vae_export, "tiny", ServeConfig((tiny_vae_export,), backend="ort-cpu"), Metrics())
+    worker.start()
+    try:
+        assert worker.ready.wait(120) and worker.failure is None and worker.pipeline is not None
+        assert worker.previews is not None and worker.previews.tiny and worker.previews.linear is not None
+        assert worker.pipeline.sessions.artifact.is_open(TINY_DECODER)
+    finally:
+        worker.stop()

@@ -91,6 +91,16 @@ class Previewer:
     def available(self) -> bool:
         return self.tiny or self.linear is not None
 
+    def warm_up(self, runner: NetworkRunner, latents: np.ndarray) -> None:
+        """Open the tiny decoder now, on ``latents`` (1, C, h, w), not on a watched job's first step; a failure is
+        logged (the jobs' previews will fall back to the linear map)."""
+        if not self.tiny:
+            return
+        try:
+            decode_latents(runner, self.manifest, latents, "tiny")
+        except Exception:
+            log.warning("the tiny VAE failed at warm-up: previews will be the linear map's", exc_info=True)
+
     def on_sample(self, state: JobPreview, sample: np.ndarray, step: int, runner: NetworkRunner) -> None:
         """In the worker's thread, before a UNet call: keep its input, and decode it with the tiny VAE on ``runner``
         if a client watches the job. A failure is logged and never reaches the generation."""

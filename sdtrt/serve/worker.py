@@ -188,19 +188,22 @@ class ModelWorker:
         for model, path in self.config.loras:
             if model == self.name:
                 pipe.load_lora(path, scale=0.0)
-        linear = self._warm_up(pipe) if self.config.warmup else None
+        warm = self._warm_up(pipe) if self.config.warmup else None
+        linear = None if warm is None else LatentPreview.fit(warm.latents[0], warm.images[0])
         self.previews = Previewer(pipe.manifest, linear, self.metrics.preview_seconds.labels(self.name).observe)
+        if warm is not None:
+            self.previews.warm_up(pipe.sessions, warm.latents[:1])
         log.info("model %s ready on %s in %.1f s", self.name, pipe.backend.kind, time.perf_counter() - t0)
 
-    def _warm_up(self, pipe: Pipeline) -> LatentPreview | None:
-        """One small generation (sessions opened, first shapes compiled); the preview map fitted on its image.
-        None for a model that draws nothing from a prompt alone (an upscaler, an inpainting model, a refiner)."""
+    def _warm_up(self, pipe: Pipeline) -> GenerationResult | None:
+        """One small generation (sessions opened, first shapes compiled), whose image the linear preview map is
+        fitted on. None for a model that draws nothing from a prompt alone (an upscaler, an inpainting model, a
+        refiner)."""
         try:
-            result = pipe.txt2img(WARMUP_PROMPT, num_inference_steps=2, seed=0)
+            return pipe.txt2img(WARMUP_PROMPT, num_inference_steps=2, seed=0)
         except InvalidInputError as exc:
-            log.info("model %s: no warm-up generation, no previews (%s)", self.name, self.client_text(str(exc)))
+            log.info("model %s: no warm-up generation, no linear previews (%s)", self.name, self.client_text(str(exc)))
             return None
-        return LatentPreview.fit(result.latents[0], result.images[0])
 
     def _next_batch(self) -> list[Job] | None:
         """The next jobs to run together: the oldest waiting job and the compatible ones behind it."""
