@@ -30,7 +30,9 @@ from sdtrt.runtime.plan import Plan
 from sdtrt.runtime.runner import NetworkRunner
 
 BATCHED_NETWORK = "unet"
-SampleHook = Callable[[np.ndarray], None]  # sees each UNet call's (B or 2B, C, h, w) float32 sample input
+# sees each UNet call's (B or 2B, C, h, w) float32 sample input, before the call, and a runner it may run networks
+# on in the meantime (one call at a time with the batch's other members: e.g. a preview's decode)
+SampleHook = Callable[[np.ndarray, NetworkRunner], None]
 
 
 @dataclass
@@ -109,7 +111,7 @@ class BatchMember:
 
     def run_all(self, network: str, **feeds: np.ndarray) -> dict[str, np.ndarray]:
         if self._on_sample is not None and network.startswith("unet"):  # unet, or unet_controlnet
-            self._on_sample(feeds["sample"])
+            self._on_sample(feeds["sample"], self)
         if network == BATCHED_NETWORK:
             return self._rendezvous.run(self._member, feeds)
         with self._rendezvous.lock:

@@ -26,7 +26,7 @@ from sdtrt.runtime.runner import NetworkRunner
 from sdtrt.runtime.schedulers import Scheduler, make_scheduler
 from sdtrt.runtime.sessions import Sessions
 from sdtrt.runtime.step_cache import begin_step_cache
-from sdtrt.runtime.vae import TINY_DECODER, TINY_ENCODER
+from sdtrt.runtime.vae import TINY_ENCODER, decode_latents
 
 if TYPE_CHECKING:
     from sdtrt.runtime.plan import Plan  # the plan imports the tasks, which import this module
@@ -221,10 +221,7 @@ class Generation:
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """(B, C, h, w) latents -> (B, 3, H, W) float32 image in [-1, 1]."""
         t0 = time.perf_counter()
-        if self.request.vae == "tiny":  # it takes the UNet's latents (export/tiny_vae.py)
-            image = self.runner.run(TINY_DECODER, latents=latents)
-        else:
-            image = self.runner.run("vae_decoder", latent=latents / np.float32(self.manifest.vae_scaling_factor))
+        image = decode_latents(self.runner, self.manifest, latents, self.request.vae)
         self.add_time("vae_decode", time.perf_counter() - t0)
         return image
 

@@ -63,6 +63,25 @@ def tiny_export(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 @pytest.fixture(scope="session")
+def taesd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight diffusers AutoencoderTiny (TAESD's design, tiny widths), seed 3."""
+    from sdtrt.export.tiny import build_tiny_taesd
+
+    return build_tiny_taesd(tmp_path_factory.mktemp("tiny-vaes") / "taesd", seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_export(tiny_export: Path, taesd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SD 1.x export (fp32 + fp16) with the tiny VAE attached."""
+    from sdtrt.export.tiny_vae import attach_tiny_vae
+
+    out = tmp_path_factory.mktemp("exports") / "tiny-sd1-taesd"
+    shutil.copytree(tiny_export, out)
+    attach_tiny_vae(out, taesd_dir)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_inpaint_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SD 1.x inpainting model: its UNet takes 9 channels (latents, mask, masked-image latents)."""
     from sdtrt.export.tiny import build_tiny_sd1

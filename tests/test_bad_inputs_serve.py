@@ -158,6 +158,25 @@ def test_a_wrong_method_is_405_with_allow(server: ServerProcess, method: str, pa
     _alive(server)
 
 
+# the progress routes' queries: the route, the status, words of the one error line
+QUERY_CASES = [
+    ("an unknown request id", "/v1/progress?id=nobody", 404, "no request with id 'nobody' is running or waiting"),
+    ("a request id of 5000 characters", "/v1/progress?id=" + "x" * 5000, 404, f"id '{'x' * 64}' is"),
+    ("skip_preview that is no boolean", "/v1/progress?skip_preview=maybe", 400, "skip_preview"),
+    ("skip_current_image that is no boolean", "/sdapi/v1/progress?skip_current_image=2", 400, "skip_current_image"),
+]
+
+
+@pytest.mark.parametrize(("name", "route", "status", "words"), QUERY_CASES, ids=[c[0] for c in QUERY_CASES])
+def test_a_progress_query_that_finds_nothing_or_is_wrong_is_one_json_error(
+    server: ServerProcess, name: str, route: str, status: int, words: str
+) -> None:
+    answer = httpx.get(f"{server.url}{route}", timeout=30)
+    assert answer.status_code == status, f"{name}: {answer.status_code} {answer.text[:300]}"
+    assert words in _one_json_error(answer, name)["message"]
+    _alive(server)
+
+
 LONG = json.dumps({"prompt": "x", "num_inference_steps": 150, "height": 128, "width": 128}).encode()
 
 

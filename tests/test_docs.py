@@ -32,8 +32,9 @@ def server(demo_export: Path) -> Iterator[ServerProcess]:
 
 
 def test_the_serving_page_has_its_client_examples() -> None:
-    """curl, httpx, openai and webuiapi: a marker that lost its block (or a block its marker) fails here."""
-    assert [language for language, _ in EXAMPLES] == ["sh", "python", "python", "python"]
+    """curl, httpx, openai, webuiapi and curl following a request's progress: a marker that lost its block (or a block
+    its marker) fails here."""
+    assert [language for language, _ in EXAMPLES] == ["sh", "python", "python", "python", "sh"]
 
 
 @pytest.mark.parametrize(("language", "code"), EXAMPLES, ids=[f"example-{i}" for i in range(len(EXAMPLES))])

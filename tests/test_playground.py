@@ -1,5 +1,6 @@
 """The playground page of `sdtrt serve` in a real browser: Debian's Chromium, driven by Selenium, against a real
-server process on loopback with the shipped demo model, its ControlNet, a LoRA adapter and an API key.
+server process on loopback with the shipped demo model, its ControlNet, a random tiny VAE, a LoRA adapter and an
+API key.
 
 The page asks for the key; what it draws (ControlNet and LoRA included) is, byte for byte, the PNG the API returns
 for the same request; an error is the API's one line; cancel stops the job on the server. The browser tests are
@@ -48,12 +49,15 @@ CHROMIUM_FLAGS = (  # a headless browser that reaches for nothing beyond loopbac
 
 
 @pytest.fixture(scope="module")
-def playground_export(demo_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the demo export with the demo's ControlNet attached as "map"."""
+def playground_export(demo_export: Path, taesd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the demo export with the demo's ControlNet attached as "map" and a random-weight tiny VAE (the
+    progress previews are its decodes)."""
     from sdtrt.export.controlnet import attach_controlnet
+    from sdtrt.export.tiny_vae import attach_tiny_vae
 
     folder = Path(shutil.copytree(demo_export, tmp_path_factory.mktemp("playground") / "tiny-sd"))
     attach_controlnet(folder, demo_controlnet_dir(), name="map")
+    attach_tiny_vae(folder, taesd_dir)
     return folder
 
 
@@ -231,9 +235,9 @@ def test_progress_preview_and_cancel_stop_the_job_on_the_server(page: object, se
     _fill_id(page, "height", "128")
     page.find_element("id", "generate").click()
     _wait_drawing(page)
-    _wait(page, lambda d: d.find_element("id", "preview").is_displayed())
+    _wait(page, lambda d: "tiny VAE" in d.find_element("id", "preview").get_attribute("title"))
     preview = Image.open(io.BytesIO(_png(page.find_element("id", "preview").get_attribute("src"))))
-    assert preview.size == (16, 16)  # the latent preview: one pixel per latent pixel
+    assert preview.size == (128, 128)  # the tiny VAE's decode of the current latents: the image's size
     assert float(page.find_element("id", "progress").get_attribute("value")) > 0
     _screenshot(page, "drawing", None)
     assert page.switch_to.active_element.get_attribute("id") == "cancel"  # the focus moved to Cancel

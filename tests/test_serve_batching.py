@@ -75,7 +75,7 @@ def test_a_member_that_stops_or_fails_leaves_the_others_untouched(pipe: Pipeline
         BatchCall(pipe.plan("txt2img", requests[2])),
     ]
     samples: list[tuple[int, ...]] = []
-    calls[0].on_sample = lambda sample: samples.append(sample.shape)
+    calls[0].on_sample = lambda sample, runner: samples.append(sample.shape)
     results, unet_batches = run_batch(pipe, calls)
     assert isinstance(results[1], RuntimeError) and "went away" in str(results[1])
     assert "no-such" in str(results[2])
@@ -97,7 +97,7 @@ def test_a_model_that_draws_nothing_from_a_prompt_alone_still_serves(tiny_inpain
     worker.start()
     try:
         assert worker.ready.wait(120) and worker.failure is None
-        assert worker.preview is None and worker.pipeline is not None
+        assert worker.previews is not None and worker.previews.linear is None and worker.pipeline is not None
     finally:
         worker.stop()
 

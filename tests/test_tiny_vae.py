@@ -24,24 +24,6 @@ PIXEL_TOLERANCE = 1  # levels of 255
 PIXELS_OFF_BY_ONE = 1e-3
 
 
-@pytest.fixture(scope="session")
-def taesd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sdtrt.export.tiny import build_tiny_taesd
-
-    return build_tiny_taesd(tmp_path_factory.mktemp("tiny-vaes") / "taesd", seed=3)
-
-
-@pytest.fixture(scope="session")
-def tiny_vae_export(tiny_export: Path, taesd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny SD 1.x export (fp32 + fp16) with the tiny VAE attached."""
-    from sdtrt.export.tiny_vae import attach_tiny_vae
-
-    out = tmp_path_factory.mktemp("exports") / "tiny-sd1-taesd"
-    shutil.copytree(tiny_export, out)
-    attach_tiny_vae(out, taesd_dir)
-    return out
-
-
 def _diffusers(pipeline_class: str, model: Path, taesd: Path):
     import diffusers
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import time
 from typing import Any
 
 from fastapi import APIRouter
@@ -34,6 +33,7 @@ from sdtrt.runtime.generation import GenerationResult
 from sdtrt.runtime.request import Request
 from sdtrt.serve.errors import ApiError
 from sdtrt.serve.lora_prompt import split_lora_tags
+from sdtrt.serve.progress import job_progress, running
 from sdtrt.serve.schemas import b64_png, decode_image
 from sdtrt.serve.server import Server
 
@@ -240,23 +240,21 @@ async def _answer(body: A1111Body, result: GenerationResult) -> dict[str, Any]:
 
 @router.get("/progress")
 async def progress(http: HttpRequest, skip_current_image: bool = False) -> dict[str, Any]:
-    """The job running now (the oldest, where several share a batch): its step, ETA and a preview."""
+    """The job running now (the oldest, where several share a batch): its step, ETA and a preview (the tiny VAE's
+    where the model has one: ``textinfo`` names the source)."""
     server: Server = http.app.state.server
-    running = [(worker, job) for worker in server.workers.values() for job in worker.running]
+    jobs = running(server)
     waiting = sum(worker.depth for worker in server.workers.values())
-    state = {"skipped": False, "interrupted": False, "job": "", "job_count": len(running) + waiting}
-    if not running:
+    state = {"skipped": False, "interrupted": False, "job": "", "job_count": len(jobs) + waiting}
+    if not jobs:
         return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
-    worker, job = running[0]
-    done, total = job.steps
-    fraction = done / total if total else 0.0
-    elapsed = time.monotonic() - job.started if job.started else 0.0
-    eta = elapsed / fraction - elapsed if fraction else 0.0
-    state.update(job=job.id, sampling_step=done, sampling_steps=total)
-    image = None
-    if not skip_current_image and (preview := await run_in_threadpool(worker.preview_image, job)) is not None:
-        image = b64_png(preview)
-    return {"progress": fraction, "eta_relative": eta, "state": state, "current_image": image, "textinfo": None}
+    now = await run_in_threadpool(job_progress, *jobs[0], "running", not skip_current_image)
+    state.update(job=now.job.id, sampling_step=now.done, sampling_steps=now.total)
+    preview = now.preview
+    image = None if preview is None else await run_in_threadpool(b64_png, preview.image)
+    info = None if preview is None else f"preview: {preview.source}, step {preview.step}"
+    answer = {"progress": now.fraction, "eta_relative": now.eta_s, "state": state}
+    return answer | {"current_image": image, "textinfo": info}
 
 
 @router.get("/sd-models")

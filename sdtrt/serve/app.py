@@ -30,7 +30,7 @@ from sdtrt.serve.server import Server
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = ("/healthz", "/readyz")  # answered without the API key: load balancers and orchestrators probe them
-PROBE_PATHS = (*OPEN_PATHS, "/metrics", "/sdapi/v1/progress")  # polled: logged at debug level only
+PROBE_PATHS = (*OPEN_PATHS, "/metrics", "/sdapi/v1/progress", "/v1/progress")  # polled: logged at debug level only
 CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # an X-Request-Id a client may choose
 HTTP_KINDS = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 

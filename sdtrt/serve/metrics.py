@@ -37,6 +37,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.preview_seconds = Histogram(
+            "sdtrt_preview_seconds",
+            "Seconds per progress preview the tiny VAE decoded in the worker (watched jobs only, one per step)",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.images = Counter("sdtrt_images", "Images generated", ["model"], registry=r)
         self.errors = Counter("sdtrt_errors", "Requests that ended in an error, by kind", ["kind"], registry=r)
         self.batch_size = Histogram(

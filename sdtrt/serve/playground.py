@@ -66,7 +66,7 @@ async def models(http: HttpRequest) -> dict[str, Any]:
                 max_images=pipe.limits.max_images,
                 loras=worker.lora_names,
                 controlnets=sorted(m.controlnets),
-                previews=worker.preview is not None,
+                previews=worker.previews is not None and worker.previews.available,
             )
         data.append(entry)
     return {

@@ -19,18 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from sdtrt.engine.errors import InvalidInputError, SdtrtError
 from sdtrt.runtime.batching import BatchCall, run_batch
 from sdtrt.runtime.generation import GenerationResult
 from sdtrt.runtime.pipeline import Pipeline
 from sdtrt.runtime.plan import Plan
+from sdtrt.runtime.runner import NetworkRunner
 from sdtrt.serve import logs
 from sdtrt.serve.config import ServeConfig
 from sdtrt.serve.errors import ApiError
 from sdtrt.serve.metrics import Metrics
-from sdtrt.serve.preview import LatentPreview
+from sdtrt.serve.preview import JobPreview, LatentPreview, Preview, Previewer
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class Job:
     created: float = field(default_factory=time.monotonic)
     started: float | None = None
     steps: tuple[int, int] = (0, 0)  # (done, total) denoising steps
-    latest_sample: np.ndarray | None = None  # the UNet's latest sample input, for previews
+    preview: JobPreview = field(default_factory=JobPreview)  # what progress routes show of it (serve/preview.py)
     stop_reason: str | None = None  # "cancelled" (the client went away) or "deadline"
     future: Future = field(default_factory=Future)
 
@@ -88,7 +88,7 @@ class ModelWorker:
     def __init__(self, folder: Path, name: str, config: ServeConfig, metrics: Metrics) -> None:
         self.folder, self.name, self.config, self.metrics = folder, name, config, metrics
         self.pipeline: Pipeline | None = None
-        self.preview: LatentPreview | None = None
+        self.previews: Previewer | None = None  # set once the model is loaded
         self.ready = threading.Event()
         self.failure: str | None = None  # why the model could not be loaded
         self.running: list[Job] = []
@@ -188,19 +188,22 @@ class ModelWorker:
         for model, path in self.config.loras:
             if model == self.name:
                 pipe.load_lora(path, scale=0.0)
-        if self.config.warmup:
-            self.preview = self._warm_up(pipe)
+        warm = self._warm_up(pipe) if self.config.warmup else None
+        linear = None if warm is None else LatentPreview.fit(warm.latents[0], warm.images[0])
+        self.previews = Previewer(pipe.manifest, linear, self.metrics.preview_seconds.labels(self.name).observe)
+        if warm is not None:
+            self.previews.warm_up(pipe.sessions, warm.latents[:1])
         log.info("model %s ready on %s in %.1f s", self.name, pipe.backend.kind, time.perf_counter() - t0)
 
-    def _warm_up(self, pipe: Pipeline) -> LatentPreview | None:
-        """One small generation (sessions opened, first shapes compiled); the preview map fitted on its image.
-        None for a model that draws nothing from a prompt alone (an upscaler, an inpainting model, a refiner)."""
+    def _warm_up(self, pipe: Pipeline) -> GenerationResult | None:
+        """One small generation (sessions opened, first shapes compiled), whose image the linear preview map is
+        fitted on. None for a model that draws nothing from a prompt alone (an upscaler, an inpainting model, a
+        refiner)."""
         try:
-            result = pipe.txt2img(WARMUP_PROMPT, num_inference_steps=2, seed=0)
+            return pipe.txt2img(WARMUP_PROMPT, num_inference_steps=2, seed=0)
         except InvalidInputError as exc:
-            log.info("model %s: no warm-up generation, no previews (%s)", self.name, self.client_text(str(exc)))
+            log.info("model %s: no warm-up generation, no linear previews (%s)", self.name, self.client_text(str(exc)))
             return None
-        return LatentPreview.fit(result.latents[0], result.images[0])
 
     def _next_batch(self) -> list[Job] | None:
         """The next jobs to run together: the oldest waiting job and the compatible ones behind it."""
@@ -261,8 +264,9 @@ class ModelWorker:
         job.started = time.monotonic()
         self.metrics.stage_seconds.labels(self.name, "queue").observe(job.started - job.created)
 
-        def on_sample(sample: np.ndarray) -> None:
-            job.latest_sample = sample
+        def on_sample(sample: np.ndarray, runner: NetworkRunner) -> None:
+            if self.previews is not None:
+                self.previews.on_sample(job.preview, sample, job.steps[0], runner)
 
         return BatchCall(job.plan, job.progress, on_sample, context)
 
@@ -298,13 +302,15 @@ class ModelWorker:
             message = message.replace(path, f"model {self.name!r}")
         return message
 
-    def preview_image(self, job: Job) -> Image.Image | None:
-        """A cheap RGB picture of ``job``'s current latents, or None before its first step."""
-        sample = job.latest_sample
-        if sample is None or self.preview is None or self.pipeline is None:
-            return None
-        channels = self.pipeline.manifest.latent_channels
-        return self.preview.render(sample[0, :channels])
+    def preview(self, job: Job) -> Preview | None:
+        """The latest picture of ``job``'s current latents (serve/preview.py), or None before its first step; the job
+        counts as watched for a few seconds (its tiny VAE previews are decoded)."""
+        return None if self.previews is None else self.previews.show(job.preview)
+
+    def queued(self) -> list[Job]:
+        """The jobs waiting in the queue, oldest first."""
+        with self._cond:
+            return list(self._queue)
 
 
 def _resolve(job: Job, outcome: GenerationResult | ApiError) -> None:

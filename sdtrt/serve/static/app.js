@@ -1,6 +1,7 @@
 // The sdtrt playground: reads the served models (GET v1/models), draws with the native API (POST v1/txt2img),
-// follows its own request on the progress route (GET sdapi/v1/progress, the job named by the X-Request-Id it
-// chose) and cancels by aborting its request: the server stops the job at its next step.
+// follows its own request on the progress route (GET v1/progress?id=, the X-Request-Id it chose; the preview is
+// the model's tiny VAE's where it has one) and cancels by aborting its request: the server stops the job at its
+// next step.
 // URLs are relative, so the page works behind a proxy that serves it under a path.
 "use strict";
 
@@ -231,20 +232,23 @@ async function followProgress(id) {
   $("preview").hidden = true;
   while (drawing && drawing.id === id) {
     try {
-      const progress = await api("sdapi/v1/progress");
+      const answer = await api(`v1/progress?id=${encodeURIComponent(id)}`);
       if (!drawing || drawing.id !== id) break;
-      if (progress.state.job === id) {
-        $("progress").value = progress.progress;
-        label.textContent = `Step ${progress.state.sampling_step} of ${progress.state.sampling_steps}`;
-        if (progress.current_image) {
-          $("preview").src = `data:image/png;base64,${progress.current_image}`;
+      const job = answer.jobs[0];
+      if (job.state === "queued") {
+        label.textContent = "Waiting in the queue…";
+      } else if (job.steps > 0) {
+        $("progress").value = job.progress;
+        label.textContent = `Step ${job.step} of ${job.steps}`;
+        if (job.preview) {
+          const source = job.preview_source === "tiny_vae" ? "the tiny VAE" : "a linear latent map";
+          $("preview").src = `data:image/png;base64,${job.preview}`;
+          $("preview").title = `After step ${job.preview_step}, by ${source}`;
           $("preview").hidden = false;
         }
-      } else if (progress.state.job_count > 0 && !progress.state.sampling_step) {
-        label.textContent = "Waiting in the queue…";
       }
     } catch {
-      // a missed poll is no error: the next one may answer
+      // a missed poll is no error (404 before the request is queued): the next one may answer
     }
     await new Promise((resolve) => setTimeout(resolve, POLL_MS));
   }
