@@ -76,6 +76,8 @@ class Block:
             return f"a block marked to run, in a language the test cannot run: {self.language!r}"
         if unknown := sorted(set(self.places.values()) - setups):
             return f"no setup called {unknown} (tests/test_docs.py's SETUPS: {sorted(setups)})"
+        if missing := [old for old in self.replaces if old not in self.code]:
+            return f"the marker replaces {missing}, which the block does not hold"
         return None
 
 

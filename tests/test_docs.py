@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from doc_blocks import ALL, ROOT, Block
+from doc_blocks import blocks as doc_blocks
 from PIL import Image, ImageDraw
 
 DOCS_PORT = 7860  # the address the client examples are written for
@@ -105,6 +106,24 @@ SETUPS: dict[str, Callable[[pytest.FixtureRequest, Path], None]] = {
 def test_every_block_runs_in_a_test_or_says_why_not() -> None:
     problems = [f"{block.where}: {problem}" for block in ALL if (problem := block.problem(set(SETUPS)))]
     assert not problems, "\n".join(problems)
+
+
+def test_the_rule_catches_a_block_that_is_neither_run_nor_marked(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "```sh\nsdtrt generate artifacts/sd15 'a cat'\n```\n\n"  # unmarked
+        "<!-- needs a GPU: TensorRT -->\n```sh\nsdtrt build artifacts/sd15\n```\n\n"
+        "```text\nmanifest.json\n```\n\n"
+        "- a list item:\n\n  <!-- run by tests/test_docs.py, with `m` as a picture; `x` for `y` -->\n"
+        "  ```python\n  print(1)\n  ```\n\n"
+        "<!-- run by tests/test_docs.py, with `m` as a unicorn -->\n```python\nprint(1)\n```\n\n"
+        "<!-- needs a GPU -->\n```sh\nsdtrt build artifacts/sd15\n```\n",  # no reason given
+        encoding="utf-8",
+    )
+    found = [(block.line, block.problem(set(SETUPS))) for block in doc_blocks(page)]
+    assert [line for line, problem in found if problem] == [1, 17, 22, 27]
+    assert found[3][1] == "the marker replaces ['y'], which the block does not hold"
+    assert "no setup called ['a unicorn']" in found[4][1]
 
 
 def _writes(code: str) -> list[str]:
