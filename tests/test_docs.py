@@ -3,9 +3,10 @@ has the markers): a new block without a marker fails here.
 
 The blocks marked ``run by tests/test_docs.py`` run as written: a page's blocks in order, in one fresh folder per
 page, ``sdtrt`` and ``python`` being this interpreter's (``python -m benchmarks.run`` finds the repository's
-benchmarks), after the test put each file their marker names in place (SETUPS below). Each must exit 0 and write
-what it says it writes (``-o FILE``, ``--out PATH``, ``.save("FILE")``). The Serving page's client examples each run
-alone against a real `sdtrt serve` of the demo model, and must write the PNGs they say they write."""
+benchmarks), after the test put each file their marker names in place (SETUPS below) and replaced the text it
+names (`--model tiny` for `--model sd15`: the tiny benchmark preset for the SD-1.5-shaped one). Each must exit 0
+and write what it says it writes (``-o FILE``, ``--out PATH``, ``.save("FILE")``). The Serving page's client examples
+each run alone against a real `sdtrt serve` of the demo model, and must write the PNGs they say they write."""
 
 from __future__ import annotations
 
