@@ -144,7 +144,7 @@ def build_unet(levels: int = 3) -> UNet2DConditionModel:
     )
 
 
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
+def to_tensor(images: np.ndarray) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [-1, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
@@ -169,7 +169,7 @@ def train_vae(vae: AutoencoderKL, images: np.ndarray, s: Settings, rng: np.rando
     mse = float("nan")
     bar = tqdm(batches(rng, len(images), s.vae_batch, s.vae_steps), total=s.vae_steps, desc="vae", mininterval=10)
     for indices in bar:
-        x = _to_tensor(images[indices])  # (B, 3, 64, 64) float32
+        x = to_tensor(images[indices])  # (B, 3, 64, 64) float32
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         loss_mse = torch.nn.functional.mse_loss(recon, x)
@@ -190,7 +190,7 @@ def encode_latents(vae: AutoencoderKL, images: np.ndarray, batch: int = 256) -> 
     """Posterior mean and standard deviation, each (N, 4, H/8, W/8) float32, unscaled."""
     means, stds = [], []
     for start in tqdm(range(0, len(images), batch), desc="encode", mininterval=10):
-        posterior = vae.encode(_to_tensor(images[start : start + batch])).latent_dist
+        posterior = vae.encode(to_tensor(images[start : start + batch])).latent_dist
         means.append(posterior.mean)
         stds.append(posterior.std)
     return torch.cat(means), torch.cat(stds)

@@ -126,7 +126,7 @@ def make_data(vae: AutoencoderKL, s: Settings) -> tuple[Data, Data]:
     scale = vae.config.scaling_factor
     sampled = (mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(s.seed))) * scale
     drawn = drawn_latents(Path(s.base), s.generated, s.seed)
-    pictures = tiny._to_tensor(images)
+    pictures = tiny.to_tensor(images)
     train_enc, held_enc = Data(sampled, decoded(vae, sampled), pictures, mean * scale).split(s.held_out)
     train_drawn, held_drawn = drawn[: -s.held_out], drawn[-s.held_out :]
     train = Data(
