@@ -20,8 +20,6 @@ The same seed and thread count give the same weights.
 from __future__ import annotations
 
 import logging
-import os
-import platform
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -157,12 +155,8 @@ def distil(student: AutoencoderTiny, data: Data, s: Settings, rng: np.random.Gen
         mse = torch.nn.functional.mse_loss
         decoder_loss = mse(student.decode(data.latents[rows]).sample, data.decoded[rows])
         loss = decoder_loss + mse(student.encode(data.pictures[pictures]).latents, data.encoded[pictures])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        avg = 0.98 * avg + 0.02 * loss.item() if np.isfinite(avg) else loss.item()
+        tiny.descend(loss, opt, student.parameters(), sched)
+        avg = tiny.running_average(avg, loss.item())
     student.eval()
     return avg
 
@@ -200,8 +194,7 @@ def train(out: Path, s: Settings, overwrite: bool = False) -> Path:
         "held_out": errors(student, held, s),
         "parameters": sum(p.numel() for p in student.parameters()),
         "seconds": {"data": round(data_seconds), "total": round(time.perf_counter() - started)},
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {s.threads} torch thread(s)",
-        "torch": torch.__version__,
+        **script.report_machine(s.threads),
     }
     log.info("held-out errors %s; %s s", report["held_out"], report["seconds"]["total"])
     with atomic_dir(out, overwrite=overwrite) as staging:
@@ -212,12 +205,9 @@ def train(out: Path, s: Settings, overwrite: bool = False) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = script.settings_parser("python -m train.tiny_vae", __doc__.split("\n\n")[0], Settings())
-    args = vars(parser.parse_args(argv))
-    out, overwrite = args.pop("out"), args.pop("overwrite")
-    script.check_out(parser, out, overwrite)
+    out, overwrite, args = script.parse_settings(parser, argv)
     if not (Path(args["base"]) / "vae").is_dir():
         parser.error(f"{args['base']} is not a demo model folder (no vae/)")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     train(out, Settings(**args), overwrite=overwrite)
     log.info("wrote %s", out)
 
