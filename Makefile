@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 MODEL  ?= export/assets/tiny-sd
 OUT    ?= artifacts/$(notdir $(MODEL))-onnx
 
-.PHONY: setup demo test docs lint format export engines bench serve train-tiny train-tiny-controlnet clean
+.PHONY: setup demo test docs lint format export engines bench serve train-tiny train-tiny-controlnet train-tiny-vae clean
 
 setup: $(VENV)/.installed
 
@@ -59,6 +59,10 @@ train-tiny: setup
 # Retrain the demo model's tiny ControlNet (semantic maps) and its example maps (docs/demo-model.md).
 train-tiny-controlnet: setup
 	$(PY) -m train.controlnet --out export/assets/tiny-controlnet --maps export/assets/maps --overwrite
+
+# Distil the demo model's tiny VAE (an AutoencoderTiny for `sdtrt demo --tiny-vae`) from its VAE (docs/demo-model.md).
+train-tiny-vae: setup
+	$(PY) -m train.tiny_vae --out export/assets/tiny-vae --overwrite
 
 # sdtrt's backends beside diffusers in one run (docs/benchmarks.md): JSONL rows, a markdown table and a PNG
 # under benchmarks/results/. With a GPU: SD-1.5-shaped, 512x512, every GPU backend and peer; without one:

@@ -182,6 +182,11 @@ def _parser() -> argparse.ArgumentParser:
         "shape's region red for a circle, green for a square, blue for a triangle (--prompt names the colours); "
         f"or an example's name ({', '.join(demo_maps())}), or 'examples' for a grid of them all: demo-map.png",
     )
+    demo.add_argument(
+        "--tiny-vae",
+        action="store_true",
+        help="decode with the demo's tiny VAE (an AutoencoderTiny distilled from its own; attached to the export once)",
+    )
     _add_serve_command(command)
     return parser
 

@@ -161,4 +161,6 @@ def serve(args: argparse.Namespace) -> None:
 def demo(args: argparse.Namespace) -> None:
     if args.map and args.grid:
         raise InvalidInputError("--map draws one picture; --grid draws the example prompts: choose one")
-    run_demo(args.root, args.prompt, args.steps, args.guidance, args.seed, args.grid, args.quiet, args.map)
+    run_demo(
+        args.root, args.prompt, args.steps, args.guidance, args.seed, args.grid, args.quiet, args.map, args.tiny_vae
+    )

@@ -48,6 +48,12 @@ def demo_controlnet_dir() -> Path:
     return _assets() / "tiny-controlnet"
 
 
+def demo_tiny_vae_dir() -> Path:
+    """The demo model's tiny VAE: a diffusers AutoencoderTiny folder shipped in the package, distilled from the demo
+    model's own VAE (train/tiny_vae.py); `sdtrt demo --tiny-vae` draws with it."""
+    return _assets() / "tiny-vae"
+
+
 def demo_maps() -> dict[str, Path]:
     """The example semantic maps shipped with the package, by name (file name without .png)."""
     return {path.stem: path for path in sorted((_assets() / "maps").glob("*.png"))}
@@ -68,6 +74,7 @@ def run_demo(
     grid: bool,
     quiet: bool,
     semantic_map: str | None = None,
+    tiny_vae: bool = False,
 ) -> None:
     """Export the demo model to ROOT/tiny-sd-onnx unless a current export is there, then draw on ONNX Runtime CPU.
 
@@ -75,18 +82,20 @@ def run_demo(
     (DEMO_GRID_PROMPTS, one seed), or with ``semantic_map`` ROOT/demo-map.png: drawn where the map says by the
     demo's tiny ControlNet, attached to the export first. ``semantic_map`` is a PNG's path, the name of a shipped
     example map (its prompt from EXAMPLE_MAP_PROMPTS unless one is given), or "examples": a grid of them all.
+    ``tiny_vae``: decode with the demo's tiny VAE (``vae="tiny"``), attached to the export first.
     """
     from sdtrt.generate import check_output, generate_images
 
     out = root / ("demo-grid.png" if grid else "demo-map.png" if semantic_map else "demo.png")
     check_output(out)  # before the export and the drawing, not after them
     control = {} if semantic_map in (None, "examples") else _control(_map_path(semantic_map))  # as early
-    export_dir = _current_export(root, quiet, with_controlnet=semantic_map is not None)
+    export_dir = _current_export(root, quiet, with_controlnet=semantic_map is not None, with_tiny_vae=tiny_vae)
+    vae = "tiny" if tiny_vae else "full"
     if grid or semantic_map == "examples":
-        cells = [(p, {}) for p in DEMO_GRID_PROMPTS]
+        cells = [(p, {"vae": vae}) for p in DEMO_GRID_PROMPTS]
         if semantic_map == "examples":
             maps = demo_maps()
-            cells = [(EXAMPLE_MAP_PROMPTS[name], _control(maps[name])) for name in EXAMPLE_MAP_PROMPTS]
+            cells = [(EXAMPLE_MAP_PROMPTS[name], {**_control(maps[name]), "vae": vae}) for name in EXAMPLE_MAP_PROMPTS]
         _demo_grid(export_dir, out, cells, steps, guidance, seed, quiet)
         return
     if prompt is None:
@@ -101,6 +110,7 @@ def run_demo(
         num_inference_steps=steps,
         guidance_scale=guidance,
         seed=seed,
+        vae=vae,
         **control,
     )
 
@@ -130,9 +140,9 @@ def _map_path(semantic_map: str) -> Path:
     return Path(semantic_map)
 
 
-def _current_export(root: Path, quiet: bool, with_controlnet: bool) -> Path:
+def _current_export(root: Path, quiet: bool, with_controlnet: bool, with_tiny_vae: bool = False) -> Path:
     """ROOT/tiny-sd-onnx, exported again where it is missing or stale; with the demo ControlNet attached as "map"
-    where asked (again where the shipped one changed)."""
+    and the demo's tiny VAE, where asked (each again where the shipped one changed)."""
     from sdtrt.engine.manifest import load_manifest
     from sdtrt.export.exporter import export_model, source_hash
 
@@ -146,14 +156,27 @@ def _current_export(root: Path, quiet: bool, with_controlnet: bool) -> Path:
         log.info("exporting the embedded demo model to %s", export_dir)
         export_model(model, export_dir, overwrite=True, progress=not quiet)
     if with_controlnet:
-        from sdtrt.engine.fsutil import sha256_tree
         from sdtrt.export.controlnet import attach_controlnet
 
-        attached = load_manifest(export_dir).controlnets.get("map", {}).get("source", {}).get("sha256")
-        if attached != sha256_tree(demo_controlnet_dir()):
+        attached = load_manifest(export_dir).controlnets.get("map", {})
+        source = demo_controlnet_dir()
+        if _stale(attached, source):
             log.info("attaching the demo ControlNet to %s", export_dir)
-            attach_controlnet(export_dir, demo_controlnet_dir(), name="map", overwrite=True)
+            attach_controlnet(export_dir, source, name="map", overwrite=True)
+    if with_tiny_vae:
+        from sdtrt.export.tiny_vae import attach_tiny_vae
+
+        if _stale(load_manifest(export_dir).tiny_vae or {}, demo_tiny_vae_dir()):
+            log.info("attaching the demo's tiny VAE to %s", export_dir)
+            attach_tiny_vae(export_dir, demo_tiny_vae_dir(), overwrite=True)
     return export_dir
+
+
+def _stale(attached: dict[str, Any], source: Path) -> bool:
+    """Whether a manifest's record of an attached network (``{"source": {"sha256": ...}}``) is not ``source``'s."""
+    from sdtrt.engine.fsutil import sha256_tree
+
+    return attached.get("source", {}).get("sha256") != sha256_tree(source)
 
 
 def _demo_grid(

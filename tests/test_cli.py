@@ -341,6 +341,33 @@ def test_demo_map_draws_where_the_map_says(tmp_path: Path, capsys: pytest.Captur
     assert main(["-q", "demo", "--root", str(root), "--map", "examples", "--grid"]) == 2
 
 
+def test_demo_tiny_vae_attaches_it_once_and_draws_the_prompt(demo_export: Path, tmp_path: Path) -> None:
+    """`sdtrt demo --tiny-vae`: the shipped tiny VAE is attached to the demo's current export (once), and its picture
+    is the demo prompt's, read as the full VAE's picture of the same seed is."""
+    import shutil
+
+    from sdtrt.demo import DEMO_PROMPT, demo_tiny_vae_dir
+    from sdtrt.engine.fsutil import sha256_tree
+    from sdtrt.engine.manifest import load_manifest
+    from train import shapes
+
+    root = tmp_path / "demo"
+    export = shutil.copytree(demo_export, root / "tiny-sd-onnx")  # the demo's own export, up to date
+    assert main(["-q", "demo", "--root", str(root), "--tiny-vae"]) == 0
+    tiny = np.asarray(Image.open(root / "demo.png").convert("RGB"))
+    assert load_manifest(export).tiny_vae["source"]["sha256"] == sha256_tree(demo_tiny_vae_dir())
+    attached_at = (export / "manifest.json").stat().st_mtime_ns
+    assert main(["-q", "demo", "--root", str(root), "--tiny-vae"]) == 0  # attached already: not again
+    assert np.array_equal(np.asarray(Image.open(root / "demo.png").convert("RGB")), tiny)
+    (root / "demo.png").unlink()
+    assert main(["-q", "demo", "--root", str(root)]) == 0  # without the flag: the full VAE
+    assert (export / "manifest.json").stat().st_mtime_ns == attached_at
+    full = np.asarray(Image.open(root / "demo.png").convert("RGB"))
+    assert tiny.shape == full.shape == (64, 64, 3) and not np.array_equal(tiny, full)
+    assert shapes.dominant_colours(tiny) == shapes.dominant_colours(full) == ("yellow", "blue"), DEMO_PROMPT
+    assert shapes.shape_position(tiny) == shapes.shape_position(full) == "top left"
+
+
 def test_an_unexpected_error_is_one_line_and_debug_adds_its_traceback(
     tiny_export: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

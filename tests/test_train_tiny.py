@@ -1,14 +1,15 @@
-"""The training scripts of the demo model (train/tiny.py) and its ControlNet (train/controlnet.py), run for a
-few steps: seeded, reproducible, loadable."""
+"""The training scripts of the demo model (train/tiny.py), its ControlNet (train/controlnet.py) and its tiny VAE
+(train/tiny_vae.py), run for a few steps: seeded, reproducible, loadable."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from train import controlnet, tiny
+from train import controlnet, tiny, tiny_vae
 
 pytest.importorskip("torch")
 
@@ -101,6 +102,35 @@ def test_the_controlnet_trains_seeded_and_loads(few_steps_model: Path, tmp_path:
     net = ControlNetModel.from_pretrained(first)
     assert list(net.config.block_out_channels) == list(tiny.build_unet().config.block_out_channels)
     assert (first / "training.json").is_file()
+
+
+def test_the_tiny_vae_distils_seeded_into_what_add_tiny_vae_takes(
+    few_steps_model: Path, tiny_export: Path, tmp_path: Path
+) -> None:
+    """A few steps of train.tiny_vae: the same seed gives the same weights, float16, an AutoencoderTiny on the
+    UNet's latents (scaling factor 1, the base VAE's latent channels) that `sdtrt add-tiny-vae` accepts as it is."""
+    import shutil
+
+    from diffusers import AutoencoderTiny
+    from safetensors.numpy import load_file
+
+    from sdtrt.export.tiny_vae import attach_tiny_vae
+
+    settings = tiny_vae.Settings(base=str(few_steps_model), images=24, generated=12, held_out=4, steps=2, batch=4)
+    first = tiny_vae.train(tmp_path / "first", settings)
+    second = tiny_vae.train(tmp_path / "second", settings)
+    assert _weights(first) == _weights(second) != {}
+    weights = load_file(first / "diffusion_pytorch_model.safetensors")
+    assert {str(array.dtype) for array in weights.values()} == {"float16"}
+    vae = AutoencoderTiny.from_pretrained(first)
+    assert vae.config.scaling_factor == 1.0 and vae.config.latent_channels == 4
+    assert set(json.loads((first / "training.json").read_text())["held_out"]) == {
+        "decoder_mse_shapes",
+        "decoder_mse_drawn",
+        "encoder_mse",
+    }
+    export = shutil.copytree(tiny_export, tmp_path / "export")
+    assert attach_tiny_vae(export, first).tiny_vae is not None
 
 
 def test_the_example_maps_are_semantic_maps(tmp_path: Path) -> None:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -170,8 +168,7 @@ def train(out: Path, s: Settings, overwrite: bool = False) -> Path:
         "map_colours": shapes.MAP_COLOURS,
         "denoiser_loss": loss,
         "seconds": {"total": round(seconds)},
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {s.threads} torch thread(s)",
-        "torch": torch.__version__,
+        **script.report_machine(s.threads),
     }
     with atomic_dir(out, overwrite=overwrite) as staging:
         controlnet.half().save_pretrained(staging, safe_serialization=True)
@@ -228,12 +225,10 @@ def diffusers_drawer(
 def main(argv: Sequence[str] | None = None) -> None:
     parser = script.settings_parser("python -m train.controlnet", __doc__.split("\n\n")[0], Settings())
     parser.add_argument("--maps", type=Path, help="also write the example maps (PNG) into this folder")
-    args = vars(parser.parse_args(argv))
-    out, overwrite, maps = args.pop("out"), args.pop("overwrite"), args.pop("maps")
-    script.check_out(parser, out, overwrite)
+    out, overwrite, args = script.parse_settings(parser, argv)
+    maps = args.pop("maps")
     if not (Path(args["base"]) / "unet").is_dir():
         parser.error(f"{args['base']} is not a demo model folder (no unet/)")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if maps:
         log.info("wrote %d example maps to %s", len(write_example_maps(maps)), maps)
     train(out, Settings(**args), overwrite=overwrite)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import platform
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,22 @@ def check_out(parser: argparse.ArgumentParser, out: Path, overwrite: bool) -> No
         parser.error(f"{out} already exists (use --overwrite to replace it)")
     if out.exists() and not out.is_dir():
         parser.error(f"{out} is not a folder (--overwrite replaces a folder only)")
+
+
+def parse_settings(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[Path, bool, dict[str, Any]]:
+    """(--out, --overwrite, the other flags by field name) of ``argv``; ``--out`` refused before any training
+    (check_out); progress logged to stderr."""
+    args = vars(parser.parse_args(argv))
+    out, overwrite = args.pop("out"), args.pop("overwrite")
+    check_out(parser, out, overwrite)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return out, overwrite, args
+
+
+def report_machine(threads: int) -> dict[str, str]:
+    """What a training report says of the machine it ran on."""
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {threads} torch thread(s)"
+    return {"machine": machine, "torch": torch.__version__}
 
 
 def set_up_torch(threads: int, seed: int) -> None:

@@ -37,12 +37,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -144,7 +142,7 @@ def build_unet(levels: int = 3) -> UNet2DConditionModel:
     )
 
 
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
+def to_tensor(images: np.ndarray) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [-1, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
@@ -169,17 +167,12 @@ def train_vae(vae: AutoencoderKL, images: np.ndarray, s: Settings, rng: np.rando
     mse = float("nan")
     bar = tqdm(batches(rng, len(images), s.vae_batch, s.vae_steps), total=s.vae_steps, desc="vae", mininterval=10)
     for indices in bar:
-        x = _to_tensor(images[indices])  # (B, 3, 64, 64) float32
+        x = to_tensor(images[indices])  # (B, 3, 64, 64) float32
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         loss_mse = torch.nn.functional.mse_loss(recon, x)
-        loss = loss_mse + s.vae_kl_weight * posterior.kl().mean() / x[0].numel()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        mse = 0.98 * mse + 0.02 * loss_mse.item() if math.isfinite(mse) else loss_mse.item()
+        descend(loss_mse + s.vae_kl_weight * posterior.kl().mean() / x[0].numel(), opt, vae.parameters(), sched)
+        mse = running_average(mse, loss_mse.item())
         bar.set_postfix(mse=f"{mse:.5f}", refresh=False)
     vae.eval()
     return mse
@@ -190,7 +183,7 @@ def encode_latents(vae: AutoencoderKL, images: np.ndarray, batch: int = 256) -> 
     """Posterior mean and standard deviation, each (N, 4, H/8, W/8) float32, unscaled."""
     means, stds = [], []
     for start in tqdm(range(0, len(images), batch), desc="encode", mininterval=10):
-        posterior = vae.encode(_to_tensor(images[start : start + batch])).latent_dist
+        posterior = vae.encode(to_tensor(images[start : start + batch])).latent_dist
         means.append(posterior.mean)
         stds.append(posterior.std)
     return torch.cat(means), torch.cat(stds)
@@ -272,15 +265,29 @@ def optimizer_step(
     step: int,
     avg: float,
 ) -> float:
-    """One step of training on ``loss`` (gradients clipped to norm 1, then the schedule and the EMA); returns the
-    loss's running average after ``avg`` (nan at first)."""
+    """One step of training on ``loss`` (descend, then the EMA); returns the loss's running average after ``avg``."""
+    descend(loss, opt, params, sched)
+    ema.update(step)
+    return running_average(avg, loss.item())
+
+
+def descend(
+    loss: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    params: Iterable[torch.nn.Parameter],
+    sched: torch.optim.lr_scheduler.LRScheduler,
+) -> None:
+    """One optimizer step on ``loss``: gradients clipped to norm 1, then the learning-rate schedule's step."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     sched.step()
-    ema.update(step)
-    return 0.98 * avg + 0.02 * loss.item() if math.isfinite(avg) else loss.item()
+
+
+def running_average(avg: float, value: float) -> float:
+    """An exponential running average (0.98) of a loss; ``avg`` nan at first."""
+    return 0.98 * avg + 0.02 * value if math.isfinite(avg) else value
 
 
 def train_denoiser(
@@ -392,8 +399,7 @@ def train(out: Path, s: Settings, overwrite: bool = False) -> Path:
         "vae_scaling_factor": scaling_factor,
         "denoiser_loss": loss,
         "seconds": {"vae": round(vae_seconds), "total": round(seconds)},
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {s.threads} torch thread(s)",
-        "torch": torch.__version__,
+        **script.report_machine(s.threads),
     }
     save_pipeline(out, vae, text_encoder, unet, report, overwrite=overwrite)
     return out
@@ -401,12 +407,9 @@ def train(out: Path, s: Settings, overwrite: bool = False) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = script.settings_parser("python -m train.tiny", __doc__.split("\n\n")[0], Settings())
-    args = vars(parser.parse_args(argv))
-    out, overwrite = args.pop("out"), args.pop("overwrite")
-    script.check_out(parser, out, overwrite)
+    out, overwrite, args = script.parse_settings(parser, argv)
     if args["vae_from"] and not (Path(args["vae_from"]) / "vae").is_dir():
         parser.error(f"{args['vae_from']} is not a demo model folder (no vae/)")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     train(out, Settings(**args), overwrite=overwrite)
     log.info("wrote %s", out)
 
