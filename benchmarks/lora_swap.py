@@ -197,7 +197,7 @@ def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         name: Pipeline.load(export, backend=BACKENDS[name][0], precision=BACKENDS[name][1]) for name in args.backend
     }
     with tempfile.TemporaryDirectory() as folder:
-        maps = next(iter(pipes.values())).networks.artifact.weight_maps()
+        maps = next(iter(pipes.values())).sessions.artifact.weight_maps()
         targets = {"unet": UNET_TARGETS, "text_encoder": TEXT_TARGETS}
         adapters = {
             key: write_kohya(Path(folder) / f"{key}.safetensors", maps, 8, seed, targets)

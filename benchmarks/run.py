@@ -278,7 +278,7 @@ def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     if args.lora_swap:
         from benchmarks import lora_swap
 
-        return lora_swap.run(["--model", args.model, "--root", str(args.root)])
+        return lora_swap.run(["--model", args.model, "--root", str(args.root), "--steps", str(args.timed_steps)])
     if args.verbose:
         log.setLevel(logging.DEBUG)
     gpu = gpu_name()

@@ -328,3 +328,22 @@ def test_the_int8_row_quantizes_the_export_first(tiny_model_dir: Path, tiny_expo
     assert "quantize_s" not in rows["openvino"]
     calibration = load_manifest(export).components["unet"].openvino["int8"].quantization["calibration"]
     assert (calibration["prompts"], calibration["height"], calibration["width"]) == (4, 128, 128)
+
+
+def test_the_lora_swap_table_runs_on_the_tiny_preset(tmp_path: Path) -> None:
+    """`benchmarks.run --lora-swap` end to end on the tiny preset (one round, one timed step): a row per backend
+    with every swap column and the UNet step before and with adapters."""
+    from benchmarks import lora_swap
+
+    out = tmp_path / "lora-swap.jsonl"
+    backends = ["openvino bf16", "ort-cpu"] if HAS_OPENVINO else ["ort-cpu"]
+    argv = ["--model", "tiny", "--root", str(tmp_path / "bench"), "--rounds", "1", "--steps", "1", "--out", str(out)]
+    rows = lora_swap.run([*argv, "--backend", *backends])
+    assert [row["backend"] for row in rows] == backends
+    assert [json.loads(line)["backend"] for line in out.read_text().splitlines()] == backends
+    for row in rows:
+        assert {*lora_swap.COLUMNS, lora_swap.FIRST} <= set(row) and all(
+            row[f"{c} call"] >= 0 for c in lora_swap.COLUMNS[:4]
+        )
+        assert {"before", "rank 0", "rank 16"} <= set(row["unet_step_s"])
+    assert "| openvino bf16 |" in out.with_suffix(".md").read_text() or backends == ["ort-cpu"]
