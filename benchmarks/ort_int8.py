@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sdtrt.export.ort_quantize import QUANTIZED, calibrate, quantize_static_qdq
+
 log = logging.getLogger("benchmarks.ort_int8")
 
 EVAL_PROMPTS = (
@@ -32,53 +34,17 @@ EVAL_PROMPTS = (
     "a snowy mountain range under a starry sky",
 )
 EVAL_SEED = 1000  # the held-out prompts' seeds: EVAL_SEED + index
-# the UNet's first and last convolutions and its time embedding (the Gemms) stay in float, as in export/quantize.py
-FLOAT_NODES = ("/unet/conv_in/Conv", "/unet/conv_out/Conv")
+FLOAT_NODES = ("/unet/conv_in/Conv", "/unet/conv_out/Conv")  # as export/ort_quantize.py's FLOAT_CONVOLUTIONS
 
 
-def _attention_products(model) -> list[str]:
-    """The MatMuls of two activations (attention's QK^T and its product with V): no weight."""
-    weights = {init.name for init in model.graph.initializer}
-    return [
-        node.name
-        for node in model.graph.node
-        if node.op_type == "MatMul" and not any(name in weights for name in node.input)
-    ]
-
-
-def _static(work: Path, source: Path, target: Path, op_types: list[str], exclude_outputs: list[str]) -> None:
-    """Static QDQ (uint8 activations, int8 per-channel weights: ORT's advice for VNNI CPUs) of ``op_types``
-    with the ranges calibrated once on the recorded inputs, leaving attention products and FLOAT_NODES alone."""
-    import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.samples = iter(_load(work / "calibration.npz")[0])
-
-        def get_next(self):
-            return next(self.samples, None)
-
-    graph = onnx.load(str(source), load_external_data=False)
-    quantize_static(
-        str(source),
-        str(target),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=op_types,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        nodes_to_exclude=[*_attention_products(graph), *FLOAT_NODES],
-        use_external_data_format=True,
-        # the ranges of the first static recipe run (RECIPES' order: "hybrid", Conv and MatMul) serve the others
-        calibration_cache_path=str(work / ("ranges.json" if op_types else "ranges-all.json")),
-        extra_options={
-            "OpTypesToExcludeOutputQuantization": exclude_outputs,
-            "CalibMaxIntermediateOutputs": 4,  # memory: ranges merged every 4 samples
-            "MatMulConstBOnly": True,
-        },
-    )
+def _static(work: Path, source: Path, target: Path, op_types: list[str], float_outputs: list[str]) -> None:
+    """export/ort_quantize.py's static QDQ (uint8 activations, int8 per-channel weights) of ``op_types`` (all
+    where empty), attention's products and the first and last convolutions left alone, with the ranges of the
+    recorded calibration inputs (measured once for the Conv and MatMul recipes, once for "all")."""
+    ranges = work / ("ranges.json" if op_types else "ranges-all.json")
+    if not ranges.exists():
+        calibrate(source, _load(work / "calibration.npz")[0], QUANTIZED if op_types else (), ranges)
+    quantize_static_qdq(source, target, ranges, op_types, float_outputs)
 
 
 def _nbits(source: Path, target: Path, accuracy_level: int) -> None:
