@@ -11,6 +11,7 @@ SD-1.5-shaped UNet, at an output error no larger than openvino int8's).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
@@ -61,7 +62,6 @@ def quantize_static_qdq(
     ``float_outputs`` left float, attention's products and FLOAT_CONVOLUTIONS left alone, with the activation
     ranges in ``ranges`` (calibrate's)."""
     import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     graph = onnx.load(str(source), load_external_data=False).graph
     weights = {tensor.name for tensor in graph.initializer}
@@ -71,6 +71,29 @@ def quantize_static_qdq(
         if (node.op_type == "MatMul" and not weights.intersection(node.input))
         or (node.op_type == "Conv" and any(re.fullmatch(pattern, node.name) for pattern in FLOAT_CONVOLUTIONS))
     ]
+    advice = _Advice()  # ORT's root-logger advice to preprocess the model, each call: not the user's to act on
+    logging.getLogger().addFilter(advice)
+    try:
+        _quantize_static(source, target, ranges, op_types, float_outputs, excluded)
+    finally:
+        logging.getLogger().removeFilter(advice)
+
+
+class _Advice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Please consider")
+
+
+def _quantize_static(
+    source: Path,
+    target: Path,
+    ranges: Path,
+    op_types: Sequence[str],
+    float_outputs: Sequence[str],
+    excluded: list[str],
+) -> None:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
     quantize_static(
         str(source),
         str(target),
