@@ -187,4 +187,5 @@ def test_info_lists_the_int8_irs(tiny_int8_export: Path, capsys: pytest.CaptureF
     for line in capsys.readouterr().out.splitlines():
         lines.setdefault(line.split(":")[0].strip(), line)
     assert "int8 OpenVINO IR: unet.int8-" in lines["unet"] and "int8 OpenVINO IR" not in lines["vae_decoder"]
+    assert re.search(r"int8 ORT QDQ: unet\.int8-\w+\.onnx", lines["unet"]) and "ORT QDQ" not in lines["text_encoder"]
     assert re.search(r"int8 OpenVINO IR: \S+\.xml \((\d+\.\d) MiB\)", lines["unet"])
