@@ -28,6 +28,7 @@ SDTRT_BACKENDS: dict[str, tuple[str, str | None]] = {
     "openvino-fp32": ("openvino", "fp32"),
     "openvino-int8": ("openvino", "int8"),  # the export quantized first where it is not (benchmarks/prepare.py)
     "ort-cpu": ("ort-cpu", None),
+    "ort-cpu-int8": ("ort-cpu", "int8"),  # the UNet's static QDQ graph of the same `sdtrt quantize` (prepare.py)
 }
 # the diffusers peers: every row's ratios are to these. "torch" is eager (fp32 on the CPU, fp16 on the GPU),
 # "torch-bf16" eager bf16 on the CPU

@@ -38,6 +38,7 @@ GPU_DEFAULT = ("trt", "ort-cuda", "torch", "torch-graph", "torch-compile")
 CPU_DEFAULT = ("openvino", "openvino-fp32", "ort-cpu", "torch", "torch-bf16")
 SWEEP = [(size, batch) for size in (512, 768, 1024) for batch in (1, 2, 4)]
 SCHEMA = 1
+INT8_BACKENDS = {"openvino-int8", "ort-cpu-int8"}  # the export is quantized first (`sdtrt quantize`)
 REPO = Path(__file__).resolve().parents[1]  # on the workers' PYTHONPATH: benchmarks is not installed
 
 
@@ -291,7 +292,7 @@ def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     log.info("preparing %s (exports: %s)", args.model, ", ".join(needed) or "none")
     request = {"task": "prepare", "model": args.model, "root": str(args.root), "precisions": needed}
     request.update(seed=args.seed, export=None if args.export is None else str(args.export))
-    if "openvino-int8" in precisions:  # calibrated at the size measured (default: the native one)
+    if INT8_BACKENDS & set(precisions):  # calibrated at the size measured (default: the native one)
         request["int8"] = {"height": args.height, "width": args.width}
     request.update(step_cache=max(args.cache_interval) > 1, tiny_vae=args.tiny_vae)
     (prepared,) = _run_workers([request], threads)
@@ -366,7 +367,7 @@ def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 "images": job.images,
                 "cfg": job.cfg,
                 "export_s": export.get("export_s"),
-                **({"quantize_s": export.get("quantize_s")} if backend == "openvino-int8" else {}),
+                **({"quantize_s": export.get("quantize_s")} if backend in INT8_BACKENDS else {}),
                 "export_cached": export.get("cached"),
                 "cache_interval": interval,
                 "vae": vae,

@@ -100,8 +100,9 @@ class Artifact:
         return {network: weight_map for network, weight_map in maps.items() if weight_map is not None}
 
     def runs_int8(self, network: str) -> bool:
-        """Whether ``network`` runs its int8 OpenVINO IR (`sdtrt quantize --int8`) on this backend."""
-        return self.backend.compute == "int8" and "int8" in self.manifest.components[network].openvino
+        """Whether ``network`` runs its int8 network (`sdtrt quantize --int8`) on this backend."""
+        component = self.manifest.components[network]
+        return self.backend.compute == "int8" and "int8" in component.int8_files(self.backend.kind)
 
     def session(self, network: str) -> Session:
         """The session of ``network``, opened on first use."""
@@ -130,12 +131,15 @@ class Artifact:
 
 def open_artifact(folder: str | os.PathLike[str], backend: str = "auto", precision: str | None = None) -> Artifact:
     """Open an artifact folder written by ``sdtrt export``; ``backend`` is "auto" or a name in BACKENDS,
-    ``precision`` the arithmetic precision where the backend offers a choice (openvino: "bf16", "fp32", or "int8"
-    where `sdtrt quantize --int8` made int8 IRs: one clear error where it did not)."""
+    ``precision`` the arithmetic precision where the backend offers a choice (openvino: "bf16", "fp32", or "int8";
+    ort-cpu: "fp32" or "int8"; int8 where `sdtrt quantize --int8` made int8 networks for that backend: one clear
+    error where it did not)."""
     folder = Path(folder)
     manifest = load_manifest(folder)
-    if precision == "int8" and not any(component.openvino for component in manifest.components.values()):
+    kinds = ("openvino", "ort-cpu") if backend == "auto" else (backend,)
+    if precision == "int8" and not any(c.int8_files(kind) for kind in kinds for c in manifest.components.values()):
         raise InvalidInputError(
-            f"{folder} has no int8 networks: make them with `sdtrt quantize {folder} --int8`, or run at bf16 or fp32"
+            f"{folder} has no int8 networks{'' if backend == 'auto' else f' for {backend}'}: make them with "
+            f"`sdtrt quantize {folder} --int8`, or run at bf16 or fp32"
         )
     return Artifact(folder, manifest, choose_backend(backend, compute=precision))

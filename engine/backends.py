@@ -114,6 +114,13 @@ def _open_ort_cuda(choice: BackendChoice, target: SessionTarget) -> Session:
 
 
 def _open_ort_cpu(choice: BackendChoice, target: SessionTarget) -> Session:
+    """fp32, or under int8 the component's static QDQ graph where the export has one (`sdtrt quantize --int8`:
+    the UNet's), whose weights are quantized (no weight map: LoRA is refused upstream)."""
+    quantized = target.manifest.components[target.component].onnxruntime.get("int8")
+    if choice.compute == "int8" and quantized is not None:
+        return OrtCpuSession(target.folder / quantized.path)
+    if choice.compute == "int8":
+        log.info("%s has no ONNX Runtime int8 graph (sdtrt quantize makes the UNet's): runs at fp32", target.component)
     return OrtCpuSession(target.path, weight_map=target.weight_map)
 
 
@@ -180,7 +187,7 @@ class Backend:
             choices = allowed[0] if len(allowed) == 1 else f"{', '.join(allowed[:-1])} or {allowed[-1]}"
             raise InvalidInputError(
                 f"backend {self.name} runs at {choices}, not {requested!r}"
-                + ("" if requested not in ("bf16", "int8") else f" ({requested} is the openvino backend's)")
+                + ("" if requested != "bf16" else " (bf16 is the openvino backend's)")
             )
         return requested
 
@@ -212,6 +219,7 @@ BACKENDS: dict[str, Backend] = {
             "fp32",
             _open_ort_cpu,
             strict_precision=True,
+            computes=("fp32", "int8"),  # int8: the UNet's static QDQ graph `sdtrt quantize --int8` made
             graph="ort-fused",
             error_modules=("onnxruntime",),
         ),

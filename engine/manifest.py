@@ -23,7 +23,8 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 FAMILIES = ("sd1", "sd2", "sdxl", "upscaler")
 PRECISIONS = ("fp32", "fp16")
-OPENVINO_IR_PRECISIONS = ("int8",)  # `sdtrt quantize`: OpenVINO IRs beside the ONNX files (export/quantize.py)
+# `sdtrt quantize`: OpenVINO IRs and ONNX Runtime QDQ graphs beside the ONNX files (export/quantize.py)
+QUANTIZED_PRECISIONS = ("int8",)
 # A serialized ONNX ModelProto starts with its field 1, ir_version: tag byte 0x08, then a small varint
 # (protobuf writers put fields in number order; every .onnx an export writes starts 0x08 0x08).
 ONNX_TAG = 0x08
@@ -121,15 +122,23 @@ class Component:
     # OpenVINO IRs by precision (`sdtrt quantize --int8`: "int8"), which only the openvino backend runs; a key
     # of its own too
     openvino: dict[str, ComponentFile] = field(default_factory=dict)
+    # ONNX Runtime's quantized graphs by precision (`sdtrt quantize --int8`: the UNet's static QDQ "int8"), which
+    # only the ort-cpu backend runs; a key of its own too
+    onnxruntime: dict[str, ComponentFile] = field(default_factory=dict)
 
     def all_files(self) -> list[ComponentFile]:
-        """The plain files, then the fused ones, then the OpenVINO IRs."""
-        return [*self.files.values(), *self.ort_fused.values(), *self.openvino.values()]
+        """The plain files, then the fused ones, then the OpenVINO IRs, then ONNX Runtime's quantized graphs."""
+        return [*self.files.values(), *self.ort_fused.values(), *self.openvino.values(), *self.onnxruntime.values()]
+
+    def int8_files(self, backend: str) -> dict[str, ComponentFile]:
+        """The quantized files ``backend`` runs by precision ("int8"): openvino's IRs, ort-cpu's QDQ graphs."""
+        return {"openvino": self.openvino, "ort-cpu": self.onnxruntime}.get(backend, {})
 
     def to_dict(self) -> dict:
         fused = {"ort_fused": {p: f.to_dict() for p, f in self.ort_fused.items()}} if self.ort_fused else {}
         ir = {"openvino": {p: f.to_dict() for p, f in self.openvino.items()}} if self.openvino else {}
-        return {"files": {p: f.to_dict() for p, f in self.files.items()}} | fused | ir
+        ort = {"onnxruntime": {p: f.to_dict() for p, f in self.onnxruntime.items()}} if self.onnxruntime else {}
+        return {"files": {p: f.to_dict() for p, f in self.files.items()}} | fused | ir | ort
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Component:
@@ -139,12 +148,13 @@ class Component:
         files = {str(p): ComponentFile.from_dict(f) for p, f in d["files"].items()}
         fused = {str(p): ComponentFile.from_dict(f) for p, f in d.get("ort_fused", {}).items()}
         ir = {str(p): ComponentFile.from_dict(f) for p, f in d.get("openvino", {}).items()}
+        ort = {str(p): ComponentFile.from_dict(f) for p, f in d.get("onnxruntime", {}).items()}
         for precision in (*files, *fused):
             if precision not in PRECISIONS:
                 raise ValueError(f"unknown precision {precision!r}")
-        if unknown := sorted(set(ir) - set(OPENVINO_IR_PRECISIONS)):
-            raise ValueError(f"unknown OpenVINO IR precision {unknown[0]!r}")
-        return cls(files=files, ort_fused=fused, openvino=ir)
+        if unknown := sorted((set(ir) | set(ort)) - set(QUANTIZED_PRECISIONS)):
+            raise ValueError(f"unknown quantized precision {unknown[0]!r}")
+        return cls(files=files, ort_fused=fused, openvino=ir, onnxruntime=ort)
 
 
 @dataclass(frozen=True)

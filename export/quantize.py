@@ -8,6 +8,9 @@ UNet's inputs recorded while the runtime drew a set of prompts (sdtrt/quantize.p
 encoders and the UNet that takes ControlNet residuals get weight compression only (no calibration); the VAE
 and the ControlNets stay as they are (the VAE's convolutions run once per image, on the picture's pixels).
 
+The calibrated UNet gets ONNX Runtime's static QDQ graph for ort-cpu too, from the same inputs
+(export/ort_quantize.py), beside its IR as ``unet.int8-<digest>.onnx`` + ``.onnx.data`` (Component.onnxruntime).
+
 Each IR (``unet.int8-<digest>.xml`` + ``.bin`` beside ``unet.onnx``) is written in a scratch folder, renamed into the
 export under a name of its own, and only then recorded in the manifest (Component.openvino["int8"]), which
 is replaced atomically: an interrupted run leaves the export as it was (files a killed run renamed in but
@@ -27,8 +30,9 @@ from typing import Any
 import numpy as np
 
 from sdtrt.engine.errors import InvalidInputError, ManifestError
-from sdtrt.engine.fsutil import onnx_digest, onnx_files, scratch_dir
+from sdtrt.engine.fsutil import data_file_name, onnx_digest, onnx_files, scratch_dir
 from sdtrt.engine.manifest import ComponentFile, Manifest, load_manifest
+from sdtrt.export.ort_quantize import QUANTIZED, calibrate, quantize_static_qdq, rename_onnx
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +77,8 @@ def plan_quantization(folder: str | os.PathLike[str], overwrite: bool = False) -
             raise InvalidInputError(f"{folder}: quantizing starts from the fp32 export: {exc}") from None
         if onnx_digest(folder / file.path) != file.sha256:
             raise manifest.damaged(folder, f"{folder / file.path} changed since the export (its sha256 differs)")
-        if "int8" in manifest.components[network].openvino and not overwrite:
+        component = manifest.components[network]
+        if ("int8" in component.openvino or "int8" in component.onnxruntime) and not overwrite:
             raise InvalidInputError(f"{folder} is quantized to int8 already (use --overwrite to quantize it again)")
     return QuantizationPlan(folder, manifest, networks)
 
@@ -95,7 +100,8 @@ def quantize_export(
         if not samples.get(network):
             raise InvalidInputError(f"no calibration inputs were recorded for {network}")
     remove_unrecorded(folder, plan.manifest)
-    files: dict[str, ComponentFile] = {}
+    files: dict[str, ComponentFile] = {}  # the OpenVINO IRs
+    graphs: dict[str, ComponentFile] = {}  # ONNX Runtime's static QDQ graphs (the calibrated networks')
     moved: list[Path] = []
     try:
         with scratch_dir(folder / "manifest.json", ".quantize") as scratch:
@@ -110,32 +116,27 @@ def quantize_export(
                 staged = scratch / network / "model.xml"
                 ov.save_model(model, str(staged), compress_to_fp16=True)
                 del model
-                digest = onnx_digest(staged)
-                onnx = PurePosixPath(source.path)
-                relative = str(onnx.with_name(f"{onnx.stem}{IR_INFIX}{digest[:12]}.xml"))
-                final = folder / relative
-                for staged_file, target in ((staged.with_suffix(".bin"), final.with_suffix(".bin")), (staged, final)):
-                    if not target.exists():  # else the same IR, recorded already: the old manifest keeps it
-                        moved.append(target)
-                    os.replace(staged_file, target)  # the .bin first: an .xml names a complete IR
-                seconds = time.perf_counter() - start
-                report = {"mode": mode, "nncf": nncf.__version__, "openvino": ov.__version__.split("-")[0]}
-                report |= {"samples": min(len(samples.get(network, ())), MAX_SAMPLES), "seconds": round(seconds, 1)}
-                files[network] = replace(
-                    source,
-                    path=relative,
-                    sha256=digest,
-                    size=final.stat().st_size,
-                    data_size=final.with_suffix(".bin").stat().st_size,
-                    weights=None,
-                    fusion=None,
-                    quantization=report | ({"calibration": dict(calibration)} if mode == HYBRID else {}),
-                )
-                log.info("%s: int8 (%s) in %.0f s: %s", network, mode, seconds, relative)
+                common = {"samples": min(len(samples.get(network, ())), MAX_SAMPLES)}
+                common |= {"calibration": dict(calibration)} if mode == HYBRID else {}
+                report = {"mode": mode, "nncf": nncf.__version__, "openvino": ov.__version__.split("-")[0]} | common
+                staged = staged.rename(staged.with_name(_int8_name(source, staged, ".xml")))
+                os.replace(staged.with_name("model.bin"), staged.with_name(data_file_name(staged.name)))
+                files[network] = _move_in(folder, source, staged, report, start, moved)
+                if mode == HYBRID:  # ONNX Runtime's too, for ort-cpu
+                    start = time.perf_counter()
+                    staged = scratch / network / "model.onnx"
+                    ranges = scratch / network / "ranges.json"
+                    calibrate(folder / source.path, samples[network][:MAX_SAMPLES], QUANTIZED, ranges)
+                    quantize_static_qdq(folder / source.path, staged, ranges)
+                    staged = rename_onnx(staged, _int8_name(source, staged, ".onnx"))
+                    report = {"mode": "static-qdq", "onnxruntime": _onnxruntime_version()} | common
+                    graphs[network] = _move_in(folder, source, staged, report, start, moved)
         components = {
-            name: replace(component, openvino={**component.openvino, "int8": files[name]})
-            if name in files
-            else component
+            name: replace(
+                component,
+                openvino={**component.openvino, **({"int8": files[name]} if name in files else {})},
+                onnxruntime={**component.onnxruntime, **({"int8": graphs[name]} if name in graphs else {})},
+            )
             for name, component in plan.manifest.components.items()
         }
         manifest = replace(plan.manifest, components=components)
@@ -146,6 +147,44 @@ def quantize_export(
         raise
     remove_unrecorded(folder, manifest)  # the IRs of an earlier quantization (--overwrite)
     return manifest
+
+
+def _int8_name(source: ComponentFile, staged: Path, suffix: str) -> str:
+    """``<the fp32 file's stem>.int8-<the first 12 hex of the staged file's sha256>`` + ``suffix``."""
+    return f"{PurePosixPath(source.path).stem}{IR_INFIX}{onnx_digest(staged)[:12]}{suffix}"
+
+
+def _move_in(
+    folder: Path, source: ComponentFile, staged: Path, report: dict, start: float, moved: list[Path]
+) -> ComponentFile:
+    """Rename ``staged`` (an IR's .xml or a QDQ graph's .onnx, named already) and its weights into the export
+    beside ``source``, adding the paths that were not there to ``moved``; its manifest entry."""
+    digest = onnx_digest(staged)
+    relative = str(PurePosixPath(source.path).with_name(staged.name))
+    final = folder / relative
+    data = final.with_name(data_file_name(final.name))
+    for staged_file, target in ((staged.with_name(data_file_name(staged.name)), data), (staged, final)):
+        if not target.exists():  # else the same file, recorded already: the old manifest keeps it
+            moved.append(target)
+        os.replace(staged_file, target)  # the weights first: a model file names a complete network
+    seconds = time.perf_counter() - start
+    log.info("%s: int8 (%s) in %.0f s: %s", source.path, report["mode"], seconds, relative)
+    return replace(
+        source,
+        path=relative,
+        sha256=digest,
+        size=final.stat().st_size,
+        data_size=data.stat().st_size,
+        weights=None,
+        fusion=None,
+        quantization={**report, "seconds": round(seconds, 1)},
+    )
+
+
+def _onnxruntime_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 def _hybrid(nncf, model, samples: Sequence[Mapping[str, np.ndarray]]):
@@ -185,13 +224,14 @@ def _weighted_matmul(op) -> bool:
 
 
 def remove_unrecorded(folder: Path, manifest: Manifest) -> None:
-    """Remove the int8 IR files in the export's network folders that its manifest does not name (a killed run's,
-    or an earlier quantization's)."""
-    named = {p for c in manifest.components.values() for f in c.openvino.values() for p in onnx_files(folder / f.path)}
+    """Remove the int8 files (IRs, QDQ graphs) in the export's network folders that its manifest does not name
+    (a killed run's, or an earlier quantization's)."""
+    quantized = [f for c in manifest.components.values() for f in (*c.openvino.values(), *c.onnxruntime.values())]
+    named = {p for f in quantized for p in onnx_files(folder / f.path)}
     for component in manifest.components.values():
         for file in component.files.values():
             onnx = folder / file.path
             for path in onnx.parent.glob(f"{onnx.stem}{IR_INFIX}*"):
-                if path not in named and path.suffix in (".xml", ".bin"):
+                if path not in named and path.suffix in (".xml", ".bin", ".onnx", ".data"):
                     log.info("removing %s (no manifest names it)", path)
                     path.unlink(missing_ok=True)

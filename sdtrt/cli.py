@@ -134,8 +134,11 @@ def _parser() -> argparse.ArgumentParser:
     more = "Reads every file in full; prints FOLDER: ok, or one line per problem and exits 2."
     command("verify", commands.verify, summary, "folder", more=more)
 
-    summary = "quantize an export's UNet and text encoders to int8 for the openvino backend (NNCF, hybrid)"
-    more = "Calibrates on the runtime's own drawings of --prompts; then: sdtrt generate FOLDER PROMPT --precision int8."
+    summary = "quantize an export's UNet and text encoders to int8 for openvino (NNCF), its UNet for ort-cpu (ORT)"
+    more = (
+        "Calibrates on the runtime's own drawings of --prompts; then: sdtrt generate FOLDER PROMPT --precision int8 "
+        "(openvino; add --backend ort-cpu for ONNX Runtime's int8 UNet)."
+    )
     quantize = command("quantize", commands.quantize, summary, "folder", more=more)
     quantize.add_argument(
         "--int8", action="store_true", required=True, help="int8 weights, int8 activations where safe"
@@ -205,7 +208,12 @@ def _add_serve_command(command: Callable[..., argparse.ArgumentParser]) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     serve.add_argument("--backend", choices=BACKEND_NAMES, default="auto", help="default: auto")
-    serve.add_argument("--precision", choices=("bf16", "fp32", "int8"), default=None, help="openvino: bf16, fp32, int8")
+    serve.add_argument(
+        "--precision",
+        choices=("bf16", "fp32", "int8"),
+        default=None,
+        help="openvino: bf16, fp32, int8; ort-cpu: fp32, int8",
+    )
     serve.add_argument(
         "--lora",
         action="append",

@@ -90,6 +90,7 @@ def info(args: argparse.Namespace) -> None:
             *component.files.items(),
             *((f"{p} ORT-fused", f) for p, f in component.ort_fused.items()),
             *((f"{p} OpenVINO IR", f) for p, f in component.openvino.items()),  # sdtrt quantize --int8
+            *((f"{p} ORT QDQ", f) for p, f in component.onnxruntime.items()),
         ]
         files = ", ".join(f"{p}: {f.path} ({_mib(folder, f)})" for p, f in listed)
         print(f"  {name}: {files}")
@@ -129,7 +130,11 @@ def quantize(args: argparse.Namespace) -> None:
     options = {"steps": args.steps, "guidance": args.guidance, "height": args.height, "width": args.width}
     manifest = quantize(args.folder, prompts=prompts, overwrite=args.overwrite, **options)
     networks = [name for name, component in manifest.components.items() if component.openvino]
-    print(f"quantized {', '.join(networks)} of {args.folder} to int8 (run it with --precision int8)")
+    ort = [name for name, component in manifest.components.items() if component.onnxruntime]
+    print(
+        f"quantized {', '.join(networks)} of {args.folder} to int8 (run it with --precision int8), and its "
+        f"{', '.join(ort)} for ort-cpu (--backend ort-cpu --precision int8)"
+    )
 
 
 def build(args: argparse.Namespace) -> None:

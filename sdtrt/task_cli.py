@@ -119,7 +119,8 @@ def _add_shared_options(parser: argparse.ArgumentParser, steps: int, guidance: f
         choices=("bf16", "fp32", "int8"),
         default=None,
         help="arithmetic precision where the backend offers a choice: openvino runs bf16 (default where the "
-        "CPU has native bf16), fp32, or int8 once `sdtrt quantize --int8` made int8 networks",
+        "CPU has native bf16), fp32, or int8 once `sdtrt quantize --int8` made int8 networks; ort-cpu fp32 or int8 "
+        "(its int8 UNet, from the same command)",
     )
     parser.add_argument(
         "--lora",

@@ -12,9 +12,11 @@ PROMPT = "a red circle on a blue background, top left"
 OPTIONS = {"negative_prompt": "blurry, low quality", "num_inference_steps": 12, "guidance_scale": 7.5}
 
 
-def final_image_error(export: Path, model_dir: Path, precision: str) -> tuple[float, float, float]:
-    """(PSNR in dB, largest difference in levels, the reference's standard deviation) of the openvino backend's
-    final image at ``precision`` against diffusers fp32's, 12 steps, CFG 7.5, the same initial noise."""
+def final_image_error(
+    export: Path, model_dir: Path, precision: str, backend: str = "openvino"
+) -> tuple[float, float, float]:
+    """(PSNR in dB, largest difference in levels, the reference's standard deviation) of ``backend``'s final
+    image at ``precision`` against diffusers fp32's, 12 steps, CFG 7.5, the same initial noise."""
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -22,7 +24,7 @@ def final_image_error(export: Path, model_dir: Path, precision: str) -> tuple[fl
     reference = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
     reference.set_progress_bar_config(disable=True)
     expected = np.asarray(reference(PROMPT, latents=torch.from_numpy(latents), **OPTIONS).images[0], np.float64)
-    with Pipeline.load(export, backend="openvino", precision=precision) as pipe:
+    with Pipeline.load(export, backend=backend, precision=precision) as pipe:
         ours = np.asarray(pipe.txt2img(PROMPT, latents=latents, **OPTIONS).images[0], np.float64)
     psnr = 10 * np.log10(255**2 / ((ours - expected) ** 2).mean())
     return psnr, np.abs(ours - expected).max(), expected.std()

@@ -61,16 +61,17 @@ def test_quantize_twice_needs_overwrite(int8: Path, tmp_path: Path) -> None:
     assert_one_clear_error(case, tmp_path, watch=[tmp_path])
 
 
-def test_int8_on_an_export_without_it(export: Path, tmp_path: Path) -> None:
-    argv = ("generate", str(export), *GENERATE, str(tmp_path / "cat.png"), "--precision", "int8")
-    says = r"has no int8 networks: make them with `sdtrt quantize .* --int8`"
+@pytest.mark.parametrize("backend", ["openvino", "ort-cpu"])
+def test_int8_on_an_export_without_it(export: Path, tmp_path: Path, backend: str) -> None:
+    argv = ("generate", str(export), *GENERATE, str(tmp_path / "cat.png"), "--precision", "int8", "--backend", backend)
+    says = rf"has no int8 networks for {backend}: make them with `sdtrt quantize .* --int8`"
     assert_one_clear_error(BadInput("no int8", argv, says), tmp_path, watch=[tmp_path])
 
 
-def test_int8_on_another_backend(int8: Path, tmp_path: Path) -> None:
-    argv = ("generate", str(int8), *GENERATE, str(tmp_path / "cat.png"), "--precision", "int8", "--backend", "ort-cpu")
-    says = r"backend ort-cpu runs at fp32, not 'int8' \(int8 is the openvino backend's\)"
-    assert_one_clear_error(BadInput("int8 on ort-cpu", argv, says), tmp_path, watch=[tmp_path])
+def test_bf16_on_ort_cpu(int8: Path, tmp_path: Path) -> None:
+    argv = ("generate", str(int8), *GENERATE, str(tmp_path / "cat.png"), "--precision", "bf16", "--backend", "ort-cpu")
+    says = r"backend ort-cpu runs at fp32 or int8, not 'bf16' \(bf16 is the openvino backend's\)"
+    assert_one_clear_error(BadInput("bf16 on ort-cpu", argv, says), tmp_path, watch=[tmp_path])
 
 
 def test_a_damaged_int8_ir(int8: Path, tmp_path: Path) -> None:

@@ -171,7 +171,7 @@ def test_cli_precision(tiny_export: Path, tmp_path: Path, capsys: pytest.Capture
     assert main([*args, "--backend", "openvino", "--precision", "fp32"]) == 0
     assert out.is_file() and "backend openvino" in capsys.readouterr().out
     assert main([*args, "--backend", "ort-cpu", "--precision", "bf16"]) == 2
-    assert "backend ort-cpu runs at fp32, not 'bf16'" in capsys.readouterr().err
+    assert "backend ort-cpu runs at fp32 or int8, not 'bf16'" in capsys.readouterr().err
 
 
 def test_bf16_quality_gate(tiny_export: Path, tiny_model_dir: Path) -> None:
