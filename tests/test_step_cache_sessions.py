@@ -1,11 +1,17 @@
 """Step caching beside the rest: one copy of the UNet per process (the plain UNet's calls run on unet_cache on the
-CPU), LoRA adapters still reaching the plain UNet, and server batching on such an export."""
+CPU), LoRA adapters still reaching the plain UNet, server batching on such an export, and OpenVINO bf16's cached
+loop against its fp32 one."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
+from image_gate import BF16_MAX_LEVELS, BF16_MIN_PSNR, image_error
+from image_gate import OPTIONS as GATE_OPTIONS
+from image_gate import PROMPT as GATE_PROMPT
 from test_lora import _factors, _reference, _write_peft
 
 from sdtrt.runtime.batching import BatchCall, run_batch
@@ -18,10 +24,15 @@ GENERATION |= {"width": 128}
 # unet and unet_cache are one graph up to the extra output: the same float32 arithmetic (tests/test_pipeline.py's
 # parity tolerance)
 SAME_UNET_TOLERANCE = 1e-5
+# OpenVINO bf16 runs the matrix work in bfloat16 (8 mantissa bits): as tests/test_lora.py's bf16 tolerance on the
+# tiny model's latents. Measured on an AMD EPYC (Zen 4, AVX-512 BF16), gate options, seeds 0, 1, 7, interval 3:
+# bf16 against fp32 2.8-3.1e-2 cached (1.4-1.6e-2 uncached), 47.8-48.1 dB and 6 levels on the image; caching
+# itself moves fp32's latents by 7.8-9.3e-2 and its image by 39.2-39.3 dB, 17-20 levels
+BF16_TOLERANCE = 5e-2
 
 
-def _latents(seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((1, 4, 16, 16), dtype=np.float32)
+def _latents(seed: int = 0, side: int = 16) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((1, 4, side, side), dtype=np.float32)
 
 
 def _relative(ours: np.ndarray, expected: np.ndarray) -> float:
@@ -74,3 +85,20 @@ def test_batched_requests_share_unet_cache(cache_export: Path) -> None:
     assert batches == [4] * GENERATION["num_inference_steps"]  # two CFG pairs in every UNet call
     for result, expected in zip(results, alone, strict=True):
         assert _relative(result.latents, expected) < SAME_UNET_TOLERANCE
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino is not installed")
+def test_openvino_bf16_cached_txt2img_against_fp32(cache_export: Path) -> None:
+    """bf16's own gate (tests/image_gate.py) on the cached loop against the fp32 cached loop: the final image
+    within BF16_MIN_PSNR and BF16_MAX_LEVELS, the latents within BF16_TOLERANCE; caching itself moves the fp32
+    image further than the gate allows, so the gate sees bf16's error, not caching's."""
+    options = {"latents": _latents(7, side=32), "cache_interval": 3, **GATE_OPTIONS}
+    with Pipeline.load(cache_export, backend="openvino", precision="fp32") as pipe:
+        fp32 = pipe.txt2img(GATE_PROMPT, **options)
+        uncached = pipe.txt2img(GATE_PROMPT, **{**options, "cache_interval": 1})
+    with Pipeline.load(cache_export, backend="openvino", precision="bf16") as pipe:
+        bf16 = pipe.txt2img(GATE_PROMPT, **options)
+    psnr, levels = image_error(bf16.images[0], fp32.images[0])
+    assert psnr >= BF16_MIN_PSNR and levels <= BF16_MAX_LEVELS, f"bf16 cached: {psnr:.1f} dB, {levels:.0f} levels"
+    assert _relative(bf16.latents, fp32.latents) < BF16_TOLERANCE
+    assert image_error(fp32.images[0], uncached.images[0])[1] > BF16_MAX_LEVELS  # what caching changes
