@@ -5,6 +5,7 @@ loop against its fp32 one."""
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -102,3 +103,15 @@ def test_openvino_bf16_cached_txt2img_against_fp32(cache_export: Path) -> None:
     assert psnr >= BF16_MIN_PSNR and levels <= BF16_MAX_LEVELS, f"bf16 cached: {psnr:.1f} dB, {levels:.0f} levels"
     assert _relative(bf16.latents, fp32.latents) < BF16_TOLERANCE
     assert image_error(fp32.images[0], uncached.images[0])[1] > BF16_MAX_LEVELS  # what caching changes
+
+
+def test_an_int8_unet_keeps_the_plain_unet(tiny_int8_export: Path, tmp_path: Path) -> None:
+    """`sdtrt quantize` makes no IR of unet_cache: the int8 UNet's requests keep to the plain UNet's int8 IR."""
+    from sdtrt.export.step_cache import attach_step_cache
+
+    export = tmp_path / "int8"
+    shutil.copytree(tiny_int8_export, export)
+    attach_step_cache(export)
+    with Pipeline.load(export, backend="openvino", precision="int8") as pipe:
+        assert pipe.sessions.serving("unet") == "unet"
+        assert pipe.session("unet").precision == "int8" and not pipe.artifact.is_open("unet_cache")
