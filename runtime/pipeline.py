@@ -101,7 +101,8 @@ class Pipeline:
         return self.conditioner.tokenizers
 
     def session(self, network: str) -> Session:
-        """The session of ``network`` (opened on first use, with the loaded LoRA adapters' weights)."""
+        """The session of ``network`` (opened on first use, with the loaded LoRA adapters' weights); the plain UNet's
+        may be ``unet_cache``'s, whose outputs add the cached feature (Sessions.serving)."""
         return self.sessions.session(network)
 
     def close(self) -> None:

@@ -82,6 +82,17 @@ def tiny_vae_export(tiny_export: Path, taesd_dir: Path, tmp_path_factory: pytest
 
 
 @pytest.fixture(scope="session")
+def cache_export(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SD 1.x export (fp32 + fp16) with the step-cache graphs of branch 0."""
+    from sdtrt.export.step_cache import attach_step_cache
+
+    out = tmp_path_factory.mktemp("exports") / "tiny-sd1-step-cache"
+    shutil.copytree(tiny_export, out)
+    attach_step_cache(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_inpaint_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SD 1.x inpainting model: its UNet takes 9 channels (latents, mask, masked-image latents)."""
     from sdtrt.export.tiny import build_tiny_sd1

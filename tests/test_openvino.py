@@ -18,7 +18,7 @@ import pytest
 
 pytest.importorskip("openvino")
 
-from image_gate import final_image_error
+from image_gate import BF16_MAX_LEVELS, BF16_MIN_PSNR, final_image_error
 
 from sdtrt.cli import main
 from sdtrt.engine.artifact import open_artifact
@@ -27,10 +27,6 @@ from sdtrt.engine.openvino_ir import ir_problem
 from sdtrt.engine.openvino_session import MAX_COMPILED_SHAPES
 
 FP32_TOLERANCE = 1e-4  # per network, max |openvino - ort| / max |ort| (measured: ~2e-6)
-# bf16's gate, the final 8-bit image against diffusers fp32 on the tiny parity model, 12 steps, CFG 7.5
-# (measured on an AMX-BF16 Xeon: 49-51 dB, at most 5 levels apart)
-BF16_MIN_PSNR = 40.0  # dB
-BF16_MAX_LEVELS = 12
 
 
 def _feeds(artifact, network: str, rng: np.random.Generator) -> dict[str, np.ndarray]:

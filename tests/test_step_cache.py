@@ -26,17 +26,6 @@ IMAGE_LATENT_TOLERANCE = 5e-5  # img2img: the VAE encoder too, as tests/test_ima
 DIFFUSERS_SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "lms": "LMSDiscreteScheduler"}
 
 
-@pytest.fixture(scope="session")
-def cache_export(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny SD 1.x export (fp32 + fp16) with the step-cache graphs of branch 0."""
-    from sdtrt.export.step_cache import attach_step_cache
-
-    out = tmp_path_factory.mktemp("exports") / "tiny-sd1-step-cache"
-    shutil.copytree(tiny_export, out)
-    attach_step_cache(out)
-    return out
-
-
 def _deepcache_latents(
     pipeline_class: str, model: Path, scheduler: str, interval: int, branch: int, lora: Path | None = None, **call
 ):
