@@ -75,13 +75,15 @@ def generate_images(
 
     from sdtrt.runtime.pipeline import Pipeline
     from sdtrt.runtime.plan import precheck
-    from sdtrt.runtime.request import REQUEST_OPTIONS, Request
+    from sdtrt.runtime.request import REQUEST_OPTIONS, Limits, Request
 
-    for path in image_paths(out, options.get("num_images", 1)):
-        check_output(path)
     shared = {name: options[name] for name in REQUEST_OPTIONS if name in options}
     own = {name: value for name, value in options.items() if name not in shared}
-    precheck(task, Request(prompt, **shared), own)  # the pipeline's own checks of what needs no model
+    _, request, _, _ = precheck(task, Request(prompt, **shared), own)  # the pipeline's own checks needing no model
+    # the ceiling on images needs no model either (the one on sides does): before a PNG path is checked for each
+    Limits.resolve(default_side=1, side_origin="").check_images(1, request.num_images)
+    for path in image_paths(out, request.num_images):
+        check_output(path)
     bar: tqdm | None = None
     with Pipeline.load(folder, backend=backend, precision=precision) as pipe:
         for path, scale in loras:
