@@ -40,7 +40,10 @@ class Sessions:
 
     def session(self, network: str) -> Session:
         """The session of ``network`` with the loaded adapters' weights (the plain UNet's: see ``serving``)."""
-        network = self.serving(network)
+        return self._opened(self.serving(network))
+
+    def _opened(self, network: str) -> Session:
+        """The session of ``network`` itself, opened on first use with the loaded adapters' weights."""
         opened = self.artifact.is_open(network)
         session = self.artifact.session(network)
         weight_map = self.artifact.weight_map(network)
@@ -52,9 +55,8 @@ class Sessions:
         """The network whose session runs ``network``'s calls: ``unet_cache`` for the plain UNet's on a CPU backend
         where the export has the step-cache graphs, else ``network`` itself. Not with LoRA adapters loaded where
         ``unet_cache`` has no weight map (attached by an older sdtrt), nor where the UNet runs an int8 IR
-        (``unet_cache`` has none). On ort-cpu
-        this gives up ONNX Runtime's fused UNet (measured at 0.93x the plain graph's CPU time per step) for half
-        the memory; on OpenVINO the two graphs compile alike.
+        (``unet_cache`` has none). On ort-cpu this gives up ONNX Runtime's fused UNet (measured at 0.93x the plain
+        graph's CPU time per step) for half the memory; on OpenVINO the two graphs compile alike.
         """
         artifact = self.artifact
         if network != "unet" or CACHE not in artifact or artifact.runs_int8(network):
@@ -72,10 +74,11 @@ class Sessions:
         A float output holding NaN or inf is an error, never an image: the GPU backends' fp16 VAE decoder
         has re-run at fp32 already (engine/fallback.py), so what is left is the inputs' or the weights' fault.
         """
-        session = self.session(network)
+        served = self.serving(network)
+        session = self._opened(served)
         cast = {name: array.astype(session.inputs[name].dtype, copy=False) for name, array in feeds.items()}
         ran = session.run(cast).items()
-        if self.serving(network) != network:  # the plain UNet's call run on unet_cache: its feature is not asked for
+        if served != network:  # the plain UNet's call run on unet_cache: its feature is not asked for
             ran = [(name, value) for name, value in ran if name != FEATURE]
         outputs = {name: value.astype(np.float32, copy=False) for name, value in ran}
         for name, value in outputs.items():
